@@ -1,0 +1,81 @@
+"""Examples -> model batches: dense tensor, KeyedJaggedTensor of raw ids, labels.
+
+The KJT carries one key per categorical feature with *raw* ids; the embedding
+module hashes them (see recsys/embeddings.py), so serving can build the same
+batch from raw feature values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys.data.examples import Examples, take_jagged
+
+
+@dataclass
+class Batch:
+    dense: torch.Tensor  # [B, num_dense] float32
+    sparse: KeyedJaggedTensor  # keys = feature names, values = raw int64 ids
+    labels: torch.Tensor  # [B] float32
+    user_ids: torch.Tensor  # [B] int64, for per-user metrics
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.dense.to(device), self.sparse.to(device), self.labels.to(device), self.user_ids.to(device))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def features_to_kjt(feature_names: list[str], values: dict[str, np.ndarray],
+                    offsets: dict[str, np.ndarray]) -> KeyedJaggedTensor:
+    """Jagged raw ids per feature -> one KJT (key-major, then batch)."""
+    all_values = np.concatenate([values[name] for name in feature_names])
+    all_lengths = np.concatenate([np.diff(offsets[name]) for name in feature_names])
+    return KeyedJaggedTensor(
+        keys=list(feature_names),
+        values=torch.from_numpy(all_values.astype(np.int64, copy=False)),
+        lengths=torch.from_numpy(all_lengths.astype(np.int32, copy=False)),
+    )
+
+
+def make_batch(examples: Examples, index: np.ndarray, feature_names: list[str]) -> Batch:
+    values, offsets = {}, {}
+    for name in feature_names:
+        values[name], offsets[name] = take_jagged(examples.feature_values[name], examples.feature_offsets[name], index)
+    return Batch(
+        dense=torch.from_numpy(examples.dense[index]),
+        sparse=features_to_kjt(feature_names, values, offsets),
+        labels=torch.from_numpy(examples.label[index]),
+        user_ids=torch.from_numpy(examples.user_id[index]),
+    )
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The example order of one epoch: the same on every rank and on resume."""
+    if not shuffle:
+        return np.arange(num_examples)
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def num_steps(num_examples: int, global_batch_size: int) -> int:
+    return -(-num_examples // global_batch_size)
+
+
+def iterate_batches(examples: Examples, feature_names: list[str], global_batch_size: int, *,
+                    shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
+                    start_step: int = 0) -> Iterator[Batch]:
+    """This rank's share of each global batch, from ``start_step`` on.
+
+    Rank r takes the r-th contiguous slice of every global batch, so W ranks
+    together see exactly the batches one process would.
+    """
+    order = epoch_order(len(examples), seed, epoch, shuffle)
+    for step in range(start_step, num_steps(len(examples), global_batch_size)):
+        global_index = order[step * global_batch_size:(step + 1) * global_batch_size]
+        bounds = np.linspace(0, len(global_index), world_size + 1).astype(int)
+        yield make_batch(examples, global_index[bounds[rank]:bounds[rank + 1]], feature_names)

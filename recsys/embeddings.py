@@ -1,0 +1,195 @@
+"""Categorical embeddings on TorchRec: the unified table and its two baselines.
+
+All three take a KeyedJaggedTensor of *raw* ids (one key per feature) and
+return one row per example: the features' embeddings concatenated in config
+order, feature ``f`` taking ``probes_f * dim`` columns. Multi-valued features
+(a movie's genres) are mean-pooled; a missing value (empty bag) gives zeros.
+
+- ``UnifiedEmbedding``: one table of ``num_rows x dim`` shared by every feature
+  (Coleman et al., 2023). Probe p of feature f reads row hash(v, salt(f, p)) mod N.
+  In TorchRec terms: one ``EmbeddingBagConfig`` whose ``feature_names`` are the
+  (feature, probe) keys ``f@p``; to the sharding planner it is one table.
+- ``HashedEmbedding``: the hashing trick, one hashed table per feature.
+- ``FullVocabEmbedding``: one table per feature with a row for every value seen in
+  training ("no collisions"), row 0 for values never seen.
+
+Hashing happens inside ``forward`` so an exported model takes raw ids.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys import hashing
+from recsys.config import FeatureConfig
+
+UNIFIED_TABLE = "unified"
+
+
+def probe_key(feature: str, probe: int) -> str:
+    return f"{feature}@{probe}"
+
+
+class _LookupEmbedding(nn.Module):
+    """Raw-id KJT -> rows per lookup key -> one EmbeddingBagCollection -> concatenated embeddings.
+
+    A subclass lists its lookup keys as (feature, probe) pairs in output order
+    and says how a feature's raw ids become rows for one probe.
+    """
+
+    def __init__(self, features: list[FeatureConfig], dim: int, tables: list[EmbeddingBagConfig],
+                 lookups: list[tuple[str, int]], device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.features = [f.name for f in features]
+        self.dim = dim
+        self.output_dim = sum(f.probes for f in features) * dim
+        self.lookups = lookups
+        self.lookup_keys = [probe_key(f, p) if self._key_has_probe else f for f, p in lookups]
+        self.ebc = EmbeddingBagCollection(tables=tables, device=torch.device(device or "cpu"))
+
+    _key_has_probe = True
+
+    def rows(self, feature_index: int, probe: int, values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def lookup_kjt(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """The KJT of table rows that the embedding collection reads."""
+        by_feature = features.to_dict()
+        missing = [f for f in self.features if f not in by_feature]
+        if missing:
+            raise KeyError(f"batch lacks feature(s) {missing}; it has {features.keys()}")
+        row_values, row_lengths = [], []
+        for name, probe in self.lookups:
+            jagged = by_feature[name]
+            row_values.append(self.rows(self.features.index(name), probe, jagged.values()))
+            row_lengths.append(jagged.lengths())
+        return KeyedJaggedTensor(keys=self.lookup_keys, values=torch.cat(row_values),
+                                 lengths=torch.cat(row_lengths))
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        return self.ebc(self.lookup_kjt(features)).values()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.ebc.parameters())
+
+
+class UnifiedEmbedding(_LookupEmbedding):
+    def __init__(self, features: list[FeatureConfig], num_rows: int, dim: int,
+                 device: torch.device | str | None = None) -> None:
+        lookups = [(f.name, p) for f in features for p in range(f.probes)]
+        table = EmbeddingBagConfig(
+            name=UNIFIED_TABLE, num_embeddings=num_rows, embedding_dim=dim,
+            feature_names=[probe_key(f, p) for f, p in lookups], pooling=PoolingType.MEAN,
+        )
+        super().__init__(features, dim, [table], lookups, device)
+        self.num_rows = num_rows
+        self._mixed_salts = {(f, p): hashing.mixed_salt(f, p) for f, p in lookups}
+
+    def rows(self, feature_index: int, probe: int, values: torch.Tensor) -> torch.Tensor:
+        salt = self._mixed_salts[(self.features[feature_index], probe)]
+        return hashing.hash_rows(values, salt, self.num_rows)
+
+
+class HashedEmbedding(_LookupEmbedding):
+    """One hashed table per feature, ``probes * dim`` wide, rows from ``rows_per_feature``."""
+
+    _key_has_probe = False
+
+    def __init__(self, features: list[FeatureConfig], rows_per_feature: dict[str, int], dim: int,
+                 device: torch.device | str | None = None) -> None:
+        tables = [EmbeddingBagConfig(name=f"hashed__{f.name}", num_embeddings=rows_per_feature[f.name],
+                                     embedding_dim=f.probes * dim, feature_names=[f.name],
+                                     pooling=PoolingType.MEAN) for f in features]
+        super().__init__(features, dim, tables, [(f.name, 0) for f in features], device)
+        self.rows_per_feature = [rows_per_feature[f.name] for f in features]
+        self._mixed_salts = [hashing.mixed_salt(f.name, 0) for f in features]
+
+    def rows(self, feature_index: int, probe: int, values: torch.Tensor) -> torch.Tensor:
+        return hashing.hash_rows(values, self._mixed_salts[feature_index], self.rows_per_feature[feature_index])
+
+
+class FullVocabEmbedding(_LookupEmbedding):
+    """One row per known value of each feature; unknown values share row 0."""
+
+    _key_has_probe = False
+
+    def __init__(self, features: list[FeatureConfig], vocabularies: dict[str, torch.Tensor], dim: int,
+                 device: torch.device | str | None = None) -> None:
+        tables = [EmbeddingBagConfig(name=f"full__{f.name}", num_embeddings=len(vocabularies[f.name]) + 1,
+                                     embedding_dim=f.probes * dim, feature_names=[f.name],
+                                     pooling=PoolingType.MEAN) for f in features]
+        super().__init__(features, dim, tables, [(f.name, 0) for f in features], device)
+        for i, f in enumerate(features):
+            vocabulary = torch.as_tensor(vocabularies[f.name], dtype=torch.int64).sort().values
+            self.register_buffer(f"vocabulary_{i}", vocabulary)
+
+    def rows(self, feature_index: int, probe: int, values: torch.Tensor) -> torch.Tensor:
+        vocabulary = getattr(self, f"vocabulary_{feature_index}")
+        if len(vocabulary) == 0:
+            return torch.zeros_like(values)
+        position = torch.searchsorted(vocabulary, values).clamp(max=len(vocabulary) - 1)
+        return torch.where(vocabulary[position] == values, position + 1, torch.zeros_like(position))
+
+
+def hashed_rows_for_budget(features: list[FeatureConfig], vocab_sizes: dict[str, int], dim: int,
+                           budget_rows: int) -> dict[str, int]:
+    """Share a budget of ``budget_rows * dim`` parameters over per-feature hashed tables.
+
+    Every feature gets the same row count r, except that none gets more rows
+    than it has values (+1); r is the largest that fits the budget. This keeps
+    the hashing baseline from wasting its budget on tiny vocabularies.
+    """
+    budget = budget_rows * dim
+
+    def cost(r: int) -> int:
+        return sum(min(vocab_sizes[f.name] + 1, r) * f.probes * dim for f in features)
+
+    lo, hi = 1, max(vocab_sizes[f.name] + 1 for f in features)
+    if cost(lo) > budget:
+        raise ValueError(f"a budget of {budget} parameters cannot give every feature one row")
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
+    return {f.name: min(vocab_sizes[f.name] + 1, lo) for f in features}
+
+
+def build_embedding(kind: str, features: list[FeatureConfig], dim: int, num_rows: int,
+                    vocabularies: dict[str, torch.Tensor], device: torch.device | str | None = None) -> _LookupEmbedding:
+    """The embedding layer a config names, from the same feature spec."""
+    if kind == "unified":
+        return UnifiedEmbedding(features, num_rows, dim, device)
+    if kind == "hashed":
+        sizes = {name: len(v) for name, v in vocabularies.items()}
+        return HashedEmbedding(features, hashed_rows_for_budget(features, sizes, dim, num_rows), dim, device)
+    if kind == "full":
+        return FullVocabEmbedding(features, vocabularies, dim, device)
+    raise ValueError(f"unknown embedding kind {kind!r}; choose unified, hashed or full")
+
+
+# --- plain-PyTorch reference of the unified lookup, for the agreement test ---
+
+
+def unified_lookup_reference(weight: torch.Tensor, features: list[FeatureConfig],
+                             raw_values: dict[str, list[list[int]]]) -> torch.Tensor:
+    """Loop-by-loop unified embedding: for each example, feature and probe, hash every
+    raw id with the pure-Python hash, mean the rows, concatenate. ``raw_values[f][b]``
+    is example b's list of raw ids for feature f."""
+    num_rows, dim = weight.shape
+    batch_size = len(next(iter(raw_values.values())))
+    out = []
+    for b in range(batch_size):
+        parts = []
+        for f in features:
+            ids = raw_values[f.name][b]
+            for p in range(f.probes):
+                if not ids:
+                    parts.append(torch.zeros(dim, dtype=weight.dtype))
+                    continue
+                rows = [hashing.hash_row_reference(v, f.name, p, num_rows) for v in ids]
+                parts.append(torch.stack([weight[r] for r in rows]).mean(dim=0))
+        out.append(torch.cat(parts))
+    return torch.stack(out)

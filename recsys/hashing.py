@@ -1,0 +1,91 @@
+"""The salted multi-probe hash of unified embedding: raw id -> table row.
+
+This hash is part of every model's contract: training, serving and any exported
+artifact must map a raw id to exactly the same rows, on any process or machine.
+It is therefore written once, here, with plain int64 tensor ops (no Python
+``hash()``, no platform-dependent library), pinned by golden values in
+``tests/test_hashing.py``, and its name and version travel in every exported
+model's manifest.
+
+Definition (all arithmetic modulo 2**64):
+
+    salt(f, p)      = fnv1a64(utf8(f"{f}#{p}"))
+    mix(x)          = splitmix64 finaliser of x
+    row(v, f, p, N) = (mix(v XOR mix(salt(f, p))) >> 1) mod N
+
+The shift by one makes the value non-negative as an int64 before the modulo.
+Strings (gender, occupation, zip prefix, ...) become raw ids through
+``string_to_id`` = fnv1a64 of the UTF-8 bytes with the top bit cleared.
+"""
+
+from __future__ import annotations
+
+import torch
+
+HASH_NAME = "splitmix64-salted"
+HASH_VERSION = 1
+
+_MASK64 = (1 << 64) - 1
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+def _as_int64(unsigned: int) -> int:
+    """The int64 with the same 64 bits as an unsigned 64-bit integer."""
+    return unsigned - (1 << 64) if unsigned >= (1 << 63) else unsigned
+
+
+def fnv1a64(data: bytes) -> int:
+    """64-bit FNV-1a of ``data`` as an unsigned Python int."""
+    h = _FNV_OFFSET
+    for byte in data:
+        h = ((h ^ byte) * _FNV_PRIME) & _MASK64
+    return h
+
+
+def string_to_id(value: str) -> int:
+    """A stable non-negative int64 id for a categorical string value."""
+    return fnv1a64(value.encode("utf-8")) & ((1 << 63) - 1)
+
+
+def _logical_shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    # torch's >> on int64 is arithmetic; clear the sign-extended bits.
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finaliser on an int64 tensor (wrapping multiplication)."""
+    x = x + _as_int64(_GOLDEN)
+    x = (x ^ _logical_shift_right(x, 30)) * _as_int64(_MIX1)
+    x = (x ^ _logical_shift_right(x, 27)) * _as_int64(_MIX2)
+    return x ^ _logical_shift_right(x, 31)
+
+
+def mixed_salt(feature: str, probe: int) -> int:
+    """mix(salt(f, p)) as a signed int64, computed once per (feature, probe) at build time."""
+    return _as_int64(_mix64_reference(fnv1a64(f"{feature}#{probe}".encode("utf-8"))))
+
+
+def hash_rows(values: torch.Tensor, mixed_salt_value: int, num_rows: int) -> torch.Tensor:
+    """Rows in ``[0, num_rows)`` for raw int64 ids ``values`` under one (mixed) salt."""
+    hashed = mix64(values.to(torch.int64) ^ mixed_salt_value)
+    return _logical_shift_right(hashed, 1) % num_rows
+
+
+# --- plain-Python reference, used by the tests to prove the tensor version ---
+
+
+def _mix64_reference(x: int) -> int:
+    x = (x + _GOLDEN) & _MASK64
+    x = ((x ^ (x >> 30)) * _MIX1) & _MASK64
+    x = ((x ^ (x >> 27)) * _MIX2) & _MASK64
+    return x ^ (x >> 31)
+
+
+def hash_row_reference(value: int, feature: str, probe: int, num_rows: int) -> int:
+    """The row of one raw id, computed with unbounded Python ints."""
+    mixed_salt = _mix64_reference(fnv1a64(f"{feature}#{probe}".encode("utf-8")))
+    return (_mix64_reference((value & _MASK64) ^ mixed_salt) >> 1) % num_rows

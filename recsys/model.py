@@ -1,0 +1,67 @@
+"""The ranker, top to bottom: embeddings + dense features -> [DCN-v2 cross] -> MLP -> logit.
+
+    x0     = [embedding(sparse raw ids), dense]
+    x_l+1  = x0 * (W_l x_l + b_l) + x_l            (DCN-v2 cross layers, optional)
+    logit  = MLP(x_L)
+
+The embedding layer is any of recsys.embeddings (unified, hashed, full
+vocabulary); the tower is the same for all three, so they compare at equal
+tower size. ``build_ranker`` makes a model from a run config and the training
+vocabularies, and is the one place training, export and serving build it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys.config import RunConfig
+from recsys.embeddings import build_embedding
+
+
+class CrossNetV2(nn.Module):
+    """DCN-v2 cross layers (Wang et al., 2021), full-rank."""
+
+    def __init__(self, width: int, num_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(num_layers))
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for layer in self.layers:
+            x = x0 * layer(x) + x
+        return x
+
+
+def mlp(widths: list[int], dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class Ranker(nn.Module):
+    def __init__(self, embedding: nn.Module, num_dense: int, hidden: list[int], cross_layers: int = 0,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.embedding = embedding
+        width = embedding.output_dim + num_dense
+        self.cross = CrossNetV2(width, cross_layers) if cross_layers > 0 else nn.Identity()
+        self.tower = mlp([width, *hidden], dropout)
+        self.head = nn.Linear(hidden[-1] if hidden else width, 1)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """Logits [B] for dense features [B, num_dense] and a KJT of raw categorical ids."""
+        x = torch.cat([self.embedding(sparse), dense], dim=1)
+        return self.head(self.tower(self.cross(x))).squeeze(-1)
+
+
+def build_ranker(config: RunConfig, vocabularies: dict[str, torch.Tensor], num_dense: int,
+                 device: torch.device | str | None = None) -> Ranker:
+    emb = config.embedding
+    embedding = build_embedding(emb.kind, config.features, emb.dim, emb.num_rows, vocabularies, device)
+    model = Ranker(embedding, num_dense, config.model.mlp, config.model.cross_layers, config.model.dropout)
+    return model.to(device) if device is not None else model
