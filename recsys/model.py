@@ -60,8 +60,9 @@ class Ranker(nn.Module):
 
 
 def build_ranker(config: RunConfig, vocabularies: dict[str, torch.Tensor], num_dense: int,
-                 device: torch.device | str | None = None) -> Ranker:
+                 embedding_device: torch.device | str | None = None) -> Ranker:
+    """The model of a run config on CPU; ``embedding_device="meta"`` leaves the tables
+    unallocated for DistributedModelParallel to create sharded."""
     emb = config.embedding
-    embedding = build_embedding(emb.kind, config.features, emb.dim, emb.num_rows, vocabularies, device)
-    model = Ranker(embedding, num_dense, config.model.mlp, config.model.cross_layers, config.model.dropout)
-    return model.to(device) if device is not None else model
+    embedding = build_embedding(emb.kind, config.features, emb.dim, emb.num_rows, vocabularies, embedding_device)
+    return Ranker(embedding, num_dense, config.model.mlp, config.model.cross_layers, config.model.dropout)

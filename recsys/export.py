@@ -1,0 +1,121 @@
+"""Exported model directories: a manifest plus weights, no pickle anywhere.
+
+    <model_dir>/manifest.json      format, model version, run config, feature spec,
+                                   hash name + version, vocabulary sizes, metrics, time
+    <model_dir>/weights.safetensors  the plain (unsharded) Ranker's state dict
+
+Serving loads these with ``load_model``, which imports no training or
+distributed code and refuses a manifest it does not understand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from recsys import hashing
+from recsys.config import RunConfig
+from recsys.model import Ranker, build_ranker
+
+MANIFEST_FORMAT = "plexrec-model"
+MANIFEST_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class ModelArtifactError(ValueError):
+    """An exported model directory is missing, damaged or from an incompatible version."""
+
+
+def model_fingerprint(config: RunConfig, vocab_sizes: dict[str, int], dense_names: list[str]) -> str:
+    """A short digest of everything that fixes the model's parameter shapes and meaning."""
+    shape_defining = {
+        "features": [(f.name, f.probes) for f in config.features],
+        "embedding": config.embedding.__dict__,
+        "model": config.model.__dict__,
+        "vocab_sizes": vocab_sizes,
+        "dense": dense_names,
+        "hash": [hashing.HASH_NAME, hashing.HASH_VERSION],
+    }
+    return hashlib.sha256(json.dumps(shape_defining, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def export_model(model: Ranker, config: RunConfig, vocab_sizes: dict[str, int], dense_names: list[str],
+                 metrics: dict[str, Any], root: str | Path) -> Path:
+    """Write ``root/<version>/`` atomically (temp dir + rename) and return it."""
+    created = datetime.now(timezone.utc)
+    fingerprint = model_fingerprint(config, vocab_sizes, dense_names)
+    version = f"{created:%Y%m%dT%H%M%S}-{fingerprint[:8]}"
+    root = Path(root)
+    final = root / version
+    staging = root / f".{version}.tmp"
+    staging.mkdir(parents=True, exist_ok=False)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(staging / WEIGHTS_FILE))
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "model_version": version,
+        "fingerprint": fingerprint,
+        "created_at": created.isoformat(),
+        "hash": {"name": hashing.HASH_NAME, "version": hashing.HASH_VERSION},
+        "features": [{"name": f.name, "probes": f.probes} for f in config.features],
+        "dense_features": dense_names,
+        "vocab_sizes": vocab_sizes,
+        "config": config.to_dict(),
+        "metrics": metrics,
+    }
+    (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(staging, final)
+    return final
+
+
+def read_manifest(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise ModelArtifactError(f"{model_dir}: no {MANIFEST_FILE}; is this an exported plexrec model directory?")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelArtifactError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("format_version") != MANIFEST_VERSION:
+        raise ModelArtifactError(
+            f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')!r} is not "
+            f"{MANIFEST_FORMAT!r} v{MANIFEST_VERSION}; export it again with this plexrec version")
+    hash_spec = manifest.get("hash", {})
+    if (hash_spec.get("name"), hash_spec.get("version")) != (hashing.HASH_NAME, hashing.HASH_VERSION):
+        raise ModelArtifactError(
+            f"{path}: trained with hash {hash_spec}, this code computes "
+            f"{hashing.HASH_NAME} v{hashing.HASH_VERSION}; its embedding rows would be wrong")
+    return manifest
+
+
+def load_model(model_dir: str | Path) -> tuple[Ranker, dict[str, Any]]:
+    """The exported model in eval mode, and its manifest."""
+    manifest = read_manifest(model_dir)
+    config = RunConfig.from_dict(manifest["config"])
+    placeholders = {name: torch.zeros(size, dtype=torch.int64) for name, size in manifest["vocab_sizes"].items()}
+    model = build_ranker(config, placeholders, len(manifest["dense_features"]))
+    weights_path = Path(model_dir) / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise ModelArtifactError(f"{model_dir}: {WEIGHTS_FILE} is missing")
+    try:
+        model.load_state_dict(load_file(str(weights_path)), strict=True)
+    except (RuntimeError, OSError) as exc:
+        raise ModelArtifactError(f"{weights_path}: does not fit the manifest's model ({exc})") from None
+    return model.eval(), manifest
+
+
+def latest_model_dir(root: str | Path) -> Path:
+    """The newest exported version under ``root`` (versions sort by time)."""
+    versions = sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not versions:
+        raise ModelArtifactError(f"{root}: holds no exported model; run `plexrec train` first")
+    return versions[-1]

@@ -1,0 +1,452 @@
+"""Training on TorchRec DistributedModelParallel: one process, or many under torchrun.
+
+    plexrec train --config configs/ml100k.yaml            # one process (gloo on CPU)
+    torchrun --nproc-per-node 2 -m recsys.train --config configs/ml100k.yaml
+
+Embedding tables are sharded by TorchRec (the unified table row-wise when there
+are several ranks) and updated by fbgemm's fused row-wise Adagrad inside the
+backward pass; the dense tower is data-parallel (DDP) and uses Adam. Each rank
+takes a contiguous slice of every global batch, so any number of ranks sees
+the batches one process would. Checkpoints use torch.distributed.checkpoint and
+reshard on load (2 ranks -> 1 works). The last step exports a versioned model
+directory (recsys/export.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
+from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from tqdm import tqdm
+
+from recsys.config import RunConfig, load_config
+from recsys.data.batching import iterate_batches, num_steps
+from recsys.data.examples import TEST, TRAIN, VALID, Examples, load_dataset
+from recsys.embeddings import UNIFIED_TABLE
+from recsys.export import export_model, model_fingerprint
+from recsys.metrics import ranking_metrics
+from recsys.model import Ranker, build_ranker
+
+log = logging.getLogger("plexrec.train")
+
+CHECKPOINT_META = "plexrec_checkpoint.json"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was written by a model with other shapes or features."""
+
+
+@dataclass
+class DistributedContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistributedContext:
+    """Join torchrun's process group, or make a one-process group (DMP needs one)."""
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:
+            os.environ.setdefault("LOCAL_WORLD_SIZE", "1")  # TorchRec's planner reads it
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistributedContext(rank, world_size, device)
+
+
+def vocabularies_of(train: Examples, feature_names: list[str]) -> dict[str, torch.Tensor]:
+    """The raw ids seen in training, per feature (the full-vocabulary tables' rows)."""
+    return {name: torch.from_numpy(np.unique(train.feature_values[name])) for name in feature_names}
+
+
+def sharding_plan(model: Ranker, ctx: DistributedContext,
+                  sharders: list[EmbeddingBagCollectionSharder]) -> ShardingPlan | None:
+    """Row-wise for the unified table across several ranks; the planner's choice otherwise.
+
+    On CPU TorchRec's planner never proposes row-wise (measured), so with several
+    CPU ranks the plan is written out: the unified table row-wise, other tables
+    table-wise round-robin. On GPU the planner decides, constrained to row-wise
+    for the unified table.
+    """
+    ebc = model.embedding.ebc
+    tables = [config.name for config in ebc.embedding_bag_configs()]
+    if ctx.world_size == 1:
+        return None  # DMP's own planner: one rank, table-wise
+    if ctx.device.type == "cpu":
+        per_table = {name: row_wise(compute_kernel="fused") if name == UNIFIED_TABLE
+                     else table_wise(rank=i % ctx.world_size, compute_kernel="fused")
+                     for i, name in enumerate(tables)}
+        module_plan = construct_module_sharding_plan(ebc, per_table, local_size=ctx.world_size,
+                                                     world_size=ctx.world_size, device_type="cpu")
+        return ShardingPlan({"embedding.ebc": module_plan})
+    constraints = {UNIFIED_TABLE: ParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value])}
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=ctx.world_size, compute_device=ctx.device.type), constraints=constraints)
+    return planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+
+
+def initialize_tables(model: DistributedModelParallel, seed: int) -> None:
+    """Fill every embedding shard from one seeded full-table init.
+
+    DMP initialises each shard on its own, so a 2-rank and a 1-rank run would
+    start from different tables. Here row block c of a table is drawn from
+    generator (seed, table, c) whatever rank holds it: every sharding starts
+    from the same weights. Uniform(+-sqrt(1/rows)), TorchRec's default range.
+    """
+    block = 1 << 16
+    for key, value in model.state_dict().items():
+        if "embedding_bags" not in key or not key.endswith(".weight"):
+            continue
+        shards = ([(s.tensor, s.metadata.shard_offsets) for s in value.local_shards()]
+                  if isinstance(value, ShardedTensor) else [(value, [0, 0])])
+        full_rows, full_cols = value.size()
+        bound = math.sqrt(1.0 / full_rows)
+        table_seed = int.from_bytes(key.encode(), "little") % (1 << 31)
+        for tensor, (row0, col0) in shards:
+            rows, cols = tensor.shape
+            for first in range((row0 // block) * block, row0 + rows, block):
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + table_seed + first // block)
+                n = min(block, full_rows - first)
+                chunk = (torch.rand(n, full_cols, generator=gen) * 2 - 1) * bound
+                lo, hi = max(first, row0), min(first + n, row0 + rows)
+                with torch.no_grad():
+                    tensor[lo - row0:hi - row0].copy_(chunk[lo - first:hi - first, col0:col0 + cols])
+
+
+class Trainer:
+    """One training run: data, sharded model, optimizers, checkpoints, evaluation, export."""
+
+    def __init__(self, config: RunConfig, *, examples: Examples | None = None,
+                 ctx: DistributedContext | None = None, out_dir: str | Path | None = None) -> None:
+        self.config = config
+        self.ctx = ctx or init_distributed()
+        self.out_dir = Path(out_dir or config.train.out_dir)
+        if examples is None:
+            examples, _ = load_dataset(config.data)
+        self.feature_names = [f.name for f in config.features]
+        unknown = sorted(set(self.feature_names) - set(examples.feature_names))
+        if unknown:
+            raise ValueError(f"features {unknown} are not in the data set, which offers "
+                             f"{examples.feature_names}; fix the config's features list")
+        self.train_examples = examples.split_part(TRAIN)
+        self.eval_examples = {"valid": examples.split_part(VALID), "test": examples.split_part(TEST)}
+        self.dense_names = examples.dense_names
+        vocabularies = vocabularies_of(self.train_examples, self.feature_names)
+        self.vocab_sizes = {name: int(len(v)) for name, v in vocabularies.items()}
+        self.fingerprint = model_fingerprint(config, self.vocab_sizes, self.dense_names)
+
+        torch.manual_seed(config.train.seed)
+        plain = build_ranker(config, vocabularies, len(self.dense_names), embedding_device="meta")
+        self.embedding_parameters = sum(c.num_embeddings * c.embedding_dim
+                                        for c in plain.embedding.ebc.embedding_bag_configs())
+        sharders = [EmbeddingBagCollectionSharder(fused_params={
+            "optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+            "learning_rate": config.train.embedding_lr,
+            "eps": 1e-8,
+            "weight_decay": config.train.weight_decay,
+        })]
+        self.model = DistributedModelParallel(
+            plain, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=self.ctx.device,
+            plan=sharding_plan(plain, self.ctx, sharders), sharders=sharders)
+        initialize_tables(self.model, config.train.seed)
+        dense_optimizer = KeyedOptimizerWrapper(
+            dict(in_backward_optimizer_filter(self.model.named_parameters())),
+            lambda params: torch.optim.Adam(params, lr=config.train.dense_lr,
+                                            weight_decay=config.train.weight_decay))
+        self.optimizer = CombinedOptimizer([self.model.fused_optimizer, dense_optimizer])
+        self.loss_fn = torch.nn.BCEWithLogitsLoss()
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+
+    # --- training ---
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return num_steps(len(self.train_examples), self.config.train.batch_size)
+
+    def batches(self):
+        return iterate_batches(self.train_examples, self.feature_names, self.config.train.batch_size,
+                               shuffle=True, seed=self.config.train.seed, epoch=self.epoch,
+                               rank=self.ctx.rank, world_size=self.ctx.world_size,
+                               start_step=self.step_in_epoch)
+
+    def train_step(self, batch) -> float:
+        """One optimiser step on this rank's share of a global batch; returns the global mean loss."""
+        self.model.train()
+        batch = batch.to(self.ctx.device)
+        logits = self.model(batch.dense, batch.sparse)
+        loss = self.loss_fn(logits, batch.labels)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.step_in_epoch += 1
+        self.global_step += 1
+        if self.step_in_epoch == self.steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        return self._global_mean(loss.detach(), len(batch))
+
+    def _global_mean(self, local_mean: torch.Tensor, local_count: int) -> float:
+        if self.ctx.world_size == 1:
+            return float(local_mean)
+        summed = torch.stack([local_mean.double() * local_count, torch.tensor(float(local_count), dtype=torch.float64)])
+        summed = summed.to(self.ctx.device)
+        dist.all_reduce(summed)
+        return float(summed[0] / summed[1])
+
+    def train_epoch(self, progress: bool = True) -> float:
+        epoch = self.epoch
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch + 1}",
+                   unit="step", disable=not (progress and self.ctx.is_main), leave=False, file=sys.stderr)
+        losses = []
+        for batch in self.batches():
+            losses.append(self.train_step(batch))
+            bar.update(1)
+            if len(losses) % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        bar.close()
+        return float(np.mean(losses)) if losses else float("nan")
+
+    # --- evaluation ---
+
+    @torch.no_grad()
+    def predict(self, examples: Examples) -> np.ndarray:
+        """Click probabilities for ``examples`` (all ranks call it; every rank gets all of them)."""
+        self.model.eval()
+        parts = []
+        for batch in iterate_batches(examples, self.feature_names, self.config.train.batch_size * 4,
+                                     shuffle=False, rank=self.ctx.rank, world_size=self.ctx.world_size):
+            batch = batch.to(self.ctx.device)
+            parts.append(torch.sigmoid(self.model(batch.dense, batch.sparse)).cpu().numpy())
+        local = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+        if self.ctx.world_size == 1:
+            return local
+        gathered: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(gathered, parts)
+        # undo the rank slicing: batch b's slices, rank 0 first
+        return np.concatenate([gathered[r][b] for b in range(len(parts)) for r in range(self.ctx.world_size)])
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        examples = self.eval_examples[split]
+        return ranking_metrics(examples.user_id, examples.label, self.predict(examples))
+
+    # --- checkpoints ---
+
+    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+        path = Path(path or self.out_dir / "checkpoints" / f"step-{self.global_step:08d}")
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        dcp.save(state, checkpoint_id=str(path))
+        if self.ctx.is_main:
+            meta = {"fingerprint": self.fingerprint, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                    "global_step": self.global_step, "world_size": self.ctx.world_size, "history": self.history}
+            (path / CHECKPOINT_META).write_text(json.dumps(meta, indent=2))
+        dist.barrier()
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        path = Path(path)
+        meta_path = path / CHECKPOINT_META
+        if not meta_path.is_file():
+            raise CheckpointMismatchError(f"{path} is not a plexrec checkpoint (no {CHECKPOINT_META})")
+        meta = json.loads(meta_path.read_text())
+        if meta["fingerprint"] != self.fingerprint:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} was written by another model (fingerprint {meta['fingerprint']}, this "
+                f"config gives {self.fingerprint}): features, embedding, tower or vocabularies differ. "
+                "Resume with the config that wrote it, or start without --resume.")
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        # a rank that holds no shard of a table has an empty optimizer entry for it
+        state["optimizer"]["state"] = {k: v for k, v in state["optimizer"]["state"].items() if v}
+        dcp.load(state, checkpoint_id=str(path))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
+        self.global_step, self.history = meta["global_step"], meta.get("history", [])
+
+    def latest_checkpoint(self) -> Path | None:
+        root = self.out_dir / "checkpoints"
+        found = sorted(p for p in root.glob("step-*") if (p / CHECKPOINT_META).is_file()) if root.is_dir() else []
+        return found[-1] if found else None
+
+    def _prune_checkpoints(self, keep: int = 2) -> None:
+        if self.ctx.is_main:
+            root = self.out_dir / "checkpoints"
+            for old in sorted(root.glob("step-*"))[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # --- the whole run ---
+
+    def fit(self, progress: bool = True) -> dict[str, Any]:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.out_dir / "metrics.jsonl"
+        if self.ctx.is_main:
+            log.info("training %s embeddings: %d embedding parameters, %d train / %d valid / %d test examples, "
+                     "%d rank(s) on %s", self.config.embedding.kind, self.embedding_parameters,
+                     len(self.train_examples), len(self.eval_examples["valid"]), len(self.eval_examples["test"]),
+                     self.ctx.world_size, self.ctx.device)
+        epochs = tqdm(total=self.config.train.epochs, initial=self.epoch, desc="training", unit="epoch",
+                      disable=not (progress and self.ctx.is_main), file=sys.stderr)
+        while self.epoch < self.config.train.epochs:
+            started = time.perf_counter()
+            train_loss = self.train_epoch(progress)
+            valid = self.evaluate("valid")
+            record = {"epoch": self.epoch, "train_loss": train_loss,
+                      **{f"valid_{k}": v for k, v in valid.items()},
+                      "seconds": round(time.perf_counter() - started, 2)}
+            self.history.append(record)
+            if self.ctx.is_main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                epochs.set_postfix(loss=f"{train_loss:.4f}", valid_auc=f"{valid['auc']:.4f}")
+                log.info("epoch %d: train loss %.4f, valid AUC %.4f GAUC %.4f log loss %.4f", self.epoch,
+                         train_loss, valid["auc"], valid["gauc"], valid["logloss"])
+            epochs.update(1)
+            if self.config.train.checkpoint_every_epoch:
+                self.save_checkpoint()
+                self._prune_checkpoints()
+        epochs.close()
+        test = self.evaluate("test")
+        final = {"test": test, "valid": self.history[-1] if self.history else None,
+                 "embedding_parameters": self.embedding_parameters, "epochs": self.epoch}
+        checkpoint = self.latest_checkpoint()
+        if checkpoint is None or json.loads((checkpoint / CHECKPOINT_META).read_text())["global_step"] != self.global_step:
+            checkpoint = self.save_checkpoint()
+        if self.ctx.is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps({"final": True, **{f"test_{k}": v for k, v in test.items()}}) + "\n")
+            log.info("test AUC %.4f GAUC %.4f log loss %.4f (%d examples)", test["auc"], test["gauc"],
+                     test["logloss"], test["examples"])
+            final["model_dir"] = str(self.export(checkpoint, final))
+            plot_training(self.history, self.out_dir / "training.png")
+        dist.barrier()
+        return final
+
+    def export(self, checkpoint: Path, metrics: dict[str, Any]) -> Path:
+        """Rebuild the plain model from a checkpoint (any sharding) and export it."""
+        vocabularies = vocabularies_of(self.train_examples, self.feature_names)
+        plain = build_ranker(self.config, vocabularies, len(self.dense_names))
+        state = {"model": plain.state_dict()}
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+        plain.load_state_dict(state["model"])
+        return export_model(plain, self.config, self.vocab_sizes, self.dense_names, metrics, self.out_dir / "models")
+
+
+def plot_training(history: list[dict[str, Any]], path: Path) -> None:
+    """Train loss and validation AUC / GAUC per epoch, side by side."""
+    if not history:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
+    left.plot(epochs, [h["valid_logloss"] for h in history], marker="o", label="valid log loss")
+    left.set_xlabel("epoch"), left.set_ylabel("log loss"), left.legend(), left.grid(alpha=0.3)
+    right.plot(epochs, [h["valid_auc"] for h in history], marker="o", label="valid AUC")
+    right.plot(epochs, [h["valid_gauc"] for h in history], marker="o", label="valid GAUC")
+    right.set_xlabel("epoch"), right.set_ylabel("AUC"), right.legend(), right.grid(alpha=0.3)
+    fig.suptitle("plexrec training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``section.key=value`` strings -> typed overrides (values parsed as YAML)."""
+    import yaml
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or "." not in key:
+            raise SystemExit(f"--set {pair!r}: use section.key=value, e.g. --set train.epochs=3")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", help="run config YAML (default: the embedded ml100k config)")
+    parser.add_argument("-o", "--out-dir", help="where checkpoints, metrics, plots and models go")
+    parser.add_argument("--epochs", type=int, help="override train.epochs")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override any config value, e.g. --set embedding.kind=hashed (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the out dir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, TorchRec's included")
+
+
+def run_training(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = parse_overrides(args.set)
+    if args.epochs is not None:
+        overrides["train.epochs"] = args.epochs
+    if args.out_dir:
+        overrides["train.out_dir"] = args.out_dir
+    config = load_config(args.config, overrides)
+    trainer = Trainer(config)
+    if args.resume:
+        checkpoint = trainer.latest_checkpoint()
+        if checkpoint is None:
+            raise SystemExit(f"--resume: no checkpoint under {trainer.out_dir / 'checkpoints'}")
+        trainer.load_checkpoint(checkpoint)
+        if trainer.ctx.is_main:
+            log.info("resumed from %s (epoch %d, step %d)", checkpoint, trainer.epoch, trainer.step_in_epoch)
+    elif (trainer.out_dir / "metrics.jsonl").exists() and trainer.ctx.is_main:
+        (trainer.out_dir / "metrics.jsonl").unlink()
+    result = trainer.fit(progress=not args.no_progress)
+    if trainer.ctx.is_main:
+        print(json.dumps({"test": result["test"], "model_dir": result.get("model_dir"),
+                          "plot": str(trainer.out_dir / "training.png")}, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m recsys.train", description=__doc__.splitlines()[0])
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    from recsys.cli import configure_logging
+
+    configure_logging(args.verbose)
+    run_training(args)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
