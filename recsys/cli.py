@@ -9,15 +9,15 @@ import warnings
 
 
 def configure_logging(verbose: bool = False) -> None:
-    """Our INFO lines; TorchRec's and torch's planner chatter only with --verbose."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, force=True,
+    """plexrec's INFO lines; TorchRec's, fbgemm's and torch's chatter only with --verbose."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, force=True,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("plexrec").setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
-        for noisy in ("torchrec", "torch.distributed"):
+        for noisy in ("torchrec", "torch.distributed", "torch.fx"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
-        warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
 
 
 def main(argv: list[str] | None = None) -> None:

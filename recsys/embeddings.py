@@ -8,7 +8,7 @@ order, feature ``f`` taking ``probes_f * dim`` columns. Multi-valued features
 - ``UnifiedEmbedding``: one table of ``num_rows x dim`` shared by every feature
   (Coleman et al., 2023). Probe p of feature f reads row hash(v, salt(f, p)) mod N.
   In TorchRec terms: one ``EmbeddingBagConfig`` whose ``feature_names`` are the
-  (feature, probe) keys ``f@p``; to the sharding planner it is one table.
+  (feature, probe) keys ``f__p<p>``; to the sharding planner it is one table.
 - ``HashedEmbedding``: the hashing trick, one hashed table per feature.
 - ``FullVocabEmbedding``: one table per feature with a row for every value seen in
   training ("no collisions"), row 0 for values never seen.
@@ -31,7 +31,8 @@ UNIFIED_TABLE = "unified"
 
 
 def probe_key(feature: str, probe: int) -> str:
-    return f"{feature}@{probe}"
+    # not "@": TorchRec uses "feature@table" internally for mean pooling
+    return f"{feature}__p{probe}"
 
 
 class _LookupEmbedding(nn.Module):

@@ -42,7 +42,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
-from recsys.config import RunConfig, load_config
+from recsys.config import ConfigError, RunConfig, load_config
 from recsys.data.batching import iterate_batches, num_steps
 from recsys.data.examples import TEST, TRAIN, VALID, Examples, load_dataset
 from recsys.embeddings import UNIFIED_TABLE
@@ -161,7 +161,7 @@ class Trainer:
         self.feature_names = [f.name for f in config.features]
         unknown = sorted(set(self.feature_names) - set(examples.feature_names))
         if unknown:
-            raise ValueError(f"features {unknown} are not in the data set, which offers "
+            raise ConfigError(f"features {unknown} are not in the data set, which offers "
                              f"{examples.feature_names}; fix the config's features list")
         self.train_examples = examples.split_part(TRAIN)
         self.eval_examples = {"valid": examples.split_part(VALID), "test": examples.split_part(TEST)}
@@ -184,11 +184,11 @@ class Trainer:
             plain, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=self.ctx.device,
             plan=sharding_plan(plain, self.ctx, sharders), sharders=sharders)
         initialize_tables(self.model, config.train.seed)
-        dense_optimizer = KeyedOptimizerWrapper(
+        self.dense_optimizer = KeyedOptimizerWrapper(
             dict(in_backward_optimizer_filter(self.model.named_parameters())),
             lambda params: torch.optim.Adam(params, lr=config.train.dense_lr,
                                             weight_decay=config.train.weight_decay))
-        self.optimizer = CombinedOptimizer([self.model.fused_optimizer, dense_optimizer])
+        self.optimizer = CombinedOptimizer([self.model.fused_optimizer, self.dense_optimizer])
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
         self.epoch = 0
         self.step_in_epoch = 0
@@ -290,6 +290,8 @@ class Trainer:
                 f"checkpoint {path} was written by another model (fingerprint {meta['fingerprint']}, this "
                 f"config gives {self.fingerprint}): features, embedding, tower or vocabularies differ. "
                 "Resume with the config that wrote it, or start without --resume.")
+        # Adam creates its state at the first step; make it now so DCP can load into it in place
+        self.dense_optimizer.init_state()
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         # a rank that holds no shard of a table has an empty optimizer entry for it
         state["optimizer"]["state"] = {k: v for k, v in state["optimizer"]["state"].items() if v}

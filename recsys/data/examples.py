@@ -5,8 +5,8 @@ keep file order); the last ``n`` are test, the ``n`` before them validation,
 the rest training. An example's history is the user's items strictly before it
 in that order, so no example sees its own or a later interaction.
 
-Categorical values become raw int64 ids (integers as they are, strings through
-``recsys.hashing.string_to_id``); the model hashes them itself. A missing value
+Categorical values become raw int64 ids (integers, and strings that spell one,
+as they are; other strings through ``recsys.hashing.string_to_id``); the model hashes them itself. A missing value
 is an empty bag. Dense features are counters known at the example's time:
 log(1 + the user's earlier interactions) and log(1 + the item's interactions
 by anyone strictly earlier in time), plus any declared numeric columns.
@@ -14,6 +14,7 @@ by anyone strictly earlier in time), plus any declared numeric columns.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -111,15 +112,31 @@ def _check_columns(frame: pd.DataFrame, schema: DatasetSchema) -> None:
             )
 
 
+def value_to_id(value) -> int:
+    """The raw id of one categorical value.
+
+    Integers are their own id; so is a string that spells an integer ("85"), so a
+    CSV column and the same column typed in Parquet give the same ids. Any other
+    string goes through ``string_to_id``.
+    """
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)
+    text = str(value)
+    if _INTEGER.fullmatch(text):
+        return int(text)
+    return string_to_id(text)
+
+
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
+
+
 def _raw_ids(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Single-valued column -> (raw ids, offsets); a missing value is an empty bag."""
     present = column.notna().to_numpy()
-    kept = column[present]
-    if pd.api.types.is_integer_dtype(kept.dtype) or (
-            pd.api.types.is_float_dtype(kept.dtype) and bool((kept == kept.round()).all())):
-        ids = kept.to_numpy(dtype=np.int64)
-    else:
-        ids = np.fromiter((string_to_id(str(v)) for v in kept), dtype=np.int64, count=len(kept))
+    codes, uniques = pd.factorize(column[present])
+    ids = np.fromiter((value_to_id(v) for v in uniques), dtype=np.int64, count=len(uniques))[codes]
     offsets = np.zeros(len(column) + 1, dtype=np.int64)
     np.cumsum(present, out=offsets[1:])
     return ids, offsets
@@ -139,8 +156,7 @@ def _multi_raw_ids(column: pd.Series, separator: str | None) -> tuple[np.ndarray
     offsets = np.zeros(len(lists) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     flat = [v for x in lists for v in x]
-    ids = np.fromiter((v if isinstance(v, (int, np.integer)) else string_to_id(str(v)) for v in flat),
-                      dtype=np.int64, count=len(flat))
+    ids = np.fromiter((value_to_id(v) for v in flat), dtype=np.int64, count=len(flat))
     return ids, offsets
 
 
