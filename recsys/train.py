@@ -95,26 +95,28 @@ def vocabularies_of(train: Examples, feature_names: list[str]) -> dict[str, torc
 
 
 def sharding_plan(model: Ranker, ctx: DistributedContext,
-                  sharders: list[EmbeddingBagCollectionSharder]) -> ShardingPlan | None:
-    """Row-wise for the unified table across several ranks; the planner's choice otherwise.
+                  sharders: list[EmbeddingBagCollectionSharder]) -> ShardingPlan:
+    """Every table on fbgemm's fused kernel; the unified table row-wise across several ranks.
 
-    On CPU TorchRec's planner never proposes row-wise (measured), so with several
-    CPU ranks the plan is written out: the unified table row-wise, other tables
-    table-wise round-robin. On GPU the planner decides, constrained to row-wise
-    for the unified table.
+    The planner decides, constrained to the fused kernel (left alone it puts small
+    tables on the dense kernel, whose CPU backward has no registered autograd
+    kernel) and, with several ranks, to row-wise for the unified table. On CPU
+    TorchRec's planner never proposes row-wise (measured), so with several CPU
+    ranks the plan is written out: unified row-wise, other tables table-wise
+    round-robin.
     """
     ebc = model.embedding.ebc
     tables = [config.name for config in ebc.embedding_bag_configs()]
-    if ctx.world_size == 1:
-        return None  # DMP's own planner: one rank, table-wise
-    if ctx.device.type == "cpu":
+    if ctx.world_size > 1 and ctx.device.type == "cpu":
         per_table = {name: row_wise(compute_kernel="fused") if name == UNIFIED_TABLE
                      else table_wise(rank=i % ctx.world_size, compute_kernel="fused")
                      for i, name in enumerate(tables)}
         module_plan = construct_module_sharding_plan(ebc, per_table, local_size=ctx.world_size,
                                                      world_size=ctx.world_size, device_type="cpu")
         return ShardingPlan({"embedding.ebc": module_plan})
-    constraints = {UNIFIED_TABLE: ParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value])}
+    constraints = {name: ParameterConstraints(compute_kernels=["fused"]) for name in tables}
+    if ctx.world_size > 1 and UNIFIED_TABLE in constraints:
+        constraints[UNIFIED_TABLE].sharding_types = [ShardingType.ROW_WISE.value]
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=ctx.world_size, compute_device=ctx.device.type), constraints=constraints)
     return planner.collective_plan(model, sharders, dist.GroupMember.WORLD)

@@ -1,0 +1,150 @@
+"""Training throughput: the TorchRec model vs the same model on plain nn.EmbeddingBag.
+
+    .venv/bin/python bench/train_throughput.py [--rows 100000 1000000 10000000] [--batch-size 4096]
+
+Both variants are the ranker of configs/ml100k.yaml on real MovieLens batches,
+with the same hash, the same unified table and the same tower:
+  torchrec  DistributedModelParallel (1 rank), fbgemm fused row-wise Adagrad on the table
+  plain     one nn.EmbeddingBag(mode="mean", sparse=True), torch.optim.Adagrad on its sparse
+            gradient (elementwise Adagrad: the closest stock optimizer)
+Both use Adam for the tower. Each (variant, table rows) runs in its own process
+so resident memory is its own; examples/s counts forward + backward + update
+(batches are prebuilt). Results: JSON with ratios torchrec/plain per table size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def resident_mib() -> float:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def measure(variant: str, rows: int, batch_size: int, steps: int, warmup: int) -> dict:
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from recsys.cli import configure_logging
+    from recsys.config import load_config
+    from recsys.data.batching import make_batch
+    from recsys.data.examples import TRAIN, load_dataset
+    from recsys.embeddings import UnifiedEmbedding
+    from recsys.model import Ranker
+
+    configure_logging()
+    torch.set_num_threads(1)
+    config = load_config(ROOT / "configs/ml100k.yaml", {"embedding.num_rows": rows})
+    examples, _ = load_dataset(config.data)
+    train = examples.split_part(TRAIN)
+    names = [f.name for f in config.features]
+    rng = np.random.default_rng(0)
+    batches = [make_batch(train, rng.choice(len(train), batch_size, replace=False), names) for _ in range(8)]
+    loss_fn = nn.BCEWithLogitsLoss()
+    memory_before = resident_mib()
+
+    if variant == "torchrec":
+        from recsys.train import Trainer
+        trainer = Trainer(config, examples=examples, out_dir="/tmp/plexrec-throughput")
+        step = trainer.train_step
+    else:
+        hashing = UnifiedEmbedding(config.features, rows, config.embedding.dim, device="meta")
+
+        class PlainUnifiedEmbedding(nn.Module):
+            """The unified lookup on one nn.EmbeddingBag: same hash, same rows, same output."""
+
+            def __init__(self):
+                super().__init__()
+                self.output_dim = hashing.output_dim
+                self.bag = nn.EmbeddingBag(rows, config.embedding.dim, mode="mean", sparse=True)
+
+            def forward(self, sparse):
+                lookups = hashing.lookup_kjt(sparse)
+                pooled = self.bag(lookups.values(), lookups.offsets()[:-1])  # [keys * B, d], key-major
+                keys, batch = len(lookups.keys()), lookups.stride()
+                return pooled.view(keys, batch, -1).transpose(0, 1).reshape(batch, -1)
+
+        torch.manual_seed(0)
+        model = Ranker(PlainUnifiedEmbedding(), len(examples.dense_names), config.model.mlp)
+        sparse_opt = torch.optim.Adagrad(model.embedding.parameters(), lr=config.train.embedding_lr)
+        dense_params = [p for n, p in model.named_parameters() if not n.startswith("embedding.")]
+        dense_opt = torch.optim.Adam(dense_params, lr=config.train.dense_lr)
+
+        def step(batch):
+            loss = loss_fn(model(batch.dense, batch.sparse), batch.labels)
+            sparse_opt.zero_grad(), dense_opt.zero_grad()
+            loss.backward()
+            sparse_opt.step(), dense_opt.step()
+            return float(loss)
+
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    started = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % len(batches)])
+    seconds = time.perf_counter() - started
+    return {"variant": variant, "rows": rows, "batch_size": batch_size, "steps": steps,
+            "examples_per_s": steps * batch_size / seconds,
+            "model_memory_mib": resident_mib() - memory_before, "resident_mib": resident_mib()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--out", default="bench/results/train_throughput.json")
+    parser.add_argument("--one", nargs=2, metavar=("VARIANT", "ROWS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.batch_size, args.steps, args.warmup)))
+        return
+
+    results = []
+    for rows in args.rows:
+        for variant in ("torchrec", "plain"):  # interleaved, so drift hits both alike
+            out = subprocess.run([sys.executable, __file__, "--one", variant, str(rows), "--batch-size",
+                                  str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                                 capture_output=True, text=True, check=True, cwd=ROOT)
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            r = results[-1]
+            print(f"{variant:8s} rows {rows:>10,}: {r['examples_per_s']:9,.0f} examples/s, "
+                  f"+{r['model_memory_mib']:7.1f} MiB", flush=True)
+    ratios = []
+    for rows in args.rows:
+        tr, pl = (next(r for r in results if r["rows"] == rows and r["variant"] == v) for v in ("torchrec", "plain"))
+        ratios.append({"rows": rows, "torchrec_over_plain_examples_per_s": tr["examples_per_s"] / pl["examples_per_s"],
+                       "torchrec_over_plain_memory": tr["model_memory_mib"] / max(pl["model_memory_mib"], 1e-9)})
+    import torch
+    report = {"benchmark": "train_throughput", "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": f"{platform.machine()}, 1 thread, torch {torch.__version__}",
+              "results": results, "ratios": ratios}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print("\n| table rows | TorchRec examples/s | plain examples/s | ratio | TorchRec MiB | plain MiB |")
+    print("|---|---|---|---|---|---|")
+    for ratio in ratios:
+        tr, pl = (next(r for r in results if r["rows"] == ratio["rows"] and r["variant"] == v)
+                  for v in ("torchrec", "plain"))
+        print(f"| {ratio['rows']:,} | {tr['examples_per_s']:,.0f} | {pl['examples_per_s']:,.0f} | "
+              f"{ratio['torchrec_over_plain_examples_per_s']:.2f}x | {tr['model_memory_mib']:.0f} | "
+              f"{pl['model_memory_mib']:.0f} |")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
