@@ -38,21 +38,20 @@ def probe_key(feature: str, probe: int) -> str:
 class _LookupEmbedding(nn.Module):
     """Raw-id KJT -> rows per lookup key -> one EmbeddingBagCollection -> concatenated embeddings.
 
-    A subclass lists its lookup keys as (feature, probe) pairs in output order
-    and says how a feature's raw ids become rows for one probe.
+    A subclass lists its lookups as (feature, probe, key) in output order, one
+    key per EBC feature name, and says how a feature's raw ids become rows for
+    one probe.
     """
 
     def __init__(self, features: list[FeatureConfig], dim: int, tables: list[EmbeddingBagConfig],
-                 lookups: list[tuple[str, int]], device: torch.device | str | None = None) -> None:
+                 lookups: list[tuple[str, int, str]], device: torch.device | str | None = None) -> None:
         super().__init__()
         self.features = [f.name for f in features]
         self.dim = dim
         self.output_dim = sum(f.probes for f in features) * dim
-        self.lookups = lookups
-        self.lookup_keys = [probe_key(f, p) if self._key_has_probe else f for f, p in lookups]
+        self.lookups = [(self.features.index(name), name, probe) for name, probe, _ in lookups]
+        self.lookup_keys = [key for _, _, key in lookups]
         self.ebc = EmbeddingBagCollection(tables=tables, device=torch.device(device or "cpu"))
-
-    _key_has_probe = True
 
     def rows(self, feature_index: int, probe: int, values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -64,9 +63,9 @@ class _LookupEmbedding(nn.Module):
         if missing:
             raise KeyError(f"batch lacks feature(s) {missing}; it has {features.keys()}")
         row_values, row_lengths = [], []
-        for name, probe in self.lookups:
+        for feature_index, name, probe in self.lookups:
             jagged = by_feature[name]
-            row_values.append(self.rows(self.features.index(name), probe, jagged.values()))
+            row_values.append(self.rows(feature_index, probe, jagged.values()))
             row_lengths.append(jagged.lengths())
         return KeyedJaggedTensor(keys=self.lookup_keys, values=torch.cat(row_values),
                                  lengths=torch.cat(row_lengths))
@@ -81,14 +80,14 @@ class _LookupEmbedding(nn.Module):
 class UnifiedEmbedding(_LookupEmbedding):
     def __init__(self, features: list[FeatureConfig], num_rows: int, dim: int,
                  device: torch.device | str | None = None) -> None:
-        lookups = [(f.name, p) for f in features for p in range(f.probes)]
+        lookups = [(f.name, p, probe_key(f.name, p)) for f in features for p in range(f.probes)]
         table = EmbeddingBagConfig(
             name=UNIFIED_TABLE, num_embeddings=num_rows, embedding_dim=dim,
-            feature_names=[probe_key(f, p) for f, p in lookups], pooling=PoolingType.MEAN,
+            feature_names=[key for _, _, key in lookups], pooling=PoolingType.MEAN,
         )
         super().__init__(features, dim, [table], lookups, device)
         self.num_rows = num_rows
-        self._mixed_salts = {(f, p): hashing.mixed_salt(f, p) for f, p in lookups}
+        self._mixed_salts = {(f, p): hashing.mixed_salt(f, p) for f, p, _ in lookups}
 
     def rows(self, feature_index: int, probe: int, values: torch.Tensor) -> torch.Tensor:
         salt = self._mixed_salts[(self.features[feature_index], probe)]
@@ -98,14 +97,12 @@ class UnifiedEmbedding(_LookupEmbedding):
 class HashedEmbedding(_LookupEmbedding):
     """One hashed table per feature, ``probes * dim`` wide, rows from ``rows_per_feature``."""
 
-    _key_has_probe = False
-
     def __init__(self, features: list[FeatureConfig], rows_per_feature: dict[str, int], dim: int,
                  device: torch.device | str | None = None) -> None:
         tables = [EmbeddingBagConfig(name=f"hashed__{f.name}", num_embeddings=rows_per_feature[f.name],
                                      embedding_dim=f.probes * dim, feature_names=[f.name],
                                      pooling=PoolingType.MEAN) for f in features]
-        super().__init__(features, dim, tables, [(f.name, 0) for f in features], device)
+        super().__init__(features, dim, tables, [(f.name, 0, f.name) for f in features], device)
         self.rows_per_feature = [rows_per_feature[f.name] for f in features]
         self._mixed_salts = [hashing.mixed_salt(f.name, 0) for f in features]
 
@@ -116,14 +113,12 @@ class HashedEmbedding(_LookupEmbedding):
 class FullVocabEmbedding(_LookupEmbedding):
     """One row per known value of each feature; unknown values share row 0."""
 
-    _key_has_probe = False
-
     def __init__(self, features: list[FeatureConfig], vocabularies: dict[str, torch.Tensor], dim: int,
                  device: torch.device | str | None = None) -> None:
         tables = [EmbeddingBagConfig(name=f"full__{f.name}", num_embeddings=len(vocabularies[f.name]) + 1,
                                      embedding_dim=f.probes * dim, feature_names=[f.name],
                                      pooling=PoolingType.MEAN) for f in features]
-        super().__init__(features, dim, tables, [(f.name, 0) for f in features], device)
+        super().__init__(features, dim, tables, [(f.name, 0, f.name) for f in features], device)
         for i, f in enumerate(features):
             vocabulary = torch.as_tensor(vocabularies[f.name], dtype=torch.int64).sort().values
             self.register_buffer(f"vocabulary_{i}", vocabulary)

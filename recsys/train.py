@@ -168,12 +168,12 @@ class Trainer:
         self.train_examples = examples.split_part(TRAIN)
         self.eval_examples = {"valid": examples.split_part(VALID), "test": examples.split_part(TEST)}
         self.dense_names = examples.dense_names
-        vocabularies = vocabularies_of(self.train_examples, self.feature_names)
-        self.vocab_sizes = {name: int(len(v)) for name, v in vocabularies.items()}
+        self.vocabularies = vocabularies_of(self.train_examples, self.feature_names)
+        self.vocab_sizes = {name: int(len(v)) for name, v in self.vocabularies.items()}
         self.fingerprint = model_fingerprint(config, self.vocab_sizes, self.dense_names)
 
         torch.manual_seed(config.train.seed)
-        plain = build_ranker(config, vocabularies, len(self.dense_names), embedding_device="meta")
+        plain = build_ranker(config, self.vocabularies, len(self.dense_names), embedding_device="meta")
         self.embedding_parameters = sum(c.num_embeddings * c.embedding_dim
                                         for c in plain.embedding.ebc.embedding_bag_configs())
         sharders = [EmbeddingBagCollectionSharder(fused_params={
@@ -363,8 +363,7 @@ class Trainer:
 
     def export(self, checkpoint: Path, metrics: dict[str, Any]) -> Path:
         """Rebuild the plain model from a checkpoint (any sharding) and export it."""
-        vocabularies = vocabularies_of(self.train_examples, self.feature_names)
-        plain = build_ranker(self.config, vocabularies, len(self.dense_names))
+        plain = build_ranker(self.config, self.vocabularies, len(self.dense_names))
         state = {"model": plain.state_dict()}
         dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
         plain.load_state_dict(state["model"])

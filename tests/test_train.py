@@ -109,3 +109,16 @@ def test_unknown_config_keys_and_kinds_are_named(tmp_path):
     with pytest.raises(ConfigError, match="embedding.kind = 'lsh'"):
         load_config(None, {"embedding.kind": "lsh"})
     assert load_config("configs/ml100k.yaml").features[0] == FeatureConfig("user_id", 2)
+
+
+def test_cli_stops_with_the_reason_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("features:\n  - {name: user_id, probes: 0}\n")
+    done = subprocess.run([sys.executable, "-m", "recsys.cli", "train", "--config", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "plexrec train: features.user_id.probes = 0: a feature needs at least 1 probe" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -15,7 +15,7 @@ by anyone strictly earlier in time), plus any declared numeric columns.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,12 +66,13 @@ class Examples:
         values, offsets = {}, {}
         for name in self.feature_values:
             values[name], offsets[name] = take_jagged(self.feature_values[name], self.feature_offsets[name], index)
-        per_example = {f.name: getattr(self, f.name)[index] for f in fields(self)
-                       if f.name in ("dense", "label", "user_id", "item_id", "timestamp", "split",
-                                     "sequence_start", "position")}
-        return Examples(feature_values=values, feature_offsets=offsets, dense_names=self.dense_names,
-                        sequence_items=self.sequence_items, sequence_timestamps=self.sequence_timestamps,
-                        **per_example)
+        return Examples(
+            feature_values=values, feature_offsets=offsets, dense=self.dense[index], dense_names=self.dense_names,
+            label=self.label[index], user_id=self.user_id[index], item_id=self.item_id[index],
+            timestamp=self.timestamp[index], split=self.split[index],
+            # the sequences stay whole: examples point into them
+            sequence_items=self.sequence_items, sequence_timestamps=self.sequence_timestamps,
+            sequence_start=self.sequence_start[index], position=self.position[index])
 
     def split_part(self, part: int) -> Examples:
         return self.subset(np.flatnonzero(self.split == part))
