@@ -61,6 +61,31 @@ class ModelConfig:
     dropout: float = 0.0
 
 
+SEQUENCE_MODES = ("none", "mean", "coupled", "dare")
+
+
+@dataclass
+class SequenceConfig:
+    """How the ranker reads the user's behaviour history (``data.max_history`` items at most).
+
+    none     no history
+    mean     mean of the history items' representation embeddings (the unified table)
+    coupled  one item table in both roles (TWIN/DIN style): scores <C(h), C(t)>, top-k,
+             softmax, pooled C(h); the table is ``attention_rows`` x ``coupled_dim``
+    dare     decoupled (Feng et al., 2025): scores from a small attention table
+             <A(h), A(t)> / sqrt(attention_dim), top-k, softmax, pooled *representation*
+             embeddings (the unified table's item rows) of the k picked behaviours only
+    """
+
+    mode: str = "none"
+    top_k: int = 64
+    attention_dim: int = 16
+    attention_rows: int = 4_096  # rows of the attention (or coupled) table
+    attention_probes: int = 1  # item-id probes in the attention table
+    position_buckets: int = 12  # log2 buckets of "how many behaviours ago"
+    coupled_dim: int = 0  # 0: the representation width, probes(item_id) * embedding.dim
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 8
@@ -95,6 +120,7 @@ class RunConfig:
     features: list[FeatureConfig] = field(default_factory=lambda: list(DEFAULT_FEATURES))
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> RunConfig:
@@ -123,6 +149,23 @@ class RunConfig:
             raise ConfigError(f"data.max_history = {self.data.max_history}: use 0 or more")
         if self.data.dataset not in ("ml100k", "generic"):
             raise ConfigError(f"data.dataset = {self.data.dataset!r}: choose 'ml100k' or 'generic'")
+        seq = self.sequence
+        if seq.mode not in SEQUENCE_MODES:
+            raise ConfigError(f"sequence.mode = {seq.mode!r}: choose one of {', '.join(SEQUENCE_MODES)}")
+        if seq.mode != "none":
+            _positive("sequence.top_k", seq.top_k)
+            _positive("sequence.attention_dim", seq.attention_dim)
+            _positive("sequence.attention_rows", seq.attention_rows)
+            _positive("sequence.attention_probes", seq.attention_probes)
+            _positive("sequence.position_buckets", seq.position_buckets)
+            if self.data.max_history < 1:
+                raise ConfigError(f"sequence.mode = {seq.mode!r} reads histories, but data.max_history = "
+                                  f"{self.data.max_history}; set it to 1 or more")
+            if "item_id" not in names:
+                raise ConfigError("sequence models need the feature 'item_id' (the target item) in features")
+            if seq.mode in ("mean", "dare") and self.embedding.kind != "unified":
+                raise ConfigError(f"sequence.mode = {seq.mode!r} looks history items up in the unified table: "
+                                  "set embedding.kind = unified")
         if self.data.dataset == "generic" and not self.data.schema:
             raise ConfigError("data.schema: a generic data set needs a schema file (see README)")
         return self
@@ -136,7 +179,7 @@ class RunConfig:
         unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown top-level section(s) {sorted(unknown)}; "
-                              "known: data, features, embedding, model, train")
+                              "known: data, features, embedding, model, sequence, train")
         features = raw.get("features")
         if features is None:
             feature_list = list(DEFAULT_FEATURES)
@@ -147,6 +190,7 @@ class RunConfig:
             features=feature_list,
             embedding=_section(EmbeddingConfig, raw.get("embedding"), "embedding"),
             model=_section(ModelConfig, raw.get("model"), "model"),
+            sequence=_section(SequenceConfig, raw.get("sequence"), "sequence"),
             train=_section(TrainConfig, raw.get("train"), "train"),
         ).validate()
 

@@ -47,6 +47,7 @@ class _LookupEmbedding(nn.Module):
                  lookups: list[tuple[str, int, str]], device: torch.device | str | None = None) -> None:
         super().__init__()
         self.features = [f.name for f in features]
+        self.feature_probes = [f.probes for f in features]
         self.dim = dim
         self.output_dim = sum(f.probes for f in features) * dim
         self.lookups = [(self.features.index(name), name, probe) for name, probe, _ in lookups]
@@ -56,8 +57,16 @@ class _LookupEmbedding(nn.Module):
     def rows(self, feature_index: int, probe: int, values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def lookup_kjt(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """The KJT of table rows that the embedding collection reads."""
+    # extra lookups (history items of sequence models) read a feature's rows under other keys
+    extra_lookups: list[tuple[int, str, int]] = []
+    extra_keys: list[str] = []
+
+    def lookup_kjt(self, features: KeyedJaggedTensor,
+                   extra: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> KeyedJaggedTensor:
+        """The KJT of table rows that the embedding collection reads.
+
+        ``extra`` gives (raw ids, lengths) for each of ``extra_keys``, in order.
+        """
         by_feature = features.to_dict()
         missing = [f for f in self.features if f not in by_feature]
         if missing:
@@ -67,27 +76,42 @@ class _LookupEmbedding(nn.Module):
             jagged = by_feature[name]
             row_values.append(self.rows(feature_index, probe, jagged.values()))
             row_lengths.append(jagged.lengths())
-        return KeyedJaggedTensor(keys=self.lookup_keys, values=torch.cat(row_values),
+        if len(extra or []) != len(self.extra_keys):
+            raise ValueError(f"expected raw ids for the {len(self.extra_keys)} extra keys, got {len(extra or [])}")
+        for (feature_index, _, probe), (values, lengths) in zip(self.extra_lookups, extra or []):
+            row_values.append(self.rows(feature_index, probe, values))
+            row_lengths.append(lengths)
+        return KeyedJaggedTensor(keys=self.lookup_keys + self.extra_keys, values=torch.cat(row_values),
                                  lengths=torch.cat(row_lengths))
 
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        return self.ebc(self.lookup_kjt(features)).values()
+    def forward(self, features: KeyedJaggedTensor,
+                extra: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """[B, output_dim] embeddings, then ``dim`` columns per extra key if ``extra`` is given."""
+        return self.ebc(self.lookup_kjt(features, extra)).values()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.ebc.parameters())
 
 
 class UnifiedEmbedding(_LookupEmbedding):
+    """``extra_lookups``: (key, feature, probe) triples for more lookups into the same rows,
+    e.g. history items read with ``item_id``'s salts, so a behaviour and a target item
+    share their representation."""
+
     def __init__(self, features: list[FeatureConfig], num_rows: int, dim: int,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None,
+                 extra_lookups: list[tuple[str, str, int]] = ()) -> None:
         lookups = [(f.name, p, probe_key(f.name, p)) for f in features for p in range(f.probes)]
         table = EmbeddingBagConfig(
             name=UNIFIED_TABLE, num_embeddings=num_rows, embedding_dim=dim,
-            feature_names=[key for _, _, key in lookups], pooling=PoolingType.MEAN,
+            feature_names=[key for _, _, key in lookups] + [key for key, _, _ in extra_lookups],
+            pooling=PoolingType.MEAN,
         )
         super().__init__(features, dim, [table], lookups, device)
         self.num_rows = num_rows
         self._mixed_salts = {(f, p): hashing.mixed_salt(f, p) for f, p, _ in lookups}
+        self.extra_keys = [key for key, _, _ in extra_lookups]
+        self.extra_lookups = [(self.features.index(f), f, p) for _, f, p in extra_lookups]
 
     def rows(self, feature_index: int, probe: int, values: torch.Tensor) -> torch.Tensor:
         salt = self._mixed_salts[(self.features[feature_index], probe)]
@@ -154,10 +178,13 @@ def hashed_rows_for_budget(features: list[FeatureConfig], vocab_sizes: dict[str,
 
 
 def build_embedding(kind: str, features: list[FeatureConfig], dim: int, num_rows: int,
-                    vocabularies: dict[str, torch.Tensor], device: torch.device | str | None = None) -> _LookupEmbedding:
+                    vocabularies: dict[str, torch.Tensor], device: torch.device | str | None = None,
+                    extra_lookups: list[tuple[str, str, int]] = ()) -> _LookupEmbedding:
     """The embedding layer a config names, from the same feature spec."""
     if kind == "unified":
-        return UnifiedEmbedding(features, num_rows, dim, device)
+        return UnifiedEmbedding(features, num_rows, dim, device, extra_lookups)
+    if extra_lookups:
+        raise ValueError("extra lookups (history items) need the unified table")
     if kind == "hashed":
         sizes = {name: len(v) for name, v in vocabularies.items()}
         return HashedEmbedding(features, hashed_rows_for_budget(features, sizes, dim, num_rows), dim, device)

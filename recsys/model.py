@@ -1,6 +1,8 @@
-"""The ranker, top to bottom: embeddings + dense features -> [DCN-v2 cross] -> MLP -> logit.
+"""The ranker, top to bottom: embeddings + dense features [+ history] -> [DCN-v2 cross] -> MLP -> logit.
 
-    x0     = [embedding(sparse raw ids), dense]
+    search = sequence.search(sparse)                 (dare / coupled: top-k behaviours)
+    e      = embedding(sparse, extra history ids)    (one lookup of the unified table)
+    x0     = [e[features], dense, sequence(R(t), e[history], search)]
     x_l+1  = x0 * (W_l x_l + b_l) + x_l            (DCN-v2 cross layers, optional)
     logit  = MLP(x_L)
 
@@ -18,6 +20,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.config import RunConfig
 from recsys.embeddings import build_embedding
+from recsys.sequence import TARGET_ITEM, SequenceEncoder
 
 
 class CrossNetV2(nn.Module):
@@ -45,17 +48,34 @@ def mlp(widths: list[int], dropout: float) -> nn.Sequential:
 
 class Ranker(nn.Module):
     def __init__(self, embedding: nn.Module, num_dense: int, hidden: list[int], cross_layers: int = 0,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, sequence: SequenceEncoder | None = None) -> None:
         super().__init__()
         self.embedding = embedding
+        self.sequence = sequence
         width = embedding.output_dim + num_dense
+        if sequence is not None:
+            width += sequence.output_dim
+            # the target item's representation R(t): item_id's probes within the embedding output
+            start = 0
+            for name, probes in zip(embedding.features, embedding.feature_probes):
+                if name == TARGET_ITEM:
+                    self.target_columns = (start, start + probes * embedding.dim)
+                start += probes * embedding.dim
         self.cross = CrossNetV2(width, cross_layers) if cross_layers > 0 else nn.Identity()
         self.tower = mlp([width, *hidden], dropout)
         self.head = nn.Linear(hidden[-1] if hidden else width, 1)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """Logits [B] for dense features [B, num_dense] and a KJT of raw categorical ids."""
-        x = torch.cat([self.embedding(sparse), dense], dim=1)
+        if self.sequence is None:
+            x = torch.cat([self.embedding(sparse), dense], dim=1)
+        else:
+            search = self.sequence.search(sparse)
+            embedded = self.embedding(sparse, self.sequence.unified_ids(sparse, search))
+            features = embedded[:, :self.embedding.output_dim]
+            target = features[:, self.target_columns[0]:self.target_columns[1]]
+            history = self.sequence(target, embedded[:, self.embedding.output_dim:], search)
+            x = torch.cat([features, dense, history], dim=1)
         return self.head(self.tower(self.cross(x))).squeeze(-1)
 
 
@@ -64,5 +84,11 @@ def build_ranker(config: RunConfig, vocabularies: dict[str, torch.Tensor], num_d
     """The model of a run config on CPU; ``embedding_device="meta"`` leaves the tables
     unallocated for DistributedModelParallel to create sharded."""
     emb = config.embedding
-    embedding = build_embedding(emb.kind, config.features, emb.dim, emb.num_rows, vocabularies, embedding_device)
-    return Ranker(embedding, num_dense, config.model.mlp, config.model.cross_layers, config.model.dropout)
+    sequence = None
+    if config.sequence.mode != "none":
+        item_probes = next(f.probes for f in config.features if f.name == TARGET_ITEM)
+        sequence = SequenceEncoder(config.sequence, item_probes, emb.dim, embedding_device)
+    embedding = build_embedding(emb.kind, config.features, emb.dim, emb.num_rows, vocabularies, embedding_device,
+                                sequence.extra_lookups() if sequence else [])
+    return Ranker(embedding, num_dense, config.model.mlp, config.model.cross_layers, config.model.dropout,
+                  sequence)

@@ -38,6 +38,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
@@ -105,15 +106,22 @@ def sharding_plan(model: Ranker, ctx: DistributedContext,
     ranks the plan is written out: unified row-wise, other tables table-wise
     round-robin.
     """
-    ebc = model.embedding.ebc
-    tables = [config.name for config in ebc.embedding_bag_configs()]
+    collections = {name: module for name, module in model.named_modules()
+                   if isinstance(module, EmbeddingBagCollection)}
+    tables = [config.name for ebc in collections.values() for config in ebc.embedding_bag_configs()]
     if ctx.world_size > 1 and ctx.device.type == "cpu":
-        per_table = {name: row_wise(compute_kernel="fused") if name == UNIFIED_TABLE
-                     else table_wise(rank=i % ctx.world_size, compute_kernel="fused")
-                     for i, name in enumerate(tables)}
-        module_plan = construct_module_sharding_plan(ebc, per_table, local_size=ctx.world_size,
-                                                     world_size=ctx.world_size, device_type="cpu")
-        return ShardingPlan({"embedding.ebc": module_plan})
+        def placement(name: str, i: int):
+            if name == UNIFIED_TABLE:
+                return row_wise(compute_kernel="fused")
+            return table_wise(rank=i % ctx.world_size, compute_kernel="fused")
+
+        plan = {}
+        for path, ebc in collections.items():
+            per_table = {config.name: placement(config.name, tables.index(config.name))
+                         for config in ebc.embedding_bag_configs()}
+            plan[path] = construct_module_sharding_plan(ebc, per_table, local_size=ctx.world_size,
+                                                        world_size=ctx.world_size, device_type="cpu")
+        return ShardingPlan(plan)
     constraints = {name: ParameterConstraints(compute_kernels=["fused"]) for name in tables}
     if ctx.world_size > 1 and UNIFIED_TABLE in constraints:
         constraints[UNIFIED_TABLE].sharding_types = [ShardingType.ROW_WISE.value]
@@ -165,6 +173,11 @@ class Trainer:
         if unknown:
             raise ConfigError(f"features {unknown} are not in the data set, which offers "
                              f"{examples.feature_names}; fix the config's features list")
+        # sequence models also read the target's category and the history
+        self.history_length = config.data.max_history if config.sequence.mode != "none" else 0
+        self.batch_features = self.feature_names + (
+            ["item_category"] if self.history_length and "item_category" in examples.feature_names
+            and "item_category" not in self.feature_names else [])
         self.train_examples = examples.split_part(TRAIN)
         self.eval_examples = {"valid": examples.split_part(VALID), "test": examples.split_part(TEST)}
         self.dense_names = examples.dense_names
@@ -174,8 +187,9 @@ class Trainer:
 
         torch.manual_seed(config.train.seed)
         plain = build_ranker(config, self.vocabularies, len(self.dense_names), embedding_device="meta")
-        self.embedding_parameters = sum(c.num_embeddings * c.embedding_dim
-                                        for c in plain.embedding.ebc.embedding_bag_configs())
+        self.embedding_parameters = sum(c.num_embeddings * c.embedding_dim for module in plain.modules()
+                                        if isinstance(module, EmbeddingBagCollection)
+                                        for c in module.embedding_bag_configs())
         sharders = [EmbeddingBagCollectionSharder(fused_params={
             "optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
             "learning_rate": config.train.embedding_lr,
@@ -195,6 +209,7 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
+        self.truncated_histories = 0  # training examples whose history was cut to data.max_history
         self.history: list[dict[str, Any]] = []
 
     # --- training ---
@@ -204,14 +219,15 @@ class Trainer:
         return num_steps(len(self.train_examples), self.config.train.batch_size)
 
     def batches(self):
-        return iterate_batches(self.train_examples, self.feature_names, self.config.train.batch_size,
+        return iterate_batches(self.train_examples, self.batch_features, self.config.train.batch_size,
                                shuffle=True, seed=self.config.train.seed, epoch=self.epoch,
                                rank=self.ctx.rank, world_size=self.ctx.world_size,
-                               start_step=self.step_in_epoch)
+                               start_step=self.step_in_epoch, history_length=self.history_length)
 
     def train_step(self, batch) -> float:
         """One optimiser step on this rank's share of a global batch; returns the global mean loss."""
         self.model.train()
+        self.truncated_histories += batch.truncated_histories
         batch = batch.to(self.ctx.device)
         logits = self.model(batch.dense, batch.sparse)
         loss = self.loss_fn(logits, batch.labels)
@@ -231,6 +247,13 @@ class Trainer:
         summed = summed.to(self.ctx.device)
         dist.all_reduce(summed)
         return float(summed[0] / summed[1])
+
+    def _all_ranks_sum(self, value: int) -> int:
+        if self.ctx.world_size == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.int64, device=self.ctx.device)
+        dist.all_reduce(total)
+        return int(total)
 
     def train_epoch(self, progress: bool = True) -> float:
         epoch = self.epoch
@@ -252,8 +275,9 @@ class Trainer:
         """Click probabilities for ``examples`` (all ranks call it; every rank gets all of them)."""
         self.model.eval()
         parts = []
-        for batch in iterate_batches(examples, self.feature_names, self.config.train.batch_size * 4,
-                                     shuffle=False, rank=self.ctx.rank, world_size=self.ctx.world_size):
+        for batch in iterate_batches(examples, self.batch_features, self.config.train.batch_size * 4,
+                                     shuffle=False, rank=self.ctx.rank, world_size=self.ctx.world_size,
+                                     history_length=self.history_length):
             batch = batch.to(self.ctx.device)
             parts.append(torch.sigmoid(self.model(batch.dense, batch.sparse)).cpu().numpy())
         local = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
@@ -320,8 +344,9 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out_dir / "metrics.jsonl"
         if self.ctx.is_main:
-            log.info("training %s embeddings: %d embedding parameters, %d train / %d valid / %d test examples, "
-                     "%d rank(s) on %s", self.config.embedding.kind, self.embedding_parameters,
+            log.info("training %s embeddings, sequence mode %s: %d embedding parameters, %d train / %d valid / "
+                     "%d test examples, %d rank(s) on %s", self.config.embedding.kind, self.config.sequence.mode,
+                     self.embedding_parameters,
                      len(self.train_examples), len(self.eval_examples["valid"]), len(self.eval_examples["test"]),
                      self.ctx.world_size, self.ctx.device)
         epochs = tqdm(total=self.config.train.epochs, initial=self.epoch, desc="training", unit="epoch",
@@ -330,16 +355,20 @@ class Trainer:
             started = time.perf_counter()
             train_loss = self.train_epoch(progress)
             valid = self.evaluate("valid")
+            truncated = self._all_ranks_sum(self.truncated_histories)
             record = {"epoch": self.epoch, "train_loss": train_loss,
                       **{f"valid_{k}": v for k, v in valid.items()},
+                      "truncated_histories": truncated,
                       "seconds": round(time.perf_counter() - started, 2)}
             self.history.append(record)
             if self.ctx.is_main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 epochs.set_postfix(loss=f"{train_loss:.4f}", valid_auc=f"{valid['auc']:.4f}")
-                log.info("epoch %d: train loss %.4f, valid AUC %.4f GAUC %.4f log loss %.4f", self.epoch,
-                         train_loss, valid["auc"], valid["gauc"], valid["logloss"])
+                log.info("epoch %d: train loss %.4f, valid AUC %.4f GAUC %.4f log loss %.4f%s", self.epoch,
+                         train_loss, valid["auc"], valid["gauc"], valid["logloss"],
+                         f" ({truncated} histories truncated to {self.history_length} so far)"
+                         if truncated else "")
             epochs.update(1)
             if self.config.train.checkpoint_every_epoch:
                 self.save_checkpoint()

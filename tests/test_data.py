@@ -84,7 +84,7 @@ def _generic_frame(ml100k):
 
 GENERIC_SCHEMA = dict(user="user_id", item="item_id", timestamp="timestamp", rating="rating",
                       categorical=["age_bucket", "gender", "occupation", "zip_prefix", "release_year"],
-                      multi_valued={"genres": "|"})
+                      multi_valued={"genres": "|"}, category="genres")
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])

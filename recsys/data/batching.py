@@ -2,7 +2,9 @@
 
 The KJT carries one key per categorical feature with *raw* ids; the embedding
 module hashes them (see recsys/embeddings.py), so serving can build the same
-batch from raw feature values.
+batch from raw feature values. Sequence models also get the user's history as
+two more keys, ``history_item_id`` and ``history_category`` (oldest first, the
+most recent ``history_length`` items; longer histories are truncated and counted).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.examples import Examples, take_jagged
 
+HISTORY_ITEMS = "history_item_id"
+HISTORY_CATEGORIES = "history_category"
+
 
 @dataclass
 class Batch:
@@ -23,9 +28,11 @@ class Batch:
     sparse: KeyedJaggedTensor  # keys = feature names, values = raw int64 ids
     labels: torch.Tensor  # [B] float32
     user_ids: torch.Tensor  # [B] int64, for per-user metrics
+    truncated_histories: int = 0  # histories longer than the limit, cut to the most recent
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.dense.to(device), self.sparse.to(device), self.labels.to(device), self.user_ids.to(device))
+        return Batch(self.dense.to(device), self.sparse.to(device), self.labels.to(device),
+                     self.user_ids.to(device), self.truncated_histories)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -43,15 +50,28 @@ def features_to_kjt(feature_names: list[str], values: dict[str, np.ndarray],
     )
 
 
-def make_batch(examples: Examples, index: np.ndarray, feature_names: list[str]) -> Batch:
+def make_batch(examples: Examples, index: np.ndarray, feature_names: list[str], history_length: int = 0) -> Batch:
     values, offsets = {}, {}
     for name in feature_names:
         values[name], offsets[name] = take_jagged(examples.feature_values[name], examples.feature_offsets[name], index)
+    truncated = 0
+    if history_length > 0:
+        start, end, truncated = examples.history_ranges(index, history_length)
+        history_offsets = np.zeros(len(index) + 1, dtype=np.int64)
+        np.cumsum(end - start, out=history_offsets[1:])
+        positions = np.repeat(start - history_offsets[:-1], end - start) + np.arange(history_offsets[-1])
+        values[HISTORY_ITEMS], offsets[HISTORY_ITEMS] = examples.sequence_items[positions], history_offsets
+        feature_names = [*feature_names, HISTORY_ITEMS]
+        if examples.sequence_categories is not None:
+            values[HISTORY_CATEGORIES] = examples.sequence_categories[positions]
+            offsets[HISTORY_CATEGORIES] = history_offsets
+            feature_names.append(HISTORY_CATEGORIES)
     return Batch(
         dense=torch.from_numpy(examples.dense[index]),
         sparse=features_to_kjt(feature_names, values, offsets),
         labels=torch.from_numpy(examples.label[index]),
         user_ids=torch.from_numpy(examples.user_id[index]),
+        truncated_histories=truncated,
     )
 
 
@@ -68,7 +88,7 @@ def num_steps(num_examples: int, global_batch_size: int) -> int:
 
 def iterate_batches(examples: Examples, feature_names: list[str], global_batch_size: int, *,
                     shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
-                    start_step: int = 0) -> Iterator[Batch]:
+                    start_step: int = 0, history_length: int = 0) -> Iterator[Batch]:
     """This rank's share of each global batch, from ``start_step`` on.
 
     Rank r takes the r-th contiguous slice of every global batch, so W ranks
@@ -78,4 +98,4 @@ def iterate_batches(examples: Examples, feature_names: list[str], global_batch_s
     for step in range(start_step, num_steps(len(examples), global_batch_size)):
         global_index = order[step * global_batch_size:(step + 1) * global_batch_size]
         bounds = np.linspace(0, len(global_index), world_size + 1).astype(int)
-        yield make_batch(examples, global_index[bounds[rank]:bounds[rank + 1]], feature_names)
+        yield make_batch(examples, global_index[bounds[rank]:bounds[rank + 1]], feature_names, history_length)

@@ -24,8 +24,8 @@ import pandas as pd
 from recsys.data.schema import DataError, DatasetSchema
 from recsys.hashing import string_to_id
 
-TRAIN, VALID, TEST = 0, 1, 2
-SPLIT_NAMES = {"train": TRAIN, "valid": VALID, "validation": VALID, "test": TEST}
+TRAIN, VALID, TEST, CONTEXT = 0, 1, 2, 3
+SPLIT_NAMES = {"train": TRAIN, "valid": VALID, "validation": VALID, "test": TEST, "context": CONTEXT}
 DERIVED_DENSE = ["log_user_prior_count", "log_item_prior_count"]
 
 
@@ -41,11 +41,12 @@ class Examples:
     user_id: np.ndarray  # [n] raw user id
     item_id: np.ndarray  # [n] raw item id
     timestamp: np.ndarray  # [n] int64
-    split: np.ndarray  # [n] int8: TRAIN / VALID / TEST
+    split: np.ndarray  # [n] int8: TRAIN / VALID / TEST / CONTEXT (history only, never an example)
     # histories: every user's time-ordered items, concatenated; example i's history is
     # sequence_items[sequence_start[i] : sequence_start[i] + position[i]]
     sequence_items: np.ndarray
     sequence_timestamps: np.ndarray
+    sequence_categories: np.ndarray | None  # the items' categories, where the data declares one
     sequence_start: np.ndarray
     position: np.ndarray
 
@@ -61,6 +62,13 @@ class Examples:
         end = self.sequence_start[i] + self.position[i]
         return self.sequence_items[max(self.sequence_start[i], end - max_len):end]
 
+    def history_ranges(self, index: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(start, end) into the sequence arrays of each example's history, truncated to
+        the ``max_len`` most recent items, and how many histories were truncated."""
+        end = self.sequence_start[index] + self.position[index]
+        start = np.maximum(self.sequence_start[index], end - max_len)
+        return start, end, int((self.position[index] > max_len).sum())
+
     def subset(self, index: np.ndarray) -> Examples:
         index = np.asarray(index)
         values, offsets = {}, {}
@@ -72,6 +80,7 @@ class Examples:
             timestamp=self.timestamp[index], split=self.split[index],
             # the sequences stay whole: examples point into them
             sequence_items=self.sequence_items, sequence_timestamps=self.sequence_timestamps,
+            sequence_categories=self.sequence_categories,
             sequence_start=self.sequence_start[index], position=self.position[index])
 
     def split_part(self, part: int) -> Examples:
@@ -150,7 +159,9 @@ def _multi_raw_ids(column: pd.Series, separator: str | None) -> tuple[np.ndarray
             return []
         if isinstance(cell, str):
             return [] if cell == "" else cell.split(separator) if separator else [cell]
-        return list(cell)
+        if isinstance(cell, (list, tuple, np.ndarray)):
+            return list(cell)
+        return [cell]
 
     lists = [as_list(c) for c in column]
     lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
@@ -224,6 +235,17 @@ def build_examples(frame: pd.DataFrame, schema: DatasetSchema, *, label_threshol
         values[column], offsets[column] = _raw_ids(frame[column])
     for column, separator in schema.multi_valued.items():
         values[column], offsets[column] = _multi_raw_ids(frame[column], separator)
+    sequence_categories = None
+    if schema.category:
+        if schema.category in values:
+            category_values, category_offsets = values[schema.category], offsets[schema.category]
+        else:
+            category_values, category_offsets = _multi_raw_ids(frame[schema.category], None)
+        if (np.diff(category_offsets) == 0).any():
+            raise DataError(f"column '{schema.category}' (the item category) has missing values")
+        sequence_categories = category_values[category_offsets[:-1]]  # a list's first value
+        values["item_category"] = sequence_categories
+        offsets["item_category"] = np.arange(n + 1, dtype=np.int64)
 
     dense_columns = [np.log1p(position).astype(np.float32),
                      np.log1p(_count_strictly_before(item_raw, timestamp)).astype(np.float32)]
@@ -237,7 +259,7 @@ def build_examples(frame: pd.DataFrame, schema: DatasetSchema, *, label_threshol
         feature_values=values, feature_offsets=offsets,
         dense=np.stack(dense_columns, axis=1), dense_names=DERIVED_DENSE + list(schema.numeric),
         label=label, user_id=user_raw, item_id=item_raw, timestamp=timestamp, split=split,
-        sequence_items=item_raw, sequence_timestamps=timestamp,
+        sequence_items=item_raw, sequence_timestamps=timestamp, sequence_categories=sequence_categories,
         sequence_start=sequence_start.astype(np.int64), position=position.astype(np.int64),
     )
 

@@ -31,6 +31,7 @@ MOVIELENS_SCHEMA = DatasetSchema(
     rating="rating",
     categorical=["age_bucket", "gender", "occupation", "zip_prefix", "release_year"],
     multi_valued={"genres": None},
+    category="genres",  # a movie's first genre is its category
 )
 
 

@@ -12,10 +12,13 @@ a small YAML file:
     categorical: [gender, occupation]
     multi_valued: {genres: "|"}     # list columns, or strings split on the separator
     numeric: [price]
-    split: split                    # optional: "train" / "valid" / "test" per row
+    category: genre                 # optional: the item's category, for sequence models
+    split: split                    # optional: "train" / "valid" / "test" per row,
+                                    # or "context": in histories, but not an example
 
 Feature names are column names; the user and item columns are always the
-features ``user_id`` and ``item_id``.
+features ``user_id`` and ``item_id``, and the category column the feature
+``item_category`` (a list-valued category column contributes its first value).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class DatasetSchema:
     categorical: list[str] = field(default_factory=list)
     multi_valued: dict[str, str | None] = field(default_factory=dict)
     numeric: list[str] = field(default_factory=list)
+    category: str | None = None
     split: str | None = None
 
     def __post_init__(self) -> None:
@@ -52,13 +56,13 @@ class DatasetSchema:
     @property
     def categorical_features(self) -> list[str]:
         """Every categorical feature the data set offers, under its feature name."""
-        return ["user_id", "item_id", *self.categorical, *self.multi_valued]
+        names = ["user_id", "item_id", *self.categorical, *self.multi_valued]
+        return names + ["item_category"] if self.category else names
 
     def required_columns(self) -> list[str]:
         cols = [self.user, self.item, self.timestamp, self.rating or self.label]
         cols += self.categorical + list(self.multi_valued) + self.numeric
-        if self.split:
-            cols.append(self.split)
+        cols += [c for c in (self.category, self.split) if c]
         return [c for c in cols if c is not None]
 
     @classmethod
