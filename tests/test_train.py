@@ -62,8 +62,10 @@ def test_checkpoint_of_another_model_is_refused(small_examples, tmp_path):
         Trainer(other, examples=small_examples, out_dir=tmp_path).load_checkpoint(checkpoint)
 
 
-def test_fit_exports_a_model_that_predicts_like_the_trainer(small_examples, tmp_path):
+@pytest.mark.parametrize("sequence_mode", ["none", "mean", "coupled", "dare"])
+def test_fit_exports_a_model_that_predicts_like_the_trainer(small_examples, tmp_path, sequence_mode):
     config = small_config(epochs=2, checkpoint_every_epoch=True)
+    config.sequence.mode, config.sequence.top_k, config.data.max_history = sequence_mode, 8, 50
     trainer = Trainer(config, examples=small_examples, out_dir=tmp_path)
     result = trainer.fit(progress=False)
     assert result["test"]["auc"] > 0.6  # real signal on real data, not chance
@@ -76,7 +78,7 @@ def test_fit_exports_a_model_that_predicts_like_the_trainer(small_examples, tmp_
     assert manifest["metrics"]["test"]["auc"] == result["test"]["auc"]
     assert manifest["features"][0] == {"name": "user_id", "probes": 2}
     test = trainer.eval_examples["test"]
-    batch = make_batch(test, np.arange(len(test)), trainer.feature_names)
+    batch = make_batch(test, np.arange(len(test)), trainer.batch_features, trainer.history_length)
     with torch.inference_mode():
         exported = torch.sigmoid(model(batch.dense, batch.sparse)).numpy()
     np.testing.assert_allclose(exported, trainer.predict(test), atol=1e-6)

@@ -1,0 +1,166 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys.config import ConfigError, FeatureConfig, SequenceConfig, load_config
+from recsys.data.batching import HISTORY_CATEGORIES, HISTORY_ITEMS, make_batch
+from recsys.embeddings import UnifiedEmbedding
+from recsys.sequence import SequenceEncoder, dare_reference, position_buckets, top_k_softmax
+
+ITEM_PROBES, DIM = 2, 4
+TARGETS = [(11, 1), (12, 2), (13, 1), (14, 3)]
+HISTORIES = [  # (item, category), oldest first; one empty history (a new user)
+    [(21, 1), (22, 2), (23, 1), (24, 3), (11, 1), (25, 2), (26, 1)],
+    [],
+    [(31, 1), (32, 1)],
+    [(41, 3), (42, 3), (43, 2), (44, 1), (45, 3), (46, 3), (47, 3), (48, 2), (49, 1), (50, 3), (51, 3)],
+]
+
+
+def batch_kjt(targets=TARGETS, histories=HISTORIES) -> KeyedJaggedTensor:
+    keys = ["item_id", "item_category", HISTORY_ITEMS, HISTORY_CATEGORIES]
+    columns = [[[t[0]] for t in targets], [[t[1]] for t in targets],
+               [[i for i, _ in h] for h in histories], [[c for _, c in h] for h in histories]]
+    return KeyedJaggedTensor(keys=keys,
+                             values=torch.tensor([v for col in columns for bag in col for v in bag]),
+                             lengths=torch.tensor([len(bag) for col in columns for bag in col], dtype=torch.int32))
+
+
+def dare_parts(top_k: int, mode: str = "dare"):
+    torch.manual_seed(0)
+    config = SequenceConfig(mode=mode, top_k=top_k, attention_dim=8, attention_rows=101, attention_probes=1,
+                            position_buckets=4)
+    encoder = SequenceEncoder(config, ITEM_PROBES, DIM)
+    unified = UnifiedEmbedding([FeatureConfig("item_id", ITEM_PROBES)], 97, DIM, extra_lookups=encoder.extra_lookups())
+    return config, encoder, unified
+
+
+def run_block(encoder, unified, sparse):
+    search = encoder.search(sparse)
+    embedded = unified(sparse, encoder.unified_ids(sparse, search))
+    out = encoder(embedded[:, :unified.output_dim], embedded[:, unified.output_dim:], search)
+    return out, search
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 64])
+def test_dare_block_matches_the_plain_reference(top_k):
+    config, encoder, unified = dare_parts(top_k)
+    out, _ = run_block(encoder, unified, batch_kjt())
+    want = dare_reference(encoder.space.ebc.embedding_bags["attention"].weight.detach(),
+                          unified.ebc.embedding_bags["unified"].weight.detach(), config, ITEM_PROBES,
+                          TARGETS, HISTORIES)
+    assert out.shape == (4, 3 * ITEM_PROBES * DIM)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    assert torch.all(out[1, ITEM_PROBES * DIM:] == 0)  # empty history: nothing pooled
+
+
+def test_a_behaviour_reads_the_same_representation_rows_as_the_target():
+    _, encoder, unified = dare_parts(top_k=64)
+    # target 11 appears in the first history: its slot rows equal its target rows
+    lookups = unified.lookup_kjt(batch_kjt(), encoder.unified_ids(batch_kjt(), encoder.search(batch_kjt())))
+    target_rows = [lookups[f"item_id__p{p}"].values()[0] for p in range(ITEM_PROBES)]
+    slot_rows = {int(lookups[f"{HISTORY_ITEMS}__p0__slot{j}"].values()[0]) for j in range(7)}
+    assert int(target_rows[0]) in slot_rows
+
+
+def test_gradients_stay_in_their_own_space():
+    _, encoder, unified = dare_parts(top_k=3)
+    attention, representation = encoder.space.ebc.embedding_bags["attention"].weight, \
+        unified.ebc.embedding_bags["unified"].weight
+    sparse = batch_kjt()
+
+    search = encoder.search(sparse)  # the attention path: scores and their softmax
+    (search.weights * torch.randn_like(search.weights)).sum().backward()
+    assert attention.grad.abs().sum() > 0
+    assert representation.grad is None
+
+    attention.grad = None
+    search = encoder.search(sparse)  # the representation path, at fixed attention weights
+    search.weights = search.weights.detach()
+    embedded = unified(sparse, encoder.unified_ids(sparse, search))
+    encoder(embedded[:, :unified.output_dim], embedded[:, unified.output_dim:], search).sum().backward()
+    assert representation.grad.abs().sum() > 0
+    assert attention.grad is None
+
+
+def test_coupled_baseline_trains_one_table_through_both_roles():
+    _, encoder, unified = dare_parts(top_k=3, mode="coupled")
+    out, _ = run_block(encoder, unified, batch_kjt())
+    assert encoder.extra_lookups() == [] and out.shape == (4, 3 * encoder.space.dim)
+    out.sum().backward()
+    assert encoder.space.ebc.embedding_bags["coupled"].weight.grad.abs().sum() > 0
+    assert unified.ebc.embedding_bags["unified"].weight.grad is None  # R(t) comes from the coupled table
+
+
+def test_mean_pooling_baseline_is_the_mean_of_the_history_rows():
+    _, encoder, unified = dare_parts(top_k=3, mode="mean")
+    out, _ = run_block(encoder, unified, batch_kjt())
+    weight = unified.ebc.embedding_bags["unified"].weight.detach()
+    rows = unified.lookup_kjt(batch_kjt(), encoder.unified_ids(batch_kjt(), None))
+    first = [weight[rows[f"{HISTORY_ITEMS}__p{p}"].values()[:7]].mean(0) for p in range(ITEM_PROBES)]
+    d = ITEM_PROBES * DIM
+    torch.testing.assert_close(out[0, d:2 * d], torch.cat(first))
+
+
+def test_top_k_at_least_l_is_full_softmax_attention():
+    rng = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([5, 0, 3, 9])
+    offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
+    scores = torch.randn(int(lengths.sum()), generator=rng)
+    values = torch.randn(int(lengths.sum()), 6, generator=rng)
+    index, weights, valid = top_k_softmax(scores, offsets, k=9)
+    for b in range(4):
+        lo, hi = int(offsets[b]), int(offsets[b + 1])
+        full = (torch.softmax(scores[lo:hi], 0).unsqueeze(1) * values[lo:hi]).sum(0) if hi > lo else torch.zeros(6)
+        picked = values[(lo + index[b]).clamp(max=len(values) - 1)] * valid[b].unsqueeze(1)
+        torch.testing.assert_close((weights[b].unsqueeze(1) * picked).sum(0), full)
+    assert valid.sum(1).tolist() == [5, 0, 3, 9]
+    assert not torch.isnan(weights).any()
+
+
+def test_empty_histories_give_finite_gradients():
+    _, encoder, unified = dare_parts(top_k=4)
+    sparse = batch_kjt(TARGETS[:2], [[], []])  # a batch of new users only
+    out, search = run_block(encoder, unified, sparse)
+    out.sum().backward()
+    assert search.weights.shape == (2, 0)
+    assert torch.isfinite(unified.ebc.embedding_bags["unified"].weight.grad).all()
+
+
+def test_position_buckets_count_later_behaviours_in_log2_steps():
+    # a history of 6: later behaviours 5, 4, 3, 2, 1, 0 -> floor(log2(1 + later)), capped at 2
+    assert position_buckets(torch.tensor([6, 0, 1]), 3).tolist() == [2, 2, 2, 1, 1, 0, 0]
+
+
+def test_long_histories_are_truncated_to_the_most_recent_and_counted(ml100k_examples):
+    ex = ml100k_examples
+    longest = int(np.argmax(ex.position))
+    batch = make_batch(ex, np.array([longest, 0]), ["item_id"], history_length=50)
+    assert batch.truncated_histories == 1
+    history = batch.sparse[HISTORY_ITEMS].to_dense()
+    assert history[0].tolist() == ex.history(longest, 50).tolist() and len(history[1]) == 0
+    categories = batch.sparse[HISTORY_CATEGORIES].to_dense()[0]
+    start = ex.sequence_start[longest] + ex.position[longest] - 50
+    assert categories.tolist() == ex.sequence_categories[start:start + 50].tolist()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("sequence.top_k", 0, "sequence.top_k = 0: must be a whole number >= 1"),
+    ("sequence.attention_dim", 0, "sequence.attention_dim = 0"),
+    ("sequence.mode", "twin", "sequence.mode = 'twin': choose one of none, mean, coupled, dare"),
+])
+def test_bad_sequence_configs_are_refused(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {"sequence.mode": "dare", key: value})
+
+
+def test_a_scale_check_on_a_long_history():
+    """L = 10,000 behaviours: the search keeps exactly k and the block stays finite."""
+    _, encoder, unified = dare_parts(top_k=16)
+    history = [[(i, i % 7) for i in range(10_000)]]
+    out, search = run_block(encoder, unified, batch_kjt(TARGETS[:1], history))
+    assert search.valid.sum() == 16 and torch.isfinite(out).all()
+    assert math.isclose(float(search.weights.detach().sum()), 1.0, rel_tol=1e-5)
