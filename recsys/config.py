@@ -36,13 +36,14 @@ class FeatureConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "ml100k"  # "ml100k" or "generic"
+    dataset: str = "ml100k"  # "ml100k", "generic" or "synthetic" (recsys/data/synthetic.py)
     path: str = "data/ml-100k"
     # the generic loader's schema file (YAML, see recsys/data/schema.py); unused for ml100k
     schema: str | None = None
     label_threshold: float = 4.0  # label = rating >= threshold, when the data has ratings
     eval_last_n: int = 5  # per user: last n -> test, the n before -> validation
     max_history: int = 200  # most recent previous items kept per example
+    synthetic_seed: int = 0  # the synthetic data set's seed
 
 
 @dataclass
@@ -147,8 +148,8 @@ class RunConfig:
         _positive("data.eval_last_n", self.data.eval_last_n)
         if self.data.max_history < 0:
             raise ConfigError(f"data.max_history = {self.data.max_history}: use 0 or more")
-        if self.data.dataset not in ("ml100k", "generic"):
-            raise ConfigError(f"data.dataset = {self.data.dataset!r}: choose 'ml100k' or 'generic'")
+        if self.data.dataset not in ("ml100k", "generic", "synthetic"):
+            raise ConfigError(f"data.dataset = {self.data.dataset!r}: choose ml100k, generic or synthetic")
         seq = self.sequence
         if seq.mode not in SEQUENCE_MODES:
             raise ConfigError(f"sequence.mode = {seq.mode!r}: choose one of {', '.join(SEQUENCE_MODES)}")

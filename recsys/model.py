@@ -20,7 +20,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.config import RunConfig
 from recsys.embeddings import build_embedding
-from recsys.sequence import TARGET_ITEM, SequenceEncoder
+from recsys.sequence import REPRESENTATION_FEATURES, SequenceEncoder
 
 
 class CrossNetV2(nn.Module):
@@ -55,12 +55,11 @@ class Ranker(nn.Module):
         width = embedding.output_dim + num_dense
         if sequence is not None:
             width += sequence.output_dim
-            # the target item's representation R(t): item_id's probes within the embedding output
-            start = 0
-            for name, probes in zip(embedding.features, embedding.feature_probes):
-                if name == TARGET_ITEM:
-                    self.target_columns = (start, start + probes * embedding.dim)
-                start += probes * embedding.dim
+            # the target's representation R(t): its representation features' columns, in order
+            starts = dict(zip(embedding.features, torch.tensor([0, *embedding.feature_probes]).cumsum(0).tolist()))
+            columns = [torch.arange(starts[f] * embedding.dim, (starts[f] + probes) * embedding.dim)
+                       for f, probes in sequence.representation]
+            self.register_buffer("target_columns", torch.cat(columns), persistent=False)
         self.cross = CrossNetV2(width, cross_layers) if cross_layers > 0 else nn.Identity()
         self.tower = mlp([width, *hidden], dropout)
         self.head = nn.Linear(hidden[-1] if hidden else width, 1)
@@ -73,7 +72,7 @@ class Ranker(nn.Module):
             search = self.sequence.search(sparse)
             embedded = self.embedding(sparse, self.sequence.unified_ids(sparse, search))
             features = embedded[:, :self.embedding.output_dim]
-            target = features[:, self.target_columns[0]:self.target_columns[1]]
+            target = features[:, self.target_columns]
             history = self.sequence(target, embedded[:, self.embedding.output_dim:], search)
             x = torch.cat([features, dense, history], dim=1)
         return self.head(self.tower(self.cross(x))).squeeze(-1)
@@ -86,8 +85,9 @@ def build_ranker(config: RunConfig, vocabularies: dict[str, torch.Tensor], num_d
     emb = config.embedding
     sequence = None
     if config.sequence.mode != "none":
-        item_probes = next(f.probes for f in config.features if f.name == TARGET_ITEM)
-        sequence = SequenceEncoder(config.sequence, item_probes, emb.dim, embedding_device)
+        by_name = {f.name: f for f in config.features}
+        representation = [by_name[name] for name in REPRESENTATION_FEATURES if name in by_name]
+        sequence = SequenceEncoder(config.sequence, representation, emb.dim, embedding_device)
     embedding = build_embedding(emb.kind, config.features, emb.dim, emb.num_rows, vocabularies, embedding_device,
                                 sequence.extra_lookups() if sequence else [])
     return Ranker(embedding, num_dense, config.model.mlp, config.model.cross_layers, config.model.dropout,

@@ -13,6 +13,8 @@ behaviours h_1..h_L (oldest first):
     coupled  the same with A = R = C: one table in both roles (TWIN / DIN style)
     mean     p = mean_i R(h_i),  out = [R(t), p, R(t) * p]
 
+R(x) is x's item id (and, when it is a feature, its category) in the unified
+table: the same rows whether x is the target or a behaviour.
 A(x) is the sum of the attention rows of x's item id (one row per probe), its
 category and, for a behaviour, its position bucket floor(log2(1 + behaviours
 after it)). The attention table is itself a unified table: each of those
@@ -38,11 +40,14 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys import hashing
-from recsys.config import SequenceConfig
+from recsys.config import FeatureConfig, SequenceConfig
 from recsys.data.batching import HISTORY_CATEGORIES, HISTORY_ITEMS
 
 TARGET_ITEM = "item_id"
 TARGET_CATEGORY = "item_category"
+# R(x), the representation of an item: its rows of these features in the unified table.
+# A behaviour reads them through its history key, with the feature's salts.
+REPRESENTATION_FEATURES = {TARGET_ITEM: HISTORY_ITEMS, TARGET_CATEGORY: HISTORY_CATEGORIES}
 
 
 def position_buckets(lengths: torch.Tensor, num_buckets: int) -> torch.Tensor:
@@ -131,11 +136,13 @@ class ItemSpace(nn.Module):
 class SequenceEncoder(nn.Module):
     """The history part of the ranker; see the module docstring for the four modes."""
 
-    def __init__(self, config: SequenceConfig, item_probes: int, dim: int,
+    def __init__(self, config: SequenceConfig, representation: list[FeatureConfig], dim: int,
                  device: torch.device | str | None = None) -> None:
+        """``representation``: the item features (of REPRESENTATION_FEATURES) that make R(x)."""
         super().__init__()
-        self.mode, self.top_k, self.item_probes = config.mode, config.top_k, item_probes
-        self.representation_dim = item_probes * dim
+        self.mode, self.top_k = config.mode, config.top_k
+        self.representation = [(f.name, f.probes) for f in representation]
+        self.representation_dim = sum(probes for _, probes in self.representation) * dim
         self.space: ItemSpace | None = None
         if config.mode == "dare":
             self.space = ItemSpace("attention", config.attention_rows, config.attention_dim,
@@ -148,11 +155,11 @@ class SequenceEncoder(nn.Module):
 
     def extra_lookups(self) -> list[tuple[str, str, int]]:
         """(key, feature, probe) lookups this mode adds to the unified table."""
+        keys = [(REPRESENTATION_FEATURES[f], f, p) for f, probes in self.representation for p in range(probes)]
         if self.mode == "mean":  # one bag per example: the whole history, mean-pooled
-            return [(f"{HISTORY_ITEMS}__p{p}", TARGET_ITEM, p) for p in range(self.item_probes)]
+            return [(f"{key}__p{p}", f, p) for key, f, p in keys]
         if self.mode == "dare":  # one bag of one item per kept behaviour
-            return [(f"{HISTORY_ITEMS}__p{p}__slot{j}", TARGET_ITEM, p)
-                    for j in range(self.top_k) for p in range(self.item_probes)]
+            return [(f"{key}__p{p}__slot{j}", f, p) for j in range(self.top_k) for key, f, p in keys]
         return []
 
     def search(self, sparse: KeyedJaggedTensor) -> Search | None:
@@ -175,21 +182,23 @@ class SequenceEncoder(nn.Module):
 
     def unified_ids(self, sparse: KeyedJaggedTensor, search: Search | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Raw ids (values, lengths) for each of ``extra_lookups``, in order."""
+        by_key = sparse.to_dict()
+        histories = [(by_key[REPRESENTATION_FEATURES[f]], probes) for f, probes in self.representation]
         if self.mode == "mean":
-            history = sparse[HISTORY_ITEMS]
-            return [(history.values(), history.lengths())] * self.item_probes
+            return [(history.values(), history.lengths()) for history, probes in histories for _ in range(probes)]
         if self.mode != "dare":
             return []
-        items = sparse[HISTORY_ITEMS].values()
         batch_size, kept = search.valid.shape
+        no_ids = torch.zeros(batch_size, dtype=torch.int32, device=search.valid.device)
         ids = []
         for slot in range(self.top_k):
-            if slot < kept:
-                valid = search.valid[:, slot]
-                slot_ids = (items[search.flat_index[:, slot][valid]], valid.int())
-            else:  # fewer behaviours in the whole batch than k
-                slot_ids = (items.new_zeros(0), torch.zeros(batch_size, dtype=torch.int32, device=items.device))
-            ids += [slot_ids] * self.item_probes
+            for history, probes in histories:
+                if slot < kept:
+                    valid = search.valid[:, slot]
+                    slot_ids = (history.values()[search.flat_index[:, slot][valid]], valid.int())
+                else:  # fewer behaviours in the whole batch than k
+                    slot_ids = (history.values().new_zeros(0), no_ids)
+                ids += [slot_ids] * probes
         return ids
 
     def forward(self, target_representation: torch.Tensor, extra_embeddings: torch.Tensor,
@@ -212,7 +221,7 @@ class SequenceEncoder(nn.Module):
 
 
 def dare_reference(attention_weight: torch.Tensor, unified_weight: torch.Tensor, config: SequenceConfig,
-                   item_probes: int, targets: list[tuple[int, int]],
+                   representation: list[FeatureConfig], targets: list[tuple[int, int]],
                    histories: list[list[tuple[int, int]]]) -> torch.Tensor:
     """DARE example by example with the pure-Python hash: ``targets[b]`` = (item, category),
     ``histories[b]`` = [(item, category), ...] oldest first. Returns [B, 3 * d_r]."""
@@ -227,13 +236,14 @@ def dare_reference(attention_weight: torch.Tensor, unified_weight: torch.Tensor,
             rows.append(hashing.hash_row_reference(position, "attention:position", 0, attention_rows))
         return sum(attention_weight[r] for r in rows)
 
-    def representation(item: int) -> torch.Tensor:
-        return torch.cat([unified_weight[hashing.hash_row_reference(item, TARGET_ITEM, p, unified_rows)]
-                          for p in range(item_probes)])
+    def represent(item: int, category: int) -> torch.Tensor:
+        value = {TARGET_ITEM: item, TARGET_CATEGORY: category}
+        return torch.cat([unified_weight[hashing.hash_row_reference(value[f.name], f.name, p, unified_rows)]
+                          for f in representation for p in range(f.probes)])
 
     out = []
     for (target_item, target_category), history in zip(targets, histories):
-        target_repr = representation(target_item)
+        target_repr = represent(target_item, target_category)
         pooled = torch.zeros_like(target_repr)
         if history:
             a_target = attention(target_item, target_category, None)
@@ -244,6 +254,6 @@ def dare_reference(attention_weight: torch.Tensor, unified_weight: torch.Tensor,
                 scores.append(float(attention(item, category, bucket) @ a_target) / math.sqrt(d_a))
             kept = sorted(range(len(history)), key=lambda i: -scores[i])[:config.top_k]
             weights = torch.softmax(torch.tensor([scores[i] for i in kept]), dim=0)
-            pooled = sum(w * representation(history[i][0]) for w, i in zip(weights, kept))
+            pooled = sum(w * represent(*history[i]) for w, i in zip(weights, kept))
         out.append(torch.cat([target_repr, pooled, target_repr * pooled]))
     return torch.stack(out)

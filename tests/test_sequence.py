@@ -11,6 +11,8 @@ from recsys.embeddings import UnifiedEmbedding
 from recsys.sequence import SequenceEncoder, dare_reference, position_buckets, top_k_softmax
 
 ITEM_PROBES, DIM = 2, 4
+REPRESENTATION = [FeatureConfig("item_id", ITEM_PROBES), FeatureConfig("item_category", 1)]
+REPR_DIM = (ITEM_PROBES + 1) * DIM
 TARGETS = [(11, 1), (12, 2), (13, 1), (14, 3)]
 HISTORIES = [  # (item, category), oldest first; one empty history (a new user)
     [(21, 1), (22, 2), (23, 1), (24, 3), (11, 1), (25, 2), (26, 1)],
@@ -33,8 +35,8 @@ def dare_parts(top_k: int, mode: str = "dare"):
     torch.manual_seed(0)
     config = SequenceConfig(mode=mode, top_k=top_k, attention_dim=8, attention_rows=101, attention_probes=1,
                             position_buckets=4)
-    encoder = SequenceEncoder(config, ITEM_PROBES, DIM)
-    unified = UnifiedEmbedding([FeatureConfig("item_id", ITEM_PROBES)], 97, DIM, extra_lookups=encoder.extra_lookups())
+    encoder = SequenceEncoder(config, REPRESENTATION, DIM)
+    unified = UnifiedEmbedding(REPRESENTATION, 97, DIM, extra_lookups=encoder.extra_lookups())
     return config, encoder, unified
 
 
@@ -50,11 +52,11 @@ def test_dare_block_matches_the_plain_reference(top_k):
     config, encoder, unified = dare_parts(top_k)
     out, _ = run_block(encoder, unified, batch_kjt())
     want = dare_reference(encoder.space.ebc.embedding_bags["attention"].weight.detach(),
-                          unified.ebc.embedding_bags["unified"].weight.detach(), config, ITEM_PROBES,
+                          unified.ebc.embedding_bags["unified"].weight.detach(), config, REPRESENTATION,
                           TARGETS, HISTORIES)
-    assert out.shape == (4, 3 * ITEM_PROBES * DIM)
+    assert out.shape == (4, 3 * REPR_DIM)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
-    assert torch.all(out[1, ITEM_PROBES * DIM:] == 0)  # empty history: nothing pooled
+    assert torch.all(out[1, REPR_DIM:] == 0)  # empty history: nothing pooled
 
 
 def test_a_behaviour_reads_the_same_representation_rows_as_the_target():
@@ -101,8 +103,8 @@ def test_mean_pooling_baseline_is_the_mean_of_the_history_rows():
     weight = unified.ebc.embedding_bags["unified"].weight.detach()
     rows = unified.lookup_kjt(batch_kjt(), encoder.unified_ids(batch_kjt(), None))
     first = [weight[rows[f"{HISTORY_ITEMS}__p{p}"].values()[:7]].mean(0) for p in range(ITEM_PROBES)]
-    d = ITEM_PROBES * DIM
-    torch.testing.assert_close(out[0, d:2 * d], torch.cat(first))
+    first.append(weight[rows[f"{HISTORY_CATEGORIES}__p0"].values()[:7]].mean(0))
+    torch.testing.assert_close(out[0, REPR_DIM:2 * REPR_DIM], torch.cat(first))
 
 
 def test_top_k_at_least_l_is_full_softmax_attention():

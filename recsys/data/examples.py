@@ -239,8 +239,10 @@ def build_examples(frame: pd.DataFrame, schema: DatasetSchema, *, label_threshol
     if schema.category:
         if schema.category in values:
             category_values, category_offsets = values[schema.category], offsets[schema.category]
-        else:
+        elif frame[schema.category].map(lambda v: isinstance(v, (list, tuple, np.ndarray))).any():
             category_values, category_offsets = _multi_raw_ids(frame[schema.category], None)
+        else:
+            category_values, category_offsets = _raw_ids(frame[schema.category])
         if (np.diff(category_offsets) == 0).any():
             raise DataError(f"column '{schema.category}' (the item category) has missing values")
         sequence_categories = category_values[category_offsets[:-1]]  # a list's first value
@@ -271,6 +273,10 @@ def load_dataset(data_config) -> tuple[Examples, DatasetSchema]:
 
     if data_config.dataset == "ml100k":
         frame, schema = load_movielens(resolve_path(data_config.path))
+    elif data_config.dataset == "synthetic":
+        from recsys.data.synthetic import SyntheticConfig, generate
+
+        frame, schema = generate(SyntheticConfig(seed=data_config.synthetic_seed))
     else:
         schema = DatasetSchema.from_yaml(resolve_path(data_config.schema))
         frame = load_interactions(schema)
