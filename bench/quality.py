@@ -13,17 +13,10 @@ standard deviation over seeds go to JSON and a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
-import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import cell, machine, now, summarise, write_json
 
 from recsys.cli import configure_logging  # noqa: E402
 from recsys.config import load_config  # noqa: E402
@@ -76,34 +69,18 @@ def main() -> None:
                   f"test AUC {result['test_auc']:.4f} GAUC {result['test_gauc']:.4f} "
                   f"logloss {result['test_logloss']:.4f} (best epoch {result['epoch']})", flush=True)
 
-    summary = []
-    for kind, budget, _ in variants:
-        group = [r for r in runs if r["kind"] == kind and r["budget"] == budget]
-        row = {"kind": kind, "budget": budget, "embedding_parameters": group[0]["embedding_parameters"],
-               "seeds": len(group)}
-        for metric in ("test_auc", "test_gauc", "test_logloss", "epoch"):
-            values = np.array([r[metric] for r in group], dtype=float)
-            row[metric] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
-        summary.append(row)
-
-    result = {
+    summary = summarise(runs, ["kind", "budget"], ["embedding_parameters", "test_auc", "test_gauc",
+                                                   "test_logloss", "epoch"])
+    write_json(args.out, {
         "benchmark": "quality", "dataset": "MovieLens 100K", "split": "per user: last 5 test, 5 before valid",
-        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}",
-        "epochs": args.epochs, "seconds": round(time.perf_counter() - started, 1),
-        "summary": summary, "runs": runs,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        "measured_at": now(), "machine": machine(), "epochs": args.epochs,
+        "seconds": round(time.perf_counter() - started, 1), "summary": summary, "runs": runs,
+    })
     print("\n| embedding | budget | parameters | test AUC | test GAUC | test log loss |")
     print("|---|---|---|---|---|---|")
     for row in summary:
-        def cell(metric):
-            return f"{row[metric]['mean']:.4f} ± {row[metric]['std']:.4f}"
-        print(f"| {row['kind']} | {row['budget']:,} | {row['embedding_parameters']:,} | {cell('test_auc')} | "
-              f"{cell('test_gauc')} | {cell('test_logloss')} |")
-    print(f"\nwrote {args.out}")
-
+        print(f"| {row['kind']} | {row['budget']:,} | {row['embedding_parameters']['mean']:,.0f} | "
+              f"{cell(row, 'test_auc')} | {cell(row, 'test_gauc')} | {cell(row, 'test_logloss')} |")
 
 if __name__ == "__main__":
     main()

@@ -14,22 +14,15 @@ ratios hold even on a noisy machine.
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import platform
-import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import machine, now, write_json
 
 from recsys.cli import configure_logging  # noqa: E402
-from recsys.sequence import ItemSpace, top_k_softmax  # noqa: E402
+from recsys.sequence import ItemSpace, search_space  # noqa: E402
 from recsys.train import init_distributed, sharding_plan  # noqa: E402
 
 VARIANTS = [("dare", 16), ("dare", 32), ("dare", 64), ("coupled", 64)]
@@ -43,11 +36,7 @@ class Search(torch.nn.Module):
         self.top_k = top_k
 
     def forward(self, target, target_category, history, history_category, lengths):
-        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
-        a_target, a_history = self.space(target, target_category, history, history_category, lengths)
-        row = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-        scores = (a_history * a_target[row]).sum(dim=1) / math.sqrt(self.space.dim)
-        return top_k_softmax(scores, offsets, self.top_k)
+        return search_space(self.space, self.top_k, target, target_category, history, history_category, lengths)
 
 
 def shard(module: torch.nn.Module) -> torch.nn.Module:
@@ -105,17 +94,14 @@ def main() -> None:
             print(f"L={length:5d} {mode:7s} d={dim:2d}: {median:8.1f} ms/batch "
                   f"({coupled_ms / median:.2f}x coupled 64)", flush=True)
 
-    report = {"benchmark": "search_speed", "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": f"{platform.machine()}, 1 thread, torch {torch.__version__}", "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, {"benchmark": "search_speed", "measured_at": now(), "machine": machine(),
+                          "results": results})
     print("\n| L | " + " | ".join(f"{m} {d}" for m, d in VARIANTS) + " |")
     print("|---|" + "---|" * len(VARIANTS))
     for length in args.lengths:
         cells = [next(r for r in results if r["length"] == length and (r["mode"], r["dim"]) == v) for v in VARIANTS]
         print(f"| {length:,} | " + " | ".join(f"{c['ms_per_batch']:.1f} ms ({c['speedup_vs_coupled_64']:.2f}x)"
                                               for c in cells) + " |")
-    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ class DataConfig:
     label_threshold: float = 4.0  # label = rating >= threshold, when the data has ratings
     eval_last_n: int = 5  # per user: last n -> test, the n before -> validation
     max_history: int = 200  # most recent previous items kept per example
-    synthetic_seed: int = 0  # the synthetic data set's seed
+    synthetic: dict = field(default_factory=dict)  # SyntheticConfig fields for dataset "synthetic"
 
 
 @dataclass

@@ -268,7 +268,7 @@ def build_examples(frame: pd.DataFrame, schema: DatasetSchema, *, label_threshol
 
 def load_dataset(data_config) -> tuple[Examples, DatasetSchema]:
     """The examples a run config's ``data`` section describes."""
-    from recsys.config import resolve_path
+    from recsys.config import ConfigError, resolve_path
     from recsys.data.movielens import load_movielens
 
     if data_config.dataset == "ml100k":
@@ -276,7 +276,11 @@ def load_dataset(data_config) -> tuple[Examples, DatasetSchema]:
     elif data_config.dataset == "synthetic":
         from recsys.data.synthetic import SyntheticConfig, generate
 
-        frame, schema = generate(SyntheticConfig(seed=data_config.synthetic_seed))
+        try:
+            synthetic = SyntheticConfig(**data_config.synthetic)
+        except TypeError as exc:
+            raise ConfigError(f"data.synthetic: {exc}; see recsys/data/synthetic.py") from None
+        frame, schema = generate(synthetic)
     else:
         schema = DatasetSchema.from_yaml(resolve_path(data_config.schema))
         frame = load_interactions(schema)

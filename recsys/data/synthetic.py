@@ -30,17 +30,17 @@ from recsys.data.schema import DatasetSchema
 @dataclass
 class SyntheticConfig:
     num_users: int = 2_000
-    num_clusters: int = 20
+    num_clusters: int = 8
     categories_per_cluster: int = 10
-    items_per_category: int = 25
+    items_per_category: int = 100
     clusters_per_user: int = 2
     min_history: int = 600
-    max_history: int = 984  # context behaviours per user (+ targets: histories up to 1,000)
-    targets_per_user: int = 16  # the last `eval_targets` are test, the ones before validation
+    max_history: int = 960  # context behaviours per user (+ targets: histories up to 1,000)
+    targets_per_user: int = 40  # the last `eval_targets` are test, the ones before validation
     eval_targets: int = 3
     planted_share: float = 0.5  # targets whose category is planted in the history
-    relevant_min: int = 1
-    relevant_max: int = 4  # planted behaviours per such target
+    relevant_min: int = 3
+    relevant_max: int = 10  # planted behaviours per such target
     recent_window: int = 50  # planted behaviours are older than this many behaviours before the targets
     p_related: float = 0.85
     p_unrelated: float = 0.15
@@ -56,6 +56,9 @@ def generate(config: SyntheticConfig = SyntheticConfig()) -> tuple[pd.DataFrame,
     c = config
     if c.recent_window + c.relevant_max * c.targets_per_user >= c.min_history:
         raise ValueError("min_history leaves no room to plant behaviours older than recent_window")
+    if (c.num_clusters - c.clusters_per_user) * c.categories_per_cluster < c.targets_per_user:
+        raise ValueError("targets_per_user exceeds the categories outside a user's clusters: "
+                         "raise num_clusters or categories_per_cluster")
     rng = np.random.default_rng(c.seed)
     num_categories = c.num_clusters * c.categories_per_cluster
     columns: dict[str, list[np.ndarray]] = {k: [] for k in ("user_id", "item_id", "category", "label", "split")}
