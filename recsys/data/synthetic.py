@@ -75,10 +75,10 @@ def generate(config: SyntheticConfig = SyntheticConfig()) -> tuple[pd.DataFrame,
 
         target_categories = rng.choice(foreign, c.targets_per_user, replace=False)
         planted = rng.random(c.targets_per_user) < c.planted_share
-        for category in target_categories[planted]:  # overwrite old context behaviours
-            count = int(rng.integers(c.relevant_min, c.relevant_max + 1))
-            slots = rng.choice(length - c.recent_window, count, replace=False)
-            context_categories[slots] = category
+        # overwrite old context behaviours, each slot at most once so no plant erases another
+        counts = rng.integers(c.relevant_min, c.relevant_max + 1, int(planted.sum()))
+        slots = rng.choice(length - c.recent_window, int(counts.sum()), replace=False)
+        context_categories[slots] = np.repeat(target_categories[planted], counts)
         clicked = rng.random(c.targets_per_user) < np.where(planted, c.p_related, c.p_unrelated)
 
         categories = np.concatenate([context_categories, target_categories])
