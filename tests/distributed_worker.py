@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py under torchrun: a few training steps on W ranks.
 
 Writes the per-step global losses, the sharding of the unified table, test
-predictions and a checkpoint to the folder given as argv[1].
+predictions and a checkpoint to the folder given as argv[1]; argv[2] is the
+sequence mode.
 """
 
 import json
@@ -18,10 +19,16 @@ from tests.conftest import ML100K, small_config
 STEPS = 12
 
 
-def main(out: Path) -> None:
+def config_for(sequence_mode: str):
+    config = small_config()
+    config.sequence.mode, config.sequence.top_k, config.data.max_history = sequence_mode, 8, 50
+    return config.validate()
+
+
+def main(out: Path, sequence_mode: str) -> None:
     frame, schema = load_movielens(ML100K)
     examples = build_examples(frame[frame.user_id <= 120], schema)
-    trainer = Trainer(small_config(), examples=examples, out_dir=out)
+    trainer = Trainer(config_for(sequence_mode), examples=examples, out_dir=out)
     batches = trainer.batches()
     losses = [trainer.train_step(next(batches)) for _ in range(STEPS)]
     checkpoint = trainer.save_checkpoint()
@@ -37,4 +44,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])

@@ -10,20 +10,20 @@ import pytest
 
 from recsys.config import PROJECT_ROOT
 from recsys.train import Trainer
-from tests.conftest import small_config
-from tests.distributed_worker import STEPS
+from tests.distributed_worker import STEPS, config_for
 
 
-@pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("two_ranks")
+@pytest.fixture(scope="module", params=["none", "dare"])
+def two_rank_run(request, tmp_path_factory):
+    """The worker's result with sequence mode none, then dare (its attention table sharded too)."""
+    out = tmp_path_factory.mktemp(f"two_ranks_{request.param}")
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                 "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0"]
-    done = subprocess.run([*torchrun, "tests/distributed_worker.py", str(out)], cwd=PROJECT_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*torchrun, "tests/distributed_worker.py", str(out), request.param], cwd=PROJECT_ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads((out / "result.json").read_text())
+    return {"mode": request.param, **json.loads((out / "result.json").read_text())}
 
 
 @pytest.mark.slow
@@ -35,7 +35,7 @@ def test_two_ranks_shard_the_unified_table_row_wise(two_rank_run):
 
 @pytest.mark.slow
 def test_two_rank_losses_match_one_process(two_rank_run, small_examples, tmp_path):
-    trainer = Trainer(small_config(), examples=small_examples, out_dir=tmp_path)
+    trainer = Trainer(config_for(two_rank_run["mode"]), examples=small_examples, out_dir=tmp_path)
     batches = trainer.batches()
     one_rank = [trainer.train_step(next(batches)) for _ in range(STEPS)]
     print("max |2-rank - 1-rank| loss:", np.abs(np.subtract(two_rank_run["losses"], one_rank)).max())
@@ -45,7 +45,7 @@ def test_two_rank_losses_match_one_process(two_rank_run, small_examples, tmp_pat
 
 @pytest.mark.slow
 def test_a_two_rank_checkpoint_loads_into_one_rank(two_rank_run, small_examples, tmp_path):
-    trainer = Trainer(small_config(), examples=small_examples, out_dir=tmp_path)
+    trainer = Trainer(config_for(two_rank_run["mode"]), examples=small_examples, out_dir=tmp_path)
     trainer.load_checkpoint(two_rank_run["checkpoint"])
     assert trainer.global_step == STEPS
     predictions = trainer.predict(trainer.eval_examples["test"])
