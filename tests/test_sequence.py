@@ -139,13 +139,13 @@ def test_position_buckets_count_later_behaviours_in_log2_steps():
 
 def test_long_histories_are_truncated_to_the_most_recent_and_counted(ml100k_examples):
     ex = ml100k_examples
-    longest = int(np.argmax(ex.position))
+    longest = int(np.argmax(ex.history_length))
     batch = make_batch(ex, np.array([longest, 0]), ["item_id"], history_length=50)
     assert batch.truncated_histories == 1
     history = batch.sparse[HISTORY_ITEMS].to_dense()
     assert history[0].tolist() == ex.history(longest, 50).tolist() and len(history[1]) == 0
     categories = batch.sparse[HISTORY_CATEGORIES].to_dense()[0]
-    start = ex.sequence_start[longest] + ex.position[longest] - 50
+    start = ex.sequence_start[longest] + ex.history_length[longest] - 50
     assert categories.tolist() == ex.sequence_categories[start:start + 50].tolist()
 
 

@@ -58,5 +58,5 @@ def test_relevant_positions_follow_truncation(synthetic):
     full = relevant_positions(examples, i, 10_000)
     cut = 100
     recent = relevant_positions(examples, i, cut)
-    dropped = examples.position[i] - cut
+    dropped = examples.history_length[i] - cut
     assert recent.tolist() == [p - dropped for p in full if p >= dropped]

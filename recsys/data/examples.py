@@ -2,8 +2,10 @@
 
 One example per interaction. A user's interactions are put in time order (ties
 keep file order); the last ``n`` are test, the ``n`` before them validation,
-the rest training. An example's history is the user's items strictly before it
-in that order, so no example sees its own or a later interaction.
+the rest training. An example's history is the user's items with a timestamp
+strictly before its own: interactions of the same second are not each other's
+history (their order is unknown), which is also what a point-in-time join in
+the feature store returns.
 
 Categorical values become raw int64 ids (integers, and strings that spell one,
 as they are; other strings through ``recsys.hashing.string_to_id``); the model hashes them itself. A missing value
@@ -43,12 +45,13 @@ class Examples:
     timestamp: np.ndarray  # [n] int64
     split: np.ndarray  # [n] int8: TRAIN / VALID / TEST / CONTEXT (history only, never an example)
     # histories: every user's time-ordered items, concatenated; example i's history is
-    # sequence_items[sequence_start[i] : sequence_start[i] + position[i]]
+    # sequence_items[sequence_start[i] : sequence_start[i] + history_length[i]]
     sequence_items: np.ndarray
     sequence_timestamps: np.ndarray
     sequence_categories: np.ndarray | None  # the items' categories, where the data declares one
     sequence_start: np.ndarray
-    position: np.ndarray
+    position: np.ndarray  # index in the user's time-ordered sequence
+    history_length: np.ndarray  # the user's interactions strictly earlier in time (<= position)
 
     def __len__(self) -> int:
         return len(self.label)
@@ -59,15 +62,15 @@ class Examples:
 
     def history(self, i: int, max_len: int) -> np.ndarray:
         """The at most ``max_len`` most recent items before example ``i``, oldest first."""
-        end = self.sequence_start[i] + self.position[i]
+        end = self.sequence_start[i] + self.history_length[i]
         return self.sequence_items[max(self.sequence_start[i], end - max_len):end]
 
     def history_ranges(self, index: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(start, end) into the sequence arrays of each example's history, truncated to
         the ``max_len`` most recent items, and how many histories were truncated."""
-        end = self.sequence_start[index] + self.position[index]
+        end = self.sequence_start[index] + self.history_length[index]
         start = np.maximum(self.sequence_start[index], end - max_len)
-        return start, end, int((self.position[index] > max_len).sum())
+        return start, end, int((self.history_length[index] > max_len).sum())
 
     def subset(self, index: np.ndarray) -> Examples:
         index = np.asarray(index)
@@ -81,7 +84,8 @@ class Examples:
             # the sequences stay whole: examples point into them
             sequence_items=self.sequence_items, sequence_timestamps=self.sequence_timestamps,
             sequence_categories=self.sequence_categories,
-            sequence_start=self.sequence_start[index], position=self.position[index])
+            sequence_start=self.sequence_start[index], position=self.position[index],
+            history_length=self.history_length[index])
 
     def split_part(self, part: int) -> Examples:
         return self.subset(np.flatnonzero(self.split == part))
@@ -249,7 +253,8 @@ def build_examples(frame: pd.DataFrame, schema: DatasetSchema, *, label_threshol
         values["item_category"] = sequence_categories
         offsets["item_category"] = np.arange(n + 1, dtype=np.int64)
 
-    dense_columns = [np.log1p(position).astype(np.float32),
+    history_length = _count_strictly_before(user_raw, timestamp)
+    dense_columns = [np.log1p(history_length).astype(np.float32),
                      np.log1p(_count_strictly_before(item_raw, timestamp)).astype(np.float32)]
     for column in schema.numeric:
         numeric = pd.to_numeric(frame[column], errors="coerce")
@@ -263,6 +268,7 @@ def build_examples(frame: pd.DataFrame, schema: DatasetSchema, *, label_threshol
         label=label, user_id=user_raw, item_id=item_raw, timestamp=timestamp, split=split,
         sequence_items=item_raw, sequence_timestamps=timestamp, sequence_categories=sequence_categories,
         sequence_start=sequence_start.astype(np.int64), position=position.astype(np.int64),
+        history_length=history_length,
     )
 
 
