@@ -32,8 +32,18 @@ def main(argv: list[str] | None = None) -> None:
                                             "`torchrun --nproc-per-node N -m recsys.train` with the same flags.")
     add_train_arguments(train)
 
+    features = commands.add_parser("features", help="the Feast feature store: load a data set, ...")
+    feature_commands = features.add_subparsers(dest="features_command", metavar="ACTION", required=True)
+    load = feature_commands.add_parser(
+        "load", help="write a data set into the offline store, apply the definitions, materialise online")
+    load.add_argument("-c", "--config", help="run config whose `data` section names the data set "
+                                             "(default: the embedded ml100k config)")
+    load.add_argument("--data-dir", help="the store's data directory (default: $PLEXREC_DATA_DIR or .plexrec)")
+    load.add_argument("--profile", default="local", choices=["local", "redis"], help="store profile")
+    load.add_argument("--redis-url", help="host:port of Redis for --profile redis")
+
     args = parser.parse_args(argv)
-    configure_logging(args.verbose)
+    configure_logging(getattr(args, "verbose", False))
     if args.command is None:
         parser.print_help()
         sys.exit(2)
@@ -46,6 +56,35 @@ def main(argv: list[str] | None = None) -> None:
             run_training(args)
         except (ConfigError, DataError, CheckpointMismatchError) as exc:
             sys.exit(f"plexrec train: {exc}")
+    elif args.command == "features":
+        load_features(args)
+
+
+def load_features(args: argparse.Namespace) -> None:
+    """`plexrec features load`: a data set into the store, offline and online."""
+    import time
+
+    from features.load import load_into_store
+    from features.store import StoreError, data_dir, open_store
+    from recsys.config import ConfigError, load_config, resolve_path
+    from recsys.data.movielens import load_movielens
+    from recsys.data.schema import DataError
+
+    log = logging.getLogger("plexrec.features")
+    try:
+        config = load_config(args.config)
+        if config.data.dataset != "ml100k":
+            raise ConfigError("features load: the feature definitions describe MovieLens-shaped data "
+                              f"(data.dataset = ml100k); got {config.data.dataset!r}")
+        started = time.perf_counter()
+        frame, schema = load_movielens(resolve_path(config.data.path))
+        directory = data_dir(args.data_dir)
+        store = open_store(args.profile, directory, args.redis_url)
+        counts = load_into_store(store, frame, schema, directory, history_length=config.data.max_history)
+    except (ConfigError, DataError, StoreError) as exc:
+        sys.exit(f"plexrec features load: {exc}")
+    log.info("loaded %s into %s (profile %s) in %.1f s: %s", config.data.path, directory, args.profile,
+             time.perf_counter() - started, ", ".join(f"{k} {v:,}" for k, v in counts.items()))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,76 @@
+"""plexrec's features, declared once: entities, sources, feature views, push sources, services.
+
+Training reads them from the offline store (point-in-time joins), serving from the
+online store; the stream ingester pushes fresh histories and counters. The offline
+tables are Parquet files under the data directory ($PLEXREC_DATA_DIR, default
+.plexrec/ at the project root), written by `plexrec features load`.
+
+Values are stored raw (strings stay strings): the model's hash turns them into rows,
+so the store never needs to know about vocabularies or hashing.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
+from feast.types import Array, Float32, Int64, String
+
+DATA_DIR = Path(os.environ.get("PLEXREC_DATA_DIR", Path(__file__).resolve().parents[2] / ".plexrec")).resolve()
+OFFLINE_DIR = DATA_DIR / "offline"
+HISTORY_LENGTH = 200  # behaviours kept per user, most recent last
+NO_EXPIRY = timedelta(0)
+
+user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="a user, by raw id")
+item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="an item, by raw id")
+
+
+def _source(name: str) -> FileSource:
+    return FileSource(name=f"{name}_source", path=str(OFFLINE_DIR / f"{name}.parquet"),
+                      timestamp_field="event_timestamp")
+
+
+user_profile = FeatureView(
+    name="user_profile", entities=[user], ttl=NO_EXPIRY, source=_source("user_profile"),
+    schema=[Field(name="age_bucket", dtype=Int64), Field(name="gender", dtype=String),
+            Field(name="occupation", dtype=String), Field(name="zip_prefix", dtype=String)],
+    description="who the user is; changes rarely")
+
+item_profile = FeatureView(
+    name="item_profile", entities=[item], ttl=NO_EXPIRY, source=_source("item_profile"),
+    schema=[Field(name="genres", dtype=Array(String)), Field(name="release_year", dtype=Int64),
+            Field(name="category", dtype=String)],
+    description="what the item is; category = its first genre")
+
+# A history row stamped t holds the user's behaviours of seconds <= t, oldest first,
+# at most HISTORY_LENGTH. Training joins "as of just before" the label (see
+# features/training.py), so an example never sees its own second.
+user_history_push = PushSource(name="user_history_push", batch_source=_source("user_history"))
+user_history = FeatureView(
+    name="user_history", entities=[user], ttl=NO_EXPIRY, source=user_history_push,
+    schema=[Field(name="history_item_ids", dtype=Array(Int64)),
+            Field(name="history_timestamps", dtype=Array(Int64)),
+            Field(name="interaction_count", dtype=Int64)],
+    description="the user's recent behaviours and how many there have been; stream-updated")
+
+item_counters_push = PushSource(name="item_counters_push", batch_source=_source("item_counters"))
+item_counters = FeatureView(
+    name="item_counters", entities=[item], ttl=NO_EXPIRY, source=item_counters_push,
+    schema=[Field(name="interaction_count", dtype=Int64)],
+    description="how many interactions the item has had; stream-updated")
+
+item_embeddings = FeatureView(
+    name="item_embeddings", entities=[item], ttl=NO_EXPIRY, source=_source("item_embeddings"),
+    schema=[Field(name="attention_embedding", dtype=Array(Float32)),
+            Field(name="representation_embedding", dtype=Array(Float32)),
+            Field(name="model_version", dtype=String)],
+    description="trained item embeddings, published after training with their model version")
+
+ranker_features = FeatureService(
+    name="ranker", features=[user_profile, item_profile, user_history, item_counters],
+    description="what the unified-embedding + DARE ranker reads")
+ranker_serving = FeatureService(
+    name="ranker_serving", features=[user_profile, item_profile, user_history, item_counters, item_embeddings],
+    description="what the scoring service reads online, published embeddings included")

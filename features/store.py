@@ -1,0 +1,74 @@
+"""Store profiles: one data directory, one Feast configuration, behind one function.
+
+    local  (default) SQLite online store, DuckDB offline store over Parquet, file registry
+    redis  the Redis online store (``redis_url``), the same offline store and registry
+
+Everything lives under the data directory (``.plexrec/`` by default). DuckDB, not
+Feast's ``file`` offline store: measured with feast 0.67, the file store silently
+drops training rows whose entity has no feature row at or before the row's time,
+and took 87 s where DuckDB took about 1 s.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from recsys.config import PROJECT_ROOT
+
+DEFAULT_DATA_DIR = PROJECT_ROOT / ".plexrec"
+PROFILES = ("local", "redis")
+
+
+class StoreError(RuntimeError):
+    """The feature store is misconfigured or unreachable; the message names it."""
+
+
+def data_dir(path: str | Path | None = None) -> Path:
+    return Path(path or os.environ.get("PLEXREC_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
+
+
+def definitions(directory: Path):
+    """The feature definitions module, with its sources pointing into ``directory``."""
+    os.environ["PLEXREC_DATA_DIR"] = str(directory)
+    import features.repo.definitions as module
+
+    if module.DATA_DIR != directory:  # imported earlier for another data directory
+        module = importlib.reload(module)
+    return module
+
+
+def open_store(profile: str = "local", directory: str | Path | None = None, redis_url: str | None = None):
+    """A FeatureStore for a profile over a data directory (created if missing)."""
+    from feast import FeatureStore, RepoConfig
+    from feast.repo_config import RegistryConfig
+
+    if profile not in PROFILES:
+        raise StoreError(f"unknown store profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    directory = data_dir(directory)
+    (directory / "offline").mkdir(parents=True, exist_ok=True)
+    if profile == "local":
+        online = {"type": "sqlite", "path": str(directory / "online.db")}
+    else:
+        redis_url = redis_url or os.environ.get("PLEXREC_REDIS_URL")
+        if not redis_url:
+            raise StoreError("profile 'redis' needs a Redis address: pass redis_url or set PLEXREC_REDIS_URL "
+                             "(host:port)")
+        online = {"type": "redis", "connection_string": redis_url}
+    config = RepoConfig(
+        project="plexrec", provider="local", repo_path=directory,
+        registry=RegistryConfig(path=str(directory / "registry.db"), cache_ttl_seconds=60),
+        online_store=online, offline_store={"type": "duckdb"}, entity_key_serialization_version=3)
+    return FeatureStore(config=config)
+
+
+def apply_definitions(store, directory: str | Path | None = None) -> None:
+    """Register every entity, view and service of features/repo/definitions.py (like `feast apply`)."""
+    from feast import Entity, FeatureService, FeatureView
+    from feast.data_source import PushSource
+
+    module = definitions(data_dir(directory))
+    objects = [value for value in vars(module).values()
+               if isinstance(value, (Entity, FeatureView, FeatureService, PushSource))]
+    store.apply(objects)
