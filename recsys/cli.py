@@ -42,6 +42,14 @@ def main(argv: list[str] | None = None) -> None:
     load.add_argument("--profile", default="local", choices=["local", "redis"], help="store profile")
     load.add_argument("--redis-url", help="host:port of Redis for --profile redis")
 
+    publish = feature_commands.add_parser(
+        "publish", help="write a trained model's item embeddings to the online and offline store")
+    publish.add_argument("--model-dir", required=True,
+                         help="an exported model directory, or a models/ folder (its newest version)")
+    publish.add_argument("--data-dir", help="the store's data directory (default: $PLEXREC_DATA_DIR or .plexrec)")
+    publish.add_argument("--profile", default="local", choices=["local", "redis"], help="store profile")
+    publish.add_argument("--redis-url", help="host:port of Redis for --profile redis")
+
     args = parser.parse_args(argv)
     configure_logging(getattr(args, "verbose", False))
     if args.command is None:
@@ -56,8 +64,41 @@ def main(argv: list[str] | None = None) -> None:
             run_training(args)
         except (ConfigError, DataError, CheckpointMismatchError) as exc:
             sys.exit(f"plexrec train: {exc}")
-    elif args.command == "features":
+    elif args.command == "features" and args.features_command == "load":
         load_features(args)
+    elif args.command == "features" and args.features_command == "publish":
+        publish_features(args)
+
+
+def publish_features(args: argparse.Namespace) -> None:
+    """`plexrec features publish`: every known item's embeddings, tagged with the model version."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from features.publish import publish_item_embeddings
+    from features.store import StoreError, data_dir, open_store
+    from recsys.data.examples import value_to_id
+    from recsys.export import MANIFEST_FILE, ModelArtifactError, latest_model_dir, load_model
+    from recsys.item_embeddings import item_embeddings
+
+    try:
+        model_dir = Path(args.model_dir)
+        if not (model_dir / MANIFEST_FILE).exists():
+            model_dir = latest_model_dir(model_dir)
+        model, manifest = load_model(model_dir)
+        directory = data_dir(args.data_dir)
+        items_path = directory / "offline" / "item_profile.parquet"
+        if not items_path.exists():
+            raise StoreError(f"{items_path} is missing: run `plexrec features load` first")
+        items = pd.read_parquet(items_path)
+        categories = items["category"].map(value_to_id).to_numpy()
+        representation, attention = item_embeddings(model, items["item_id"].to_numpy(), categories)
+        store = open_store(args.profile, directory, args.redis_url)
+        publish_item_embeddings(store, items["item_id"].to_numpy(), representation, attention,
+                                manifest["model_version"], directory)
+    except (ModelArtifactError, StoreError) as exc:
+        sys.exit(f"plexrec features publish: {exc}")
 
 
 def load_features(args: argparse.Namespace) -> None:

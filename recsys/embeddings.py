@@ -92,6 +92,14 @@ class _LookupEmbedding(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.ebc.parameters())
 
+    def embed_values(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        """[n, probes * dim]: the embedding of n single values of feature ``name``, as a bag
+        of one id would give it (e.g. every item's id embedding, for publishing)."""
+        table_of = {key: config.name for config in self.ebc.embedding_bag_configs() for key in config.feature_names}
+        parts = [self.ebc.embedding_bags[table_of[key]].weight[self.rows(index, probe, values)]
+                 for (index, feature, probe), key in zip(self.lookups, self.lookup_keys) if feature == name]
+        return torch.cat(parts, dim=1)
+
 
 class UnifiedEmbedding(_LookupEmbedding):
     """``extra_lookups``: (key, feature, probe) triples for more lookups into the same rows,

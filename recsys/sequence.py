@@ -126,6 +126,11 @@ class ItemSpace(nn.Module):
             columns.append(hashing.hash_rows(positions, self.position_salt, self.num_rows))
         return torch.stack(columns, dim=1)
 
+    def item_vectors(self, items: torch.Tensor, categories: torch.Tensor | None) -> torch.Tensor:
+        """[n, d]: A(item) of n items read straight from the table (for publishing)."""
+        weight = next(iter(self.ebc.embedding_bags.values())).weight
+        return weight[self.rows(items, categories, None)].sum(dim=1)
+
     def forward(self, target_items: torch.Tensor, target_categories: torch.Tensor | None,
                 history_items: torch.Tensor, history_categories: torch.Tensor | None,
                 history_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -74,3 +74,79 @@ def test_interactions_table_keeps_the_label_events(loaded_store, ml100k):
     frame, _ = ml100k
     assert sorted(events["rating"].value_counts().to_dict().items()) == \
         sorted(frame["rating"].value_counts().to_dict().items())
+
+
+def test_published_embeddings_read_back_as_the_model_has_them(loaded_store, small_examples, tmp_path):
+    import torch
+
+    from features.publish import publish_item_embeddings
+    from recsys.data.examples import value_to_id
+    from recsys.export import load_model
+    from recsys.item_embeddings import item_embeddings
+    from recsys.train import Trainer
+    from tests.conftest import small_config
+
+    store, directory, _ = loaded_store
+    config = small_config(epochs=1)
+    config.features.append(type(config.features[0])("item_category", 1))
+    config.sequence.mode, config.sequence.top_k, config.data.max_history = "dare", 8, 50
+    result = Trainer(config.validate(), examples=small_examples, out_dir=tmp_path).fit(progress=False)
+    model, manifest = load_model(result["model_dir"])
+
+    items = pd.read_parquet(directory / "offline" / "item_profile.parquet")
+    categories = items["category"].map(value_to_id).to_numpy()
+    representation, attention = item_embeddings(model, items["item_id"].to_numpy(), categories)
+    assert representation.shape == (1682, 3 * 8) and attention.shape == (1682, 16)
+    publish_item_embeddings(store, items["item_id"].to_numpy(), representation, attention,
+                            manifest["model_version"], directory)
+
+    # R(item 50) by hand: its rows under the reference hash, straight from the table
+    from recsys.hashing import hash_row_reference
+    weight = model.embedding.ebc.embedding_bags["unified"].weight.detach()
+    category = value_to_id(items.loc[items["item_id"] == 50, "category"].iloc[0])
+    rows = [hash_row_reference(50, "item_id", p, len(weight)) for p in range(2)]
+    rows.append(hash_row_reference(category, "item_category", 0, len(weight)))
+    target = torch.cat([weight[r] for r in rows])
+    online = store.get_online_features(
+        features=["item_embeddings:representation_embedding", "item_embeddings:attention_embedding",
+                  "item_embeddings:model_version"], entity_rows=[{"item_id": 50}]).to_dict()
+    np.testing.assert_allclose(online["representation_embedding"][0], target.numpy(), rtol=1e-6)
+    row = int(np.flatnonzero(items["item_id"].to_numpy() == 50)[0])
+    np.testing.assert_allclose(online["attention_embedding"][0], attention[row], rtol=1e-6)
+    assert online["model_version"] == [manifest["model_version"]]
+    offline = pd.read_parquet(directory / "offline" / "item_embeddings.parquet")
+    assert (offline["model_version"] == manifest["model_version"]).sum() == 1682
+
+
+def test_online_api_gives_cold_start_defaults_and_caches_items(loaded_store):
+    from features.online import OnlineFeatures
+
+    store, _, _ = loaded_store
+    now = [0.0]
+    online = OnlineFeatures(store, ttl_seconds=10, clock=lambda: now[0])
+    user = online.user(1)
+    assert user.known and user.interaction_count == 272 and len(user.history_item_ids) == 200
+    assert user.profile == {"age_bucket": 18, "gender": "M", "occupation": "technician", "zip_prefix": "85"}
+    stranger = online.user(10**9)
+    assert not stranger.known and stranger.history_item_ids == [] and stranger.profile == {}
+
+    first = online.items([1, 2, 10**9])
+    assert first[1].profile["genres"] == ["Animation", "Children's", "Comedy"] and first[10**9].profile == {}
+    assert (online.cache_hits, online.cache_misses) == (0, 3)
+    online.items([2, 1])
+    assert (online.cache_hits, online.cache_misses) == (2, 3)
+    now[0] = 11.0  # past the TTL
+    online.items([1])
+    assert online.cache_misses == 4
+    online.use_model_version("v2")  # a new model: cached embeddings are stale
+    online.items([1])
+    assert online.cache_misses == 5
+
+
+def test_the_online_api_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, features.online; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
