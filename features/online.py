@@ -10,10 +10,13 @@ defaults (empty profile, empty history, zero counts), never as an error.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from features.store import StoreError, describe_store
 
 USER_FEATURES = ["user_profile:age_bucket", "user_profile:gender", "user_profile:occupation",
                  "user_profile:zip_prefix", "user_history:history_item_ids", "user_history:history_timestamps",
@@ -44,6 +47,18 @@ class ItemFeatures:
     attention_embedding: list[float] = field(default_factory=list)
     representation_embedding: list[float] = field(default_factory=list)
     model_version: str | None = None
+
+
+RETRIES = 3
+RETRY_PAUSE_SECONDS = 0.1
+# what a down or restarting server raises; anything else (an unknown view, ...) is not retried
+UNREACHABLE: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, sqlite3.OperationalError)
+try:
+    import redis.exceptions
+
+    UNREACHABLE += (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+except ImportError:  # the redis client is only needed for the redis profile
+    pass
 
 
 def _column(name: str) -> str:
@@ -96,7 +111,15 @@ class OnlineFeatures:
         return {item_id: found[item_id] for item_id in item_ids}
 
     def _read(self, features: list[str], key: str, ids: list[int]) -> list[dict[str, Any]]:
-        table = self.store.get_online_features(features=features,
-                                               entity_rows=[{key: int(i)} for i in ids]).to_dict()
+        rows = [{key: int(i)} for i in ids]
+        for attempt in range(RETRIES):
+            try:
+                table = self.store.get_online_features(features=features, entity_rows=rows).to_dict()
+                break
+            except UNREACHABLE as exc:
+                if attempt == RETRIES - 1:
+                    raise StoreError(f"online store {describe_store(self.store)} unreachable after {RETRIES} "
+                                     f"tries: {type(exc).__name__}: {exc}") from exc
+                time.sleep(RETRY_PAUSE_SECONDS * 2 ** attempt)  # a restarting server may come back
         columns = [_column(f) for f in features]
         return [{c: table[c][row] for c in columns} for row in range(len(ids))]

@@ -63,6 +63,13 @@ def open_store(profile: str = "local", directory: str | Path | None = None, redi
     return FeatureStore(config=config)
 
 
+def describe_store(store) -> str:
+    """The online store in words, for error messages: its type and where it is."""
+    online = store.config.online_store
+    where = getattr(online, "connection_string", None) or getattr(online, "path", None) or "?"
+    return f"{online.type} at {where}"
+
+
 def apply_definitions(store, directory: str | Path | None = None) -> None:
     """Register every entity, view and service of features/repo/definitions.py (like `feast apply`)."""
     from feast import Entity, FeatureService, FeatureView

@@ -30,5 +30,15 @@ else
   pip_install --no-deps "torchrec==1.8.0"
   pip_install -e ".[cpu,dev]"
 fi
+# Debian's redis-server for the redis store profile and its tests (they start their own).
+if ! command -v redis-server > /dev/null; then
+  if command -v apt-get > /dev/null && [ "$(id -u)" = 0 ]; then
+    echo "plexrec: installing redis-server (Debian package)"
+    apt-get install -y -q redis-server > /dev/null 2>&1 \
+      || { apt-get update -q > /dev/null && apt-get install -y -q redis-server > /dev/null; }
+  else
+    echo "plexrec: redis-server is missing; install it (apt-get install redis-server) for the redis profile" >&2
+  fi
+fi
 # Fail here, not in the first test, if the fbgemm/torchrec pair is broken.
 "$venv/bin/python" -c "import fbgemm_gpu, torchrec; print('plexrec: torch', __import__('torch').__version__, '| torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '1.8.0', '| install OK')"

@@ -150,3 +150,61 @@ def test_the_online_api_imports_no_torch():
     code = "import sys, features.online; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    """Debian's redis-server on a free loopback port, for this module's tests only."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is missing: scripts/install.sh installs it (apt-get install redis-server)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                server.kill()
+                pytest.fail("redis-server did not start within 10 s")
+            time.sleep(0.05)
+    yield f"127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_redis_profile_serves_what_sqlite_serves(ml100k, redis_url, tmp_path, loaded_store):
+    from features.online import OnlineFeatures
+
+    frame, schema = ml100k
+    small = frame[frame.user_id <= 40]
+    redis_store = open_store("redis", tmp_path, redis_url)
+    load_into_store(redis_store, small, schema, tmp_path, history_length=200)
+    from_redis, from_sqlite = OnlineFeatures(redis_store), OnlineFeatures(loaded_store[0])
+    for user_id in (1, 17, 40, 999_999):
+        assert from_redis.user(user_id) == from_sqlite.user(user_id)
+    items = small.item_id.unique()[:20].tolist()
+    assert [i.profile for i in from_redis.items(items).values()] == \
+        [i.profile for i in from_sqlite.items(items).values()]
+
+
+def test_an_unreachable_store_is_named_after_retries(loaded_store):
+    import socket
+
+    from features.online import OnlineFeatures
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = open_store("redis", loaded_store[1], f"127.0.0.1:{port}")  # the applied registry, a dead Redis
+    with pytest.raises(StoreError, match=rf"online store redis at 127.0.0.1:{port} unreachable after 3 tries"):
+        OnlineFeatures(store).user(1)
