@@ -44,6 +44,10 @@ class DataConfig:
     eval_last_n: int = 5  # per user: last n -> test, the n before -> validation
     max_history: int = 200  # most recent previous items kept per example
     synthetic: dict = field(default_factory=dict)  # SyntheticConfig fields for dataset "synthetic"
+    # "direct": read the files; "feast": point-in-time joins from the feature store in
+    # store_dir (after `plexrec features load`), the same examples (ml100k only)
+    source: str = "direct"
+    store_dir: str | None = None
 
 
 @dataclass
@@ -167,6 +171,11 @@ class RunConfig:
             if seq.mode in ("mean", "dare") and self.embedding.kind != "unified":
                 raise ConfigError(f"sequence.mode = {seq.mode!r} looks history items up in the unified table: "
                                   "set embedding.kind = unified")
+        if self.data.source not in ("direct", "feast"):
+            raise ConfigError(f"data.source = {self.data.source!r}: choose direct or feast")
+        if self.data.source == "feast" and self.data.dataset != "ml100k":
+            raise ConfigError("data.source = feast: the feature definitions describe ml100k-shaped data; "
+                              "set data.dataset = ml100k")
         if self.data.dataset == "generic" and not self.data.schema:
             raise ConfigError("data.schema: a generic data set needs a schema file (see README)")
         return self

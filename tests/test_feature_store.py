@@ -155,31 +155,10 @@ def test_the_online_api_imports_no_torch():
 @pytest.fixture(scope="module")
 def redis_url():
     """Debian's redis-server on a free loopback port, for this module's tests only."""
-    import shutil
-    import socket
-    import subprocess
-    import time
+    from features.redis_server import local_redis_server
 
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is missing: scripts/install.sh installs it (apt-get install redis-server)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                server.kill()
-                pytest.fail("redis-server did not start within 10 s")
-            time.sleep(0.05)
-    yield f"127.0.0.1:{port}"
-    server.terminate()
-    server.wait(timeout=10)
+    with local_redis_server() as url:
+        yield url
 
 
 def test_redis_profile_serves_what_sqlite_serves(ml100k, redis_url, tmp_path, loaded_store):
@@ -198,13 +177,10 @@ def test_redis_profile_serves_what_sqlite_serves(ml100k, redis_url, tmp_path, lo
 
 
 def test_an_unreachable_store_is_named_after_retries(loaded_store):
-    import socket
-
     from features.online import OnlineFeatures
+    from features.redis_server import free_port
 
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nobody listens there
     store = open_store("redis", loaded_store[1], f"127.0.0.1:{port}")  # the applied registry, a dead Redis
     with pytest.raises(StoreError, match=rf"online store redis at 127.0.0.1:{port} unreachable after 3 tries"):
         OnlineFeatures(store).user(1)

@@ -277,6 +277,15 @@ def load_dataset(data_config) -> tuple[Examples, DatasetSchema]:
     from recsys.config import ConfigError, resolve_path
     from recsys.data.movielens import load_movielens
 
+    if data_config.source == "feast":  # the feature store's point-in-time view of the same data
+        from features.store import open_store
+        from features.training import examples_from_store
+        from recsys.data.movielens import MOVIELENS_SCHEMA
+
+        store = open_store("local", data_config.store_dir)
+        examples = examples_from_store(store, data_config.store_dir, label_threshold=data_config.label_threshold,
+                                       eval_last_n=data_config.eval_last_n)
+        return examples, MOVIELENS_SCHEMA
     if data_config.dataset == "ml100k":
         frame, schema = load_movielens(resolve_path(data_config.path))
     elif data_config.dataset == "synthetic":
