@@ -210,7 +210,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.global_step = 0
         self.truncated_histories = 0  # training examples whose history was cut to data.max_history
-        self.history: list[dict[str, Any]] = []
+        self.epoch_log: list[dict[str, Any]] = []  # one record per finished epoch
 
     # --- training ---
 
@@ -300,7 +300,7 @@ class Trainer:
         dcp.save(state, checkpoint_id=str(path))
         if self.ctx.is_main:
             meta = {"fingerprint": self.fingerprint, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                    "global_step": self.global_step, "world_size": self.ctx.world_size, "history": self.history}
+                    "global_step": self.global_step, "world_size": self.ctx.world_size, "epoch_log": self.epoch_log}
             (path / CHECKPOINT_META).write_text(json.dumps(meta, indent=2))
         dist.barrier()
         return path
@@ -325,7 +325,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
-        self.global_step, self.history = meta["global_step"], meta.get("history", [])
+        self.global_step, self.epoch_log = meta["global_step"], meta.get("epoch_log", [])
 
     def latest_checkpoint(self) -> Path | None:
         root = self.out_dir / "checkpoints"
@@ -360,7 +360,7 @@ class Trainer:
                       **{f"valid_{k}": v for k, v in valid.items()},
                       "truncated_histories": truncated,
                       "seconds": round(time.perf_counter() - started, 2)}
-            self.history.append(record)
+            self.epoch_log.append(record)
             if self.ctx.is_main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -375,7 +375,7 @@ class Trainer:
                 self._prune_checkpoints()
         epochs.close()
         test = self.evaluate("test")
-        final = {"test": test, "valid": self.history[-1] if self.history else None,
+        final = {"test": test, "valid": self.epoch_log[-1] if self.epoch_log else None,
                  "embedding_parameters": self.embedding_parameters, "epochs": self.epoch}
         checkpoint = self.latest_checkpoint()
         if checkpoint is None or json.loads((checkpoint / CHECKPOINT_META).read_text())["global_step"] != self.global_step:
@@ -386,7 +386,7 @@ class Trainer:
             log.info("test AUC %.4f GAUC %.4f log loss %.4f (%d examples)", test["auc"], test["gauc"],
                      test["logloss"], test["examples"])
             final["model_dir"] = str(self.export(checkpoint, final))
-            plot_training(self.history, self.out_dir / "training.png")
+            plot_training(self.epoch_log, self.out_dir / "training.png")
         dist.barrier()
         return final
 
