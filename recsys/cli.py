@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     publish.add_argument("--profile", default="local", choices=["local", "redis"], help="store profile")
     publish.add_argument("--redis-url", help="host:port of Redis for --profile redis")
 
+    broker = commands.add_parser("broker", help="run the embedded Kafka-compatible broker (tansu) until Ctrl-C")
+    broker.add_argument("--port", type=int, default=9092, help="loopback port to listen on (default 9092)")
+
     args = parser.parse_args(argv)
     configure_logging(getattr(args, "verbose", False))
     if args.command is None:
@@ -64,6 +67,13 @@ def main(argv: list[str] | None = None) -> None:
             run_training(args)
         except (ConfigError, DataError, CheckpointMismatchError) as exc:
             sys.exit(f"plexrec train: {exc}")
+    elif args.command == "broker":
+        from features.broker import BrokerError, run_forever
+
+        try:
+            run_forever(args.port)
+        except BrokerError as exc:
+            sys.exit(f"plexrec broker: {exc}")
     elif args.command == "features" and args.features_command == "load":
         load_features(args)
     elif args.command == "features" and args.features_command == "publish":

@@ -46,3 +46,12 @@ def small_config(**train) -> RunConfig:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """The embedded Kafka-compatible broker (tansu, memory storage) on a free loopback port."""
+    from features.broker import embedded_broker
+
+    with embedded_broker() as bootstrap:
+        yield bootstrap
