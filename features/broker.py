@@ -10,6 +10,7 @@ producer run unchanged against any Kafka cluster (``--bootstrap-servers``).
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import subprocess
 import time
@@ -90,7 +91,11 @@ def embedded_broker(port: int | None = None, timeout_seconds: float = 20.0) -> I
 
 
 def run_forever(port: int) -> None:
-    """`plexrec broker`: run until interrupted."""
+    """`plexrec broker`: run until Ctrl-C or SIGTERM, then stop the broker cleanly."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     with embedded_broker(port) as bootstrap:
         print(f"Kafka broker listening on {bootstrap} (memory storage). Ctrl-C stops it.", flush=True)
         try:
