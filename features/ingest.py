@@ -1,0 +1,258 @@
+"""The stream ingester: Kafka user events -> fresh online features and an offline event log.
+
+    plexrec ingest --bootstrap-servers HOST:PORT [--topic user-events] [--group plexrec-ingest]
+
+One loop, a batch at a time:
+
+  1. poll a batch of messages (a consumer group: run more ingesters to scale out)
+  2. decode and validate each; a bad one goes to ``<topic>.dead-letter`` with its
+     reason, partition and offset in the headers, and is counted
+  3. group the valid events by user (Kafka key = user id, so one partition owns a user)
+  4. read those users' and items' current state from the online store, apply the
+     events, write every changed row back in one batch per view
+  5. append the events to the offline event log (Parquet, one file per batch)
+  6. only then commit the offsets
+
+Exactly-once effect. A crash anywhere before step 6 re-delivers the batch. Every
+user row carries a watermark, the (partition, offset) of the last event applied
+to it, and every item row the last offset applied per partition; a re-delivered
+event at or below its watermark is skipped. So a user's history and every count
+change exactly once per event, however often the ingester dies. The offline log
+is at-least-once: a re-delivered batch is logged again, and readers drop
+duplicate event ids.
+
+No torch: Feast imports torch when it can, so the ingester hides it first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+log = logging.getLogger("plexrec.ingest")
+
+
+def without_torch() -> None:
+    """Make ``import torch`` fail in this process, so Feast does not load it (feast.torch_wrapper
+    imports torch eagerly and copes when it cannot)."""
+    if "torch" not in sys.modules:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+
+
+@dataclass
+class IngestStats:
+    batches: int = 0
+    events: int = 0
+    applied: int = 0
+    skipped_duplicates: int = 0
+    dead_letters: int = 0
+    reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class Ingester:
+    def __init__(self, bootstrap_servers: str, store, directory: Path, *, topic: str = "user-events",
+                 group: str = "plexrec-ingest", history_length: int = 200, max_batch: int = 2000,
+                 poll_timeout_ms: int = 500) -> None:
+        from kafka import KafkaConsumer, KafkaProducer
+
+        from features.events import DEAD_LETTER_SUFFIX
+
+        self.store, self.directory, self.topic = store, directory, topic
+        self.dead_letter_topic = topic + DEAD_LETTER_SUFFIX
+        self.history_length, self.max_batch, self.poll_timeout_ms = history_length, max_batch, poll_timeout_ms
+        # a short session timeout: the first group assignment waits about half of it (measured on tansu)
+        self.consumer = KafkaConsumer(
+            topic, bootstrap_servers=bootstrap_servers, group_id=group, enable_auto_commit=False,
+            auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=1000,
+            max_poll_interval_ms=60000, max_poll_records=max_batch)
+        self.dead_letters = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all")
+        self.stats = IngestStats()
+        self.log_dir = directory / "offline" / "events"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- one batch ---
+
+    def run_once(self) -> int:
+        """Poll, apply and commit one batch; returns how many messages it held."""
+        from features.events import InvalidEvent, decode_event
+
+        polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=self.max_batch)
+        messages = [m for records in polled.values() for m in records]
+        if not messages:
+            return 0
+        valid = []
+        for message in messages:
+            try:
+                valid.append((message.partition, message.offset, decode_event(message.key, message.value)))
+            except InvalidEvent as reason:
+                self._dead_letter(message, str(reason))
+        if valid:
+            self._apply(valid)
+            self._log(valid)
+        self.dead_letters.flush()  # dead letters are safe before their offsets are committed
+        self.consumer.commit()
+        self.stats.batches += 1
+        self.stats.events += len(messages)
+        return len(messages)
+
+    def _dead_letter(self, message, reason: str) -> None:
+        headers = [("reason", reason.encode()), ("source_topic", message.topic.encode()),
+                   ("source_partition", str(message.partition).encode()),
+                   ("source_offset", str(message.offset).encode())]
+        self.dead_letters.send(self.dead_letter_topic, key=message.key, value=message.value, headers=headers)
+        self.stats.dead_letters += 1
+        self.stats.reasons[reason.split(":")[0].split(" ")[0]] += 1
+        log.warning("dead letter (partition %d offset %d): %s", message.partition, message.offset, reason)
+
+    def _apply(self, events: list[tuple[int, int, object]]) -> None:
+        import pandas as pd
+
+        from features.events import BEHAVIOURS
+
+        behaviours = [(p, o, e) for p, o, e in events if e.event_type in BEHAVIOURS]
+        if not behaviours:
+            return
+        by_user: dict[int, list] = defaultdict(list)
+        by_item: dict[int, list] = defaultdict(list)
+        for partition, offset, event in behaviours:
+            by_user[event.user_id].append((partition, offset, event))
+            by_item[event.item_id].append((partition, offset, event))
+        now = pd.Timestamp(datetime.now(timezone.utc))
+
+        users = list(by_user)
+        current = self.store.get_online_features(
+            features=["user_history:history_item_ids", "user_history:history_timestamps",
+                      "user_history:interaction_count", "user_history:ingest_partition",
+                      "user_history:ingest_offset"],
+            entity_rows=[{"user_id": u} for u in users]).to_dict()
+        rows = []
+        for i, user in enumerate(users):
+            items = list(current["history_item_ids"][i] or [])
+            stamps = list(current["history_timestamps"][i] or [])
+            count = current["interaction_count"][i] or 0
+            mark_partition = current["ingest_partition"][i]
+            mark_offset = current["ingest_offset"][i] if current["ingest_offset"][i] is not None else -1
+            fresh = [(p, o, e) for p, o, e in sorted(by_user[user], key=lambda x: x[1])
+                     if not (p == mark_partition and o <= mark_offset)]
+            self.stats.skipped_duplicates += len(by_user[user]) - len(fresh)
+            if not fresh:
+                continue
+            self.stats.applied += len(fresh)
+            merged = list(zip(stamps, items)) + [(e.event_time_ms // 1000, e.item_id) for _, _, e in fresh]
+            merged.sort(key=lambda pair: pair[0])  # stable: among equal times, arrival order
+            merged = merged[-self.history_length:]
+            rows.append({"user_id": user, "history_item_ids": [i for _, i in merged],
+                         "history_timestamps": [t for t, _ in merged], "interaction_count": count + len(fresh),
+                         "ingest_partition": fresh[-1][0], "ingest_offset": fresh[-1][1], "event_timestamp": now})
+        if rows:
+            self.store.write_to_online_store("user_history", pd.DataFrame(rows))
+
+        items = list(by_item)
+        current = self.store.get_online_features(
+            features=["item_counters:interaction_count", "item_counters:ingest_offsets"],
+            entity_rows=[{"item_id": i} for i in items]).to_dict()
+        rows = []
+        for i, item in enumerate(items):
+            marks = list(current["ingest_offsets"][i] or [])
+            count, changed = current["interaction_count"][i] or 0, False
+            for partition, offset, _ in sorted(by_item[item], key=lambda x: (x[0], x[1])):
+                marks += [-1] * (partition + 1 - len(marks))
+                if offset > marks[partition]:
+                    marks[partition], count, changed = offset, count + 1, True
+            if changed:
+                rows.append({"item_id": item, "interaction_count": count, "ingest_offsets": marks,
+                             "event_timestamp": now})
+        if rows:
+            self.store.write_to_online_store("item_counters", pd.DataFrame(rows))
+
+    def _log(self, events: list[tuple[int, int, object]]) -> None:
+        """Append the batch to the offline event log (at-least-once; dedupe by event_id)."""
+        import pandas as pd
+
+        frame = pd.DataFrame({
+            "event_id": [e.event_id for _, _, e in events],
+            "user_id": [e.user_id for _, _, e in events],
+            "item_id": [e.item_id for _, _, e in events],
+            "event_type": [int(e.event_type) for _, _, e in events],
+            "event_timestamp": pd.to_datetime([e.event_time_ms for _, _, e in events], unit="ms", utc=True),
+            "value": [e.value if e.HasField("value") else None for _, _, e in events],
+            "partition": [p for p, _, _ in events],
+            "offset": [o for _, o, _ in events],
+        })
+        first = min((p, o) for p, o, _ in events)
+        frame.to_parquet(self.log_dir / f"batch-{time.time_ns()}-p{first[0]}-o{first[1]}.parquet", index=False)
+
+    # --- the loop ---
+
+    def run(self, stop_after_idle_seconds: float | None = None) -> IngestStats:
+        """Ingest until stopped, or until idle that long once partitions are assigned."""
+        idle_since = time.monotonic()
+        while True:
+            if self.run_once() or not self.consumer.assignment():  # joining the group is not idleness
+                idle_since = time.monotonic()
+            elif stop_after_idle_seconds is not None and time.monotonic() - idle_since > stop_after_idle_seconds:
+                return self.stats
+
+    def close(self) -> None:
+        self.dead_letters.flush()
+        self.dead_letters.close()
+        self.consumer.close()
+
+
+def read_event_log(directory: Path):
+    """The offline event log with re-delivered duplicates dropped."""
+    import pandas as pd
+
+    files = sorted((directory / "offline" / "events").glob("*.parquet"))
+    if not files:
+        return pd.DataFrame()
+    return pd.concat([pd.read_parquet(f) for f in files]).drop_duplicates("event_id").reset_index(drop=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    without_torch()
+    from features.store import StoreError, data_dir, open_store
+
+    parser = argparse.ArgumentParser(prog="plexrec ingest", description=__doc__.splitlines()[0])
+    parser.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers, host:port[,...]")
+    parser.add_argument("--topic", default="user-events")
+    parser.add_argument("--group", default="plexrec-ingest", help="consumer group (run several to scale out)")
+    parser.add_argument("--data-dir", help="the store's data directory (default: $PLEXREC_DATA_DIR or .plexrec)")
+    parser.add_argument("--profile", default="local", choices=["local", "redis"])
+    parser.add_argument("--redis-url", help="host:port of Redis for --profile redis")
+    parser.add_argument("--history-length", type=int, default=200)
+    parser.add_argument("--stop-after-idle", type=float, help="exit after this many idle seconds (default: never)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        directory = data_dir(args.data_dir)
+        ingester = Ingester(args.bootstrap_servers, open_store(args.profile, directory, args.redis_url), directory,
+                            topic=args.topic, group=args.group, history_length=args.history_length)
+    except StoreError as exc:
+        sys.exit(f"plexrec ingest: {exc}")
+    log.info("ingesting %s from %s into %s (group %s)", args.topic, args.bootstrap_servers, directory, args.group)
+    try:
+        stats = ingester.run(args.stop_after_idle)
+    except KeyboardInterrupt:
+        stats = ingester.stats
+    finally:
+        ingester.close()
+    log.info("stopped: %d batches, %d events, %d applied, %d duplicates skipped, %d dead letters",
+             stats.batches, stats.events, stats.applied, stats.skipped_duplicates, stats.dead_letters)
+
+
+if __name__ == "__main__":
+    main()
