@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -187,7 +188,10 @@ class Ingester:
             "offset": [o for _, o, _ in events],
         })
         first = min((p, o) for p, o, _ in events)
-        frame.to_parquet(self.log_dir / f"batch-{time.time_ns()}-p{first[0]}-o{first[1]}.parquet", index=False)
+        path = self.log_dir / f"batch-{time.time_ns()}-p{first[0]}-o{first[1]}.parquet"
+        staging = path.with_suffix(".parquet.tmp")  # a kill mid-write leaves only a .tmp behind
+        frame.to_parquet(staging, index=False)
+        os.replace(staging, path)
 
     # --- the loop ---
 
