@@ -20,11 +20,23 @@ def configure_logging(verbose: bool = False) -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
 
 
+STREAM_COMMANDS = {"ingest": "features.ingest:main", "replay": "features.events:replay_main"}
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in STREAM_COMMANDS:  # stream jobs: their own flags, and never torch
+        import importlib
+
+        module, function = STREAM_COMMANDS[argv[0]].split(":")
+        getattr(importlib.import_module(module), function)(argv[1:])
+        return
     parser = argparse.ArgumentParser(
         prog="plexrec",
         description="CTR ranking with multiplexed unified embeddings (TorchRec) and DARE long-sequence attention.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("ingest", help="consume user events from Kafka into the feature store (see --help)")
+    commands.add_parser("replay", help="publish a data set's interactions to Kafka as events (see --help)")
 
     from recsys.train import add_train_arguments
     train = commands.add_parser("train", help="train a ranker, evaluate it, export a versioned model",

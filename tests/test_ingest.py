@@ -168,3 +168,26 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(broker, empty_store):
     assert online_state(store, sorted(truth)) == truth
     log = read_event_log(directory)
     assert len(log) == 20_000 and set(log["event_id"]) == {e.event_id for e in events}
+
+
+def test_replay_publishes_movielens_in_time_order(broker):
+    name = topic()
+    done = subprocess.run([sys.executable, "-m", "recsys.cli", "replay", "--bootstrap-servers", broker,
+                           "--topic", name, "--rate", "0", "--after-fraction", "0.9", "--limit", "300"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    consumer = KafkaConsumer(name, bootstrap_servers=broker, auto_offset_reset="earliest", consumer_timeout_ms=3000)
+    events = [decode_event(m.key, m.value) for m in consumer]
+    consumer.close()
+    assert len(events) == 300
+    times = sorted(e.event_time_ms for e in events)
+    assert times[0] >= 1_000 * 880_000_000 and all(e.HasField("value") for e in events)
+    assert len({e.event_id for e in events}) == 300
+
+
+def test_the_ingester_runs_without_torch():
+    code = ("from features.ingest import without_torch; without_torch(); "
+            "import features.ingest, features.store, features.events, feast, kafka, sys; "
+            "print(sys.modules.get('torch'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "None"
