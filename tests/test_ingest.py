@@ -166,6 +166,13 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(broker, empty_store):
     truth = expected_state(events)
     assert progress[-1] < 20_000 or len(set(progress)) == 3  # three kills, each after some progress
     assert online_state(store, sorted(truth)) == truth
+    item_truth = defaultdict(int)
+    for event in events:
+        item_truth[event.item_id] += 1
+    items = sorted(item_truth)
+    counts = store.get_online_features(features=["item_counters:interaction_count"],
+                                       entity_rows=[{"item_id": i} for i in items]).to_dict()["interaction_count"]
+    assert dict(zip(items, counts)) == dict(item_truth)
     log = read_event_log(directory)
     assert len(log) == 20_000 and set(log["event_id"]) == {e.event_id for e in events}
 
@@ -191,3 +198,33 @@ def test_the_ingester_runs_without_torch():
             "print(sys.modules.get('torch'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "None"
+
+
+def test_two_ingesters_in_a_group_share_the_partitions(broker, empty_store):
+    """A 4-partition topic, two ingester processes in one group: every user's state exact."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    store, directory = empty_store
+    name = topic()
+    admin = KafkaAdminClient(bootstrap_servers=broker)
+    admin.create_topics([NewTopic(name, num_partitions=4, replication_factor=1)])
+    admin.close()
+    rng = np.random.default_rng(2)
+    events = [make_event(user_id=int(rng.integers(1, 300)), item_id=int(rng.integers(1, 3000)), event_type=RATING,
+                         event_time_ms=1_700_000_000_000 + int(rng.integers(0, 10 ** 8))) for _ in range(6000)]
+    producer = EventProducer(broker, name)
+    producer.send_all(events)
+    producer.close()
+    command = [sys.executable, "-m", "features.ingest", "--bootstrap-servers", broker, "--topic", name,
+               "--group", name, "--data-dir", str(directory), "--stop-after-idle", "5"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    processes = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    logs = [p.communicate(timeout=300)[1] for p in processes]
+    assert all(p.returncode == 0 for p in processes), logs
+    applied = [int(line.split(" applied")[0].split(", ")[-1]) for log in logs for line in log.splitlines()
+               if "stopped:" in line]
+    assert sum(applied) == 6000 and all(n > 0 for n in applied), applied  # both did part of the work
+    truth = expected_state(events)
+    assert online_state(store, sorted(truth)) == truth
