@@ -54,6 +54,7 @@ class IngestStats:
     applied: int = 0
     skipped_duplicates: int = 0
     dead_letters: int = 0
+    failed_commits: int = 0
     reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -82,6 +83,8 @@ class Ingester:
 
     def run_once(self) -> int:
         """Poll, apply and commit one batch; returns how many messages it held."""
+        from kafka.errors import CommitFailedError
+
         from features.events import InvalidEvent, decode_event
 
         polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=self.max_batch)
@@ -98,7 +101,13 @@ class Ingester:
             self._apply(valid)
             self._log(valid)
         self.dead_letters.flush()  # dead letters are safe before their offsets are committed
-        self.consumer.commit()
+        try:
+            self.consumer.commit()
+        except CommitFailedError:
+            # the group rebalanced mid-batch: the new owner gets these messages again and the
+            # watermarks make it skip what this batch already applied
+            self.stats.failed_commits += 1
+            log.warning("offsets not committed: the group rebalanced; the batch will be re-delivered")
         self.stats.batches += 1
         self.stats.events += len(messages)
         return len(messages)
