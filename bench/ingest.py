@@ -57,8 +57,8 @@ def start_ingesters(count: int, bootstrap: str, topic: str, directory: Path, pro
                "--group", topic, "--data-dir", str(directory), "--profile", profile]
     if redis_url:
         command += ["--redis-url", redis_url]
-    return [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for _ in range(count)]
+    return [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=(directory / f"ingester-{i}.log").open("w")) for i in range(count)]
 
 
 def stop(processes: list[subprocess.Popen]) -> None:
@@ -123,6 +123,10 @@ def measure(bootstrap: str, profile: str, redis_url: str | None, ingesters: int,
         finished_at[0] = time.monotonic()
         finished.set()
         checker.join(timeout=60)
+        died = [i for i, p in enumerate(processes) if p.poll() is not None]
+        for i in died:  # an ingester that died mid-run explains missing samples: show why
+            print(f"ingester {i} exited with {processes[i].returncode}:\n"
+                  + (directory / f"ingester-{i}.log").read_text()[-3000:], flush=True)
         stop(processes)
         return {"profile": profile, "ingesters": ingesters, "events": events, "events_per_s": throughput,
                 "batches": len(batches), "freshness_rate_per_s": rate, "freshness_samples": len(latencies),

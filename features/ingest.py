@@ -14,8 +14,8 @@ One loop, a batch at a time:
   6. only then commit the offsets
 
 Exactly-once effect. A crash anywhere before step 6 re-delivers the batch. Every
-user row carries a watermark, the (partition, offset) of the last event applied
-to it, and every item row the last offset applied per partition; a re-delivered
+user row carries a watermark, the (topic/partition, offset) of the last event applied
+to it, and every item row the last offset applied per partition of its topic; a re-delivered
 event at or below its watermark is skipped. So a user's history and every count
 change exactly once per event, however often the ingester dies. The offline log
 is at-least-once: a re-delivered batch is logged again, and readers drop
@@ -139,7 +139,7 @@ class Ingester:
         users = list(by_user)
         current = self.store.get_online_features(
             features=["user_history:history_item_ids", "user_history:history_timestamps",
-                      "user_history:interaction_count", "user_history:ingest_partition",
+                      "user_history:interaction_count", "user_history:ingest_source",
                       "user_history:ingest_offset"],
             entity_rows=[{"user_id": u} for u in users]).to_dict()
         rows = []
@@ -147,10 +147,10 @@ class Ingester:
             items = list(current["history_item_ids"][i] or [])
             stamps = list(current["history_timestamps"][i] or [])
             count = current["interaction_count"][i] or 0
-            mark_partition = current["ingest_partition"][i]
+            mark_source = current["ingest_source"][i]
             mark_offset = current["ingest_offset"][i] if current["ingest_offset"][i] is not None else -1
             fresh = [(p, o, e) for p, o, e in sorted(by_user[user], key=lambda x: x[1])
-                     if not (p == mark_partition and o <= mark_offset)]
+                     if not (f"{self.topic}/{p}" == mark_source and o <= mark_offset)]
             self.stats.skipped_duplicates += len(by_user[user]) - len(fresh)
             if not fresh:
                 continue
@@ -160,25 +160,29 @@ class Ingester:
             merged = merged[-self.history_length:]
             rows.append({"user_id": user, "history_item_ids": [i for _, i in merged],
                          "history_timestamps": [t for t, _ in merged], "interaction_count": count + len(fresh),
-                         "ingest_partition": fresh[-1][0], "ingest_offset": fresh[-1][1], "event_timestamp": now})
+                         "ingest_source": f"{self.topic}/{fresh[-1][0]}", "ingest_offset": fresh[-1][1],
+                         "event_timestamp": now})
         if rows:
             self.store.write_to_online_store("user_history", pd.DataFrame(rows))
 
         items = list(by_item)
         current = self.store.get_online_features(
-            features=["item_counters:interaction_count", "item_counters:ingest_offsets"],
+            features=["item_counters:interaction_count", "item_counters:ingest_topic",
+                      "item_counters:ingest_offsets"],
             entity_rows=[{"item_id": i} for i in items]).to_dict()
         rows = []
         for i, item in enumerate(items):
-            marks = list(current["ingest_offsets"][i] or [])
+            # offsets of another topic say nothing about this one (a recreated topic restarts at 0)
+            same_topic = current["ingest_topic"][i] == self.topic
+            marks = list(current["ingest_offsets"][i] or []) if same_topic else []
             count, changed = current["interaction_count"][i] or 0, False
             for partition, offset, _ in sorted(by_item[item], key=lambda x: (x[0], x[1])):
                 marks += [-1] * (partition + 1 - len(marks))
                 if offset > marks[partition]:
                     marks[partition], count, changed = offset, count + 1, True
             if changed:
-                rows.append({"item_id": item, "interaction_count": count, "ingest_offsets": marks,
-                             "event_timestamp": now})
+                rows.append({"item_id": item, "interaction_count": count, "ingest_topic": self.topic,
+                             "ingest_offsets": marks, "event_timestamp": now})
         if rows:
             self.store.write_to_online_store("item_counters", pd.DataFrame(rows))
 

@@ -81,11 +81,12 @@ def offline_tables(frame: pd.DataFrame, schema: DatasetSchema, history_length: i
     seconds = frame["timestamp"].to_numpy(dtype=np.int64)
     history = running_state(frame["user_id"].to_numpy(np.int64), seconds,
                             frame["item_id"].to_numpy(np.int64), history_length).rename(columns={"key": "user_id"})
-    history["ingest_partition"] = history["ingest_offset"] = -1  # loaded in bulk, not from the stream
+    history["ingest_source"], history["ingest_offset"] = "", -1  # loaded in bulk, not from the stream
     by_item = frame.sort_values(["item_id", "timestamp"], kind="stable")
     counters = running_state(by_item["item_id"].to_numpy(np.int64), by_item["timestamp"].to_numpy(np.int64),
                              None, history_length).rename(columns={"key": "item_id"})
-    counters["ingest_offsets"] = [[] for _ in range(len(counters))]
+    counters["ingest_topic"] = ""
+    counters["ingest_offsets"] = [np.zeros(0, dtype=np.int64) for _ in range(len(counters))]  # typed: list<int64>
     interactions = frame[["user_id", "item_id", "timestamp"]].copy()
     interactions["rating"] = frame[schema.rating] if schema.rating else frame[schema.label]
     return {"user_profile": users, "item_profile": items, "user_history": history,

@@ -228,3 +228,24 @@ def test_two_ingesters_in_a_group_share_the_partitions(broker, empty_store):
     assert sum(applied) == 6000 and all(n > 0 for n in applied), applied  # both did part of the work
     truth = expected_state(events)
     assert online_state(store, sorted(truth)) == truth
+
+
+def test_a_recreated_topic_is_not_mistaken_for_re_delivery(broker, empty_store):
+    """Offsets restart at 0 on a new topic: its events are new, whatever the old watermarks say."""
+    store, directory = empty_store
+    seen = []
+    for round_ in range(2):
+        name = topic()
+        events = [make_event(user_id=77, item_id=1 + 10 * round_ + i, event_type=RATING,
+                             event_time_ms=1_700_000_000_000 + 1000 * (10 * round_ + i)) for i in range(5)]
+        seen += events
+        producer = EventProducer(broker, name)
+        producer.send_all(events)
+        producer.close()
+        ingester = Ingester(broker, store, directory, topic=name, group=name)
+        ingester.run(stop_after_idle_seconds=3)
+        ingester.close()
+    assert online_state(store, [77])[77] == ([e.item_id for e in seen], 10)
+    counts = store.get_online_features(features=["item_counters:interaction_count"],
+                                       entity_rows=[{"item_id": 11}]).to_dict()["interaction_count"]
+    assert counts == [1]

@@ -53,8 +53,8 @@ user_history = FeatureView(
     schema=[Field(name="history_item_ids", dtype=Array(Int64)),
             Field(name="history_timestamps", dtype=Array(Int64)),
             Field(name="interaction_count", dtype=Int64),
-            # the stream ingester's watermark: Kafka partition and offset of the last event applied
-            Field(name="ingest_partition", dtype=Int64),
+            # the stream ingester's watermark: "topic/partition" and offset of the last event applied
+            Field(name="ingest_source", dtype=String),
             Field(name="ingest_offset", dtype=Int64)],
     description="the user's recent behaviours and how many there have been; stream-updated")
 
@@ -62,7 +62,9 @@ item_counters_push = PushSource(name="item_counters_push", batch_source=_source(
 item_counters = FeatureView(
     name="item_counters", entities=[item], ttl=NO_EXPIRY, source=item_counters_push,
     schema=[Field(name="interaction_count", dtype=Int64),
-            # the ingester's watermarks: element p = offset of the last event applied from partition p
+            # the ingester's watermarks: element p = offset of the last event applied from
+            # partition p of topic ingest_topic
+            Field(name="ingest_topic", dtype=String),
             Field(name="ingest_offsets", dtype=Array(Int64))],
     description="how many interactions the item has had; stream-updated")
 
