@@ -32,6 +32,23 @@ def topic() -> str:
     return f"events-{uuid.uuid4().hex[:8]}"
 
 
+def publish_random_events(broker, name, count, users, items, seed):
+    """``count`` rating events of random users and items at random times, published to ``name``."""
+    rng = np.random.default_rng(seed)
+    events = [make_event(user_id=int(rng.integers(1, users)), item_id=int(rng.integers(1, items)), event_type=RATING,
+                         event_time_ms=1_700_000_000_000 + int(rng.integers(0, 10 ** 8))) for _ in range(count)]
+    producer = EventProducer(broker, name)
+    producer.send_all(events)
+    producer.close()
+    return events
+
+
+def ingest_command(broker, name, directory, idle_seconds):
+    command = [sys.executable, "-m", "features.ingest", "--bootstrap-servers", broker, "--topic", name,
+               "--group", name, "--data-dir", str(directory), "--stop-after-idle", str(idle_seconds)]
+    return command, {**os.environ, "PYTHONPATH": os.getcwd()}
+
+
 def expected_state(events, history_length=200):
     """Ground truth per user: items in event-time order (ties: send order), the last N, the count."""
     per_user = defaultdict(list)
@@ -135,17 +152,9 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(broker, empty_store):
     """20,000 events; the ingester process is killed with SIGKILL three times and restarted."""
     store, directory = empty_store
     name = topic()
+    events = publish_random_events(broker, name, 20_000, users=400, items=5000, seed=1)
+    command, env = ingest_command(broker, name, directory, idle_seconds=4)
     rng = np.random.default_rng(1)
-    base = 1_700_000_000_000
-    events = [make_event(user_id=int(rng.integers(1, 400)), item_id=int(rng.integers(1, 5000)), event_type=RATING,
-                         event_time_ms=base + int(rng.integers(0, 10 ** 8))) for _ in range(20_000)]
-    producer = EventProducer(broker, name)
-    producer.send_all(events)
-    producer.close()
-
-    command = [sys.executable, "-m", "features.ingest", "--bootstrap-servers", broker, "--topic", name,
-               "--group", name, "--data-dir", str(directory), "--stop-after-idle", "4"]
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
     def logged() -> int:  # events in the offline log, re-deliveries included
         return sum(len(pd.read_parquet(f)) for f in (directory / "offline" / "events").glob("*.parquet"))
 
@@ -210,15 +219,8 @@ def test_two_ingesters_in_a_group_share_the_partitions(broker, empty_store):
     admin = KafkaAdminClient(bootstrap_servers=broker)
     admin.create_topics([NewTopic(name, num_partitions=4, replication_factor=1)])
     admin.close()
-    rng = np.random.default_rng(2)
-    events = [make_event(user_id=int(rng.integers(1, 300)), item_id=int(rng.integers(1, 3000)), event_type=RATING,
-                         event_time_ms=1_700_000_000_000 + int(rng.integers(0, 10 ** 8))) for _ in range(6000)]
-    producer = EventProducer(broker, name)
-    producer.send_all(events)
-    producer.close()
-    command = [sys.executable, "-m", "features.ingest", "--bootstrap-servers", broker, "--topic", name,
-               "--group", name, "--data-dir", str(directory), "--stop-after-idle", "5"]
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    events = publish_random_events(broker, name, 6000, users=300, items=3000, seed=2)
+    command, env = ingest_command(broker, name, directory, idle_seconds=5)
     processes = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                  for _ in range(2)]
     logs = [p.communicate(timeout=300)[1] for p in processes]
