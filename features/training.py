@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from features.repo.definitions import HISTORY_LENGTH
 from features.store import data_dir
 from recsys.data.examples import Examples, build_examples, value_to_id
 from recsys.data.movielens import MOVIELENS_SCHEMA
@@ -66,6 +65,3 @@ def examples_from_store(store, directory=None, *, label_threshold: float = 4.0, 
     examples.sequence_start = offsets[:-1]
     examples.history_length = lengths
     return examples
-
-
-__all__ = ["HISTORY_LENGTH", "examples_from_store", "historical_frame"]
