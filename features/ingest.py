@@ -158,7 +158,7 @@ class Ingester:
             merged = list(zip(stamps, items)) + [(e.event_time_ms // 1000, e.item_id) for _, _, e in fresh]
             merged.sort(key=lambda pair: pair[0])  # stable: among equal times, arrival order
             merged = merged[-self.history_length:]
-            rows.append({"user_id": user, "history_item_ids": [i for _, i in merged],
+            rows.append({"user_id": user, "history_item_ids": [item for _, item in merged],
                          "history_timestamps": [t for t, _ in merged], "interaction_count": count + len(fresh),
                          "ingest_source": f"{self.topic}/{fresh[-1][0]}", "ingest_offset": fresh[-1][1],
                          "event_timestamp": now})
