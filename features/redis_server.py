@@ -9,13 +9,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from features.broker import free_port
 from features.store import StoreError
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextmanager

@@ -178,7 +178,7 @@ def test_redis_profile_serves_what_sqlite_serves(ml100k, redis_url, tmp_path, lo
 
 def test_an_unreachable_store_is_named_after_retries(loaded_store):
     from features.online import OnlineFeatures
-    from features.redis_server import free_port
+    from features.broker import free_port
 
     port = free_port()  # nobody listens there
     store = open_store("redis", loaded_store[1], f"127.0.0.1:{port}")  # the applied registry, a dead Redis
