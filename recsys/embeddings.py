@@ -52,14 +52,14 @@ class _LookupEmbedding(nn.Module):
         self.output_dim = sum(f.probes for f in features) * dim
         self.lookups = [(self.features.index(name), name, probe) for name, probe, _ in lookups]
         self.lookup_keys = [key for _, _, key in lookups]
+        # extra lookups (history items of sequence models) read a feature's rows under other keys;
+        # only the unified table has them
+        self.extra_lookups: list[tuple[int, str, int]] = []
+        self.extra_keys: list[str] = []
         self.ebc = EmbeddingBagCollection(tables=tables, device=torch.device(device or "cpu"))
 
     def rows(self, feature_index: int, probe: int, values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    # extra lookups (history items of sequence models) read a feature's rows under other keys
-    extra_lookups: list[tuple[int, str, int]] = []
-    extra_keys: list[str] = []
 
     def lookup_kjt(self, features: KeyedJaggedTensor,
                    extra: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> KeyedJaggedTensor:

@@ -62,8 +62,8 @@ class Examples:
 
     def history(self, i: int, max_len: int) -> np.ndarray:
         """The at most ``max_len`` most recent items before example ``i``, oldest first."""
-        end = self.sequence_start[i] + self.history_length[i]
-        return self.sequence_items[max(self.sequence_start[i], end - max_len):end]
+        start, end, _ = self.history_ranges(np.array([i]), max_len)
+        return self.sequence_items[start[0]:end[0]]
 
     def history_ranges(self, index: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(start, end) into the sequence arrays of each example's history, truncated to
