@@ -7,19 +7,24 @@ One loop, a batch at a time:
   1. poll a batch of messages (a consumer group: run more ingesters to scale out)
   2. decode and validate each; a bad one goes to ``<topic>.dead-letter`` with its
      reason, partition and offset in the headers, and is counted
-  3. group the valid events by user (Kafka key = user id, so one partition owns a user)
-  4. read those users' and items' current state from the online store, apply the
-     events, write every changed row back in one batch per view
-  5. append the events to the offline event log (Parquet, one file per batch)
-  6. only then commit the offsets
+  3. group the valid events by user (Kafka key = user id, so one partition owns a user),
+     read those users' rows from the online store, apply the events, write the changed
+     rows back in one batch
+  4. append the events to the offline event log (Parquet, one file per batch)
+  5. re-key every behaviour onto ``<topic>.item-deltas`` with the item id as key, so
+     that one partition owns an item too; the same consumer reads that topic and
+     applies item deltas to the item counters exactly as user events to users
+  6. only then commit the offsets (of both topics, once the deltas are acknowledged)
 
 Exactly-once effect. A crash anywhere before step 6 re-delivers the batch. Every
 user row carries a watermark, the (topic/partition, offset) of the last event applied
-to it, and every item row the last offset applied per partition of its topic; a re-delivered
-event at or below its watermark is skipped. So a user's history and every count
-change exactly once per event, however often the ingester dies. The offline log
-is at-least-once: a re-delivered batch is logged again, and readers drop
-duplicate event ids.
+to it, and every item row the last offset applied per partition of the source topic
+(carried by each delta in its headers); a re-delivered event or delta at or below its
+watermark is skipped. Item rows are written only by the owner of the item's delta
+partition, so ingesters in a group never read-modify-write one row at once. So a
+user's history and every count change exactly once per event, however often and
+however many ingesters die. The offline log is at-least-once: a re-delivered batch
+is logged again, and readers drop duplicate event ids.
 
 No torch: Feast imports torch when it can, so the ingester hides it first.
 """
@@ -52,29 +57,75 @@ class IngestStats:
     batches: int = 0
     events: int = 0
     applied: int = 0
+    item_deltas: int = 0
     skipped_duplicates: int = 0
     dead_letters: int = 0
     failed_commits: int = 0
     reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
+ITEM_DELTAS_SUFFIX = ".item-deltas"
+DEFAULT_PARTITIONS = 4
+
+
+def ensure_topics(bootstrap_servers: str, topic: str, partitions: int = DEFAULT_PARTITIONS) -> int:
+    """Create the event topic (if missing) and its item-delta topic with as many partitions;
+    returns that number. Works on any Kafka cluster; a topic another ingester just created is fine."""
+    from kafka import KafkaAdminClient, KafkaConsumer
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    probe = KafkaConsumer(bootstrap_servers=bootstrap_servers)
+    try:
+        existing = probe.partitions_for_topic(topic)
+    finally:
+        probe.close()
+    count = len(existing) if existing else partitions
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    try:
+        for name in ([] if existing else [topic]) + [topic + ITEM_DELTAS_SUFFIX]:
+            try:
+                admin.create_topics([NewTopic(name, num_partitions=count, replication_factor=1)])
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+    return count
+
+
+def source_position(message) -> tuple[int, int]:
+    """The (partition, offset) of the event an item delta was re-keyed from."""
+    from features.events import InvalidEvent
+
+    headers = dict(message.headers or [])
+    try:
+        return int(headers["source_partition"]), int(headers["source_offset"])
+    except (KeyError, ValueError):
+        raise InvalidEvent("item delta without source_partition/source_offset headers") from None
+
+
 class Ingester:
     def __init__(self, bootstrap_servers: str, store, directory: Path, *, topic: str = "user-events",
                  group: str = "plexrec-ingest", history_length: int = 200, max_batch: int = 2000,
-                 poll_timeout_ms: int = 500) -> None:
+                 poll_timeout_ms: int = 500, partitions: int = DEFAULT_PARTITIONS) -> None:
         from kafka import KafkaConsumer, KafkaProducer
 
         from features.events import DEAD_LETTER_SUFFIX
 
         self.store, self.directory, self.topic = store, directory, topic
         self.dead_letter_topic = topic + DEAD_LETTER_SUFFIX
+        self.item_deltas_topic = topic + ITEM_DELTAS_SUFFIX
         self.history_length, self.max_batch, self.poll_timeout_ms = history_length, max_batch, poll_timeout_ms
+        ensure_topics(bootstrap_servers, topic, partitions)
         # a short session timeout: the first group assignment waits about half of it (measured on tansu)
         self.consumer = KafkaConsumer(
-            topic, bootstrap_servers=bootstrap_servers, group_id=group, enable_auto_commit=False,
-            auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=1000,
-            max_poll_interval_ms=60000, max_poll_records=max_batch)
-        self.dead_letters = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all")
+            topic, self.item_deltas_topic, bootstrap_servers=bootstrap_servers, group_id=group,
+            enable_auto_commit=False, auto_offset_reset="earliest", session_timeout_ms=6000,
+            heartbeat_interval_ms=1000, max_poll_interval_ms=60000, max_poll_records=max_batch)
+        # one request in flight: a partition's deltas reach the broker in the order they were sent,
+        # which the item watermarks rely on
+        self.producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5,
+                                      max_in_flight_requests_per_connection=1)
         self.stats = IngestStats()
         self.log_dir = directory / "offline" / "events"
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -91,16 +142,22 @@ class Ingester:
         messages = [m for records in polled.values() for m in records]
         if not messages:
             return 0
-        valid = []
+        events, deltas = [], []
         for message in messages:
             try:
-                valid.append((message.partition, message.offset, decode_event(message.key, message.value)))
+                if message.topic == self.item_deltas_topic:
+                    deltas.append((*source_position(message), decode_event(None, message.value)))
+                else:
+                    events.append((message.partition, message.offset, decode_event(message.key, message.value)))
             except InvalidEvent as reason:
                 self._dead_letter(message, str(reason))
-        if valid:
-            self._apply(valid)
-            self._log(valid)
-        self.dead_letters.flush()  # dead letters are safe before their offsets are committed
+        if events:
+            self._apply_to_users(events)
+            self._log(events)
+            self._send_item_deltas(events)
+        if deltas:
+            self._apply_to_items(deltas)
+        self.producer.flush()  # dead letters and deltas are safe before their offsets are committed
         try:
             self.consumer.commit()
         except CommitFailedError:
@@ -109,31 +166,30 @@ class Ingester:
             self.stats.failed_commits += 1
             log.warning("offsets not committed: the group rebalanced; the batch will be re-delivered")
         self.stats.batches += 1
-        self.stats.events += len(messages)
+        self.stats.events += len(messages) - len(deltas)
+        self.stats.item_deltas += len(deltas)
         return len(messages)
 
     def _dead_letter(self, message, reason: str) -> None:
         headers = [("reason", reason.encode()), ("source_topic", message.topic.encode()),
                    ("source_partition", str(message.partition).encode()),
                    ("source_offset", str(message.offset).encode())]
-        self.dead_letters.send(self.dead_letter_topic, key=message.key, value=message.value, headers=headers)
+        self.producer.send(self.dead_letter_topic, key=message.key, value=message.value, headers=headers)
         self.stats.dead_letters += 1
         self.stats.reasons[reason.split(":")[0].split(" ")[0]] += 1
         log.warning("dead letter (partition %d offset %d): %s", message.partition, message.offset, reason)
 
-    def _apply(self, events: list[tuple[int, int, object]]) -> None:
+    def _apply_to_users(self, events: list[tuple[int, int, object]]) -> None:
         import pandas as pd
 
         from features.events import BEHAVIOURS
 
-        behaviours = [(p, o, e) for p, o, e in events if e.event_type in BEHAVIOURS]
-        if not behaviours:
-            return
         by_user: dict[int, list] = defaultdict(list)
-        by_item: dict[int, list] = defaultdict(list)
-        for partition, offset, event in behaviours:
-            by_user[event.user_id].append((partition, offset, event))
-            by_item[event.item_id].append((partition, offset, event))
+        for partition, offset, event in events:
+            if event.event_type in BEHAVIOURS:
+                by_user[event.user_id].append((partition, offset, event))
+        if not by_user:
+            return
         now = pd.Timestamp(datetime.now(timezone.utc))
 
         users = list(by_user)
@@ -165,6 +221,25 @@ class Ingester:
         if rows:
             self.store.write_to_online_store("user_history", pd.DataFrame(rows))
 
+    def _send_item_deltas(self, events: list[tuple[int, int, object]]) -> None:
+        """Every behaviour, re-delivered ones included (the item side has its own watermarks),
+        in offset order per partition, keyed by item id."""
+        from features.events import BEHAVIOURS
+
+        for partition, offset, event in sorted(events, key=lambda x: (x[0], x[1])):
+            if event.event_type in BEHAVIOURS:
+                headers = [("source_partition", str(partition).encode()), ("source_offset", str(offset).encode())]
+                self.producer.send(self.item_deltas_topic, key=str(event.item_id).encode(),
+                                   value=event.SerializeToString(), headers=headers)
+
+    def _apply_to_items(self, deltas: list[tuple[int, int, object]]) -> None:
+        """Deltas as (source partition, source offset, event); this ingester owns these items."""
+        import pandas as pd
+
+        by_item: dict[int, list] = defaultdict(list)
+        for partition, offset, event in deltas:
+            by_item[event.item_id].append((partition, offset, event))
+        now = pd.Timestamp(datetime.now(timezone.utc))
         items = list(by_item)
         current = self.store.get_online_features(
             features=["item_counters:interaction_count", "item_counters:ingest_topic",
@@ -218,8 +293,8 @@ class Ingester:
                 return self.stats
 
     def close(self) -> None:
-        self.dead_letters.flush()
-        self.dead_letters.close()
+        self.producer.flush()
+        self.producer.close()
         self.consumer.close()
 
 
@@ -245,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="local", choices=["local", "redis"])
     parser.add_argument("--redis-url", help="host:port of Redis for --profile redis")
     parser.add_argument("--history-length", type=int, default=200)
+    parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS,
+                        help="partitions of the topics the ingester creates when they are missing")
     parser.add_argument("--stop-after-idle", type=float, help="exit after this many idle seconds (default: never)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -257,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         directory = data_dir(args.data_dir)
         ingester = Ingester(args.bootstrap_servers, open_store(args.profile, directory, args.redis_url), directory,
-                            topic=args.topic, group=args.group, history_length=args.history_length)
+                            topic=args.topic, group=args.group, history_length=args.history_length,
+                            partitions=args.partitions)
     except StoreError as exc:
         sys.exit(f"plexrec ingest: {exc}")
     log.info("ingesting %s from %s into %s (group %s)", args.topic, args.bootstrap_servers, directory, args.group)
@@ -267,8 +345,9 @@ def main(argv: list[str] | None = None) -> None:
         stats = ingester.stats
     finally:
         ingester.close()
-    log.info("stopped: %d batches, %d events, %d applied, %d duplicates skipped, %d dead letters",
-             stats.batches, stats.events, stats.applied, stats.skipped_duplicates, stats.dead_letters)
+    log.info("stopped: %d batches, %d events, %d applied, %d duplicates skipped, %d dead letters, %d item deltas",
+             stats.batches, stats.events, stats.applied, stats.skipped_duplicates, stats.dead_letters,
+             stats.item_deltas)
 
 
 if __name__ == "__main__":

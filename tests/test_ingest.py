@@ -66,6 +66,17 @@ def online_state(store, users):
             for i, u in enumerate(users)}
 
 
+def item_counts_match(store, events) -> bool:
+    """Every item's online interaction count equals its number of events."""
+    truth = defaultdict(int)
+    for event in events:
+        truth[event.item_id] += 1
+    items = sorted(truth)
+    counts = store.get_online_features(features=["item_counters:interaction_count"],
+                                       entity_rows=[{"item_id": i} for i in items]).to_dict()["interaction_count"]
+    return dict(zip(items, counts)) == dict(truth)
+
+
 def test_events_become_histories_and_counts(broker, empty_store):
     store, directory = empty_store
     name = topic()
@@ -82,7 +93,7 @@ def test_events_become_histories_and_counts(broker, empty_store):
     ingester.close()
     behaviours = [e for e in events if e.event_type == RATING]
     assert online_state(store, [1, 2, 3]) == expected_state(behaviours)
-    assert stats.events == 61 and stats.applied == 60 and stats.dead_letters == 0
+    assert stats.events == 61 and stats.applied == 60 and stats.item_deltas == 60 and stats.dead_letters == 0
     counts = store.get_online_features(features=["item_counters:interaction_count"],
                                        entity_rows=[{"item_id": 100}, {"item_id": 5}]).to_dict()
     assert counts["interaction_count"] == [1, None]
@@ -175,13 +186,7 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(broker, empty_store):
     truth = expected_state(events)
     assert progress[-1] < 20_000 or len(set(progress)) == 3  # three kills, each after some progress
     assert online_state(store, sorted(truth)) == truth
-    item_truth = defaultdict(int)
-    for event in events:
-        item_truth[event.item_id] += 1
-    items = sorted(item_truth)
-    counts = store.get_online_features(features=["item_counters:interaction_count"],
-                                       entity_rows=[{"item_id": i} for i in items]).to_dict()["interaction_count"]
-    assert dict(zip(items, counts)) == dict(item_truth)
+    assert item_counts_match(store, events)
     log = read_event_log(directory)
     assert len(log) == 20_000 and set(log["event_id"]) == {e.event_id for e in events}
 
@@ -210,7 +215,8 @@ def test_the_ingester_runs_without_torch():
 
 
 def test_two_ingesters_in_a_group_share_the_partitions(broker, empty_store):
-    """A 4-partition topic, two ingester processes in one group: every user's state exact."""
+    """A 4-partition topic, two ingester processes in one group: every user's state exact, and every
+    item's count, although each of the 40 items gets events from every partition."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
 
@@ -219,7 +225,7 @@ def test_two_ingesters_in_a_group_share_the_partitions(broker, empty_store):
     admin = KafkaAdminClient(bootstrap_servers=broker)
     admin.create_topics([NewTopic(name, num_partitions=4, replication_factor=1)])
     admin.close()
-    events = publish_random_events(broker, name, 6000, users=300, items=3000, seed=2)
+    events = publish_random_events(broker, name, 6000, users=300, items=40, seed=2)
     command, env = ingest_command(broker, name, directory, idle_seconds=5)
     processes = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                  for _ in range(2)]
@@ -230,6 +236,7 @@ def test_two_ingesters_in_a_group_share_the_partitions(broker, empty_store):
     assert sum(applied) == 6000 and all(n > 0 for n in applied), applied  # both did part of the work
     truth = expected_state(events)
     assert online_state(store, sorted(truth)) == truth
+    assert item_counts_match(store, events)
 
 
 def test_a_recreated_topic_is_not_mistaken_for_re_delivery(broker, empty_store):
