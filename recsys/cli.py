@@ -20,15 +20,17 @@ def configure_logging(verbose: bool = False) -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
 
 
-STREAM_COMMANDS = {"ingest": "features.ingest:main", "replay": "features.events:replay_main"}
+# jobs with their own flags, dispatched before anything imports torch (ingest, replay and score never do)
+STANDALONE_COMMANDS = {"ingest": "features.ingest:main", "replay": "features.events:replay_main",
+                       "serve": "serving.server:main", "score": "serving.client:main"}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in STREAM_COMMANDS:  # stream jobs: their own flags, and never torch
+    if argv and argv[0] in STANDALONE_COMMANDS:
         import importlib
 
-        module, function = STREAM_COMMANDS[argv[0]].split(":")
+        module, function = STANDALONE_COMMANDS[argv[0]].split(":")
         getattr(importlib.import_module(module), function)(argv[1:])
         return
     parser = argparse.ArgumentParser(
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("ingest", help="consume user events from Kafka into the feature store (see --help)")
     commands.add_parser("replay", help="publish a data set's interactions to Kafka as events (see --help)")
+    commands.add_parser("serve", help="the gRPC scoring server over an exported model (see --help)")
+    commands.add_parser("score", help="score items for a user on a running server (see --help)")
 
     from recsys.train import add_train_arguments
     train = commands.add_parser("train", help="train a ranker, evaluate it, export a versioned model",

@@ -44,7 +44,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from recsys.config import ConfigError, RunConfig, load_config
-from recsys.data.batching import iterate_batches, num_steps
+from recsys.data.batching import iterate_batches, model_inputs, num_steps
 from recsys.data.examples import TEST, TRAIN, VALID, Examples, load_dataset
 from recsys.embeddings import UNIFIED_TABLE
 from recsys.export import export_model, model_fingerprint
@@ -174,10 +174,7 @@ class Trainer:
             raise ConfigError(f"features {unknown} are not in the data set, which offers "
                              f"{examples.feature_names}; fix the config's features list")
         # sequence models also read the target's category and the history
-        self.history_length = config.data.max_history if config.sequence.mode != "none" else 0
-        self.batch_features = self.feature_names + (
-            ["item_category"] if self.history_length and "item_category" in examples.feature_names
-            and "item_category" not in self.feature_names else [])
+        self.batch_features, self.history_length = model_inputs(config, examples.feature_names)
         self.train_examples = examples.split_part(TRAIN)
         self.eval_examples = {"valid": examples.split_part(VALID), "test": examples.split_part(TEST)}
         self.dense_names = examples.dense_names

@@ -38,6 +38,17 @@ class Batch:
         return len(self.labels)
 
 
+def model_inputs(config, available_features: list[str]) -> tuple[list[str], int]:
+    """(the KJT keys a run config's model reads, its history length): its features, plus the
+    target's category for sequence models where the data has one; training and serving agree
+    on this by calling it."""
+    feature_names = [f.name for f in config.features]
+    history_length = config.data.max_history if config.sequence.mode != "none" else 0
+    if history_length and "item_category" in available_features and "item_category" not in feature_names:
+        feature_names.append("item_category")
+    return feature_names, history_length
+
+
 def features_to_kjt(feature_names: list[str], values: dict[str, np.ndarray],
                     offsets: dict[str, np.ndarray]) -> KeyedJaggedTensor:
     """Jagged raw ids per feature -> one KJT (key-major, then batch)."""

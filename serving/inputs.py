@@ -1,0 +1,61 @@
+"""Online features of one user and their candidates -> the model's input batch.
+
+The online store's rows are laid out as the point-in-time join's rows and go
+through ``features.examples.examples_from_feature_rows`` and
+``recsys.data.batching.make_batch``, the code training uses: serving has no
+second feature pipeline that could drift from training's.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+
+from features.examples import ITEM_PROFILE_COLUMNS, USER_PROFILE_COLUMNS, examples_from_feature_rows
+from features.online import ItemFeatures, UserFeatures
+from recsys.data.batching import Batch, make_batch
+from recsys.data.examples import DERIVED_DENSE
+
+# an item the store has never seen still needs a category (its first genre); ML-100K's own word for none
+COLD_START_CATEGORY = "unknown"
+# what the online store can supply; a model trained on anything else cannot be served from it
+SERVABLE_FEATURES = {"user_id", "item_id", "item_category", *USER_PROFILE_COLUMNS, *ITEM_PROFILE_COLUMNS} - {"category"}
+SERVABLE_DENSE = list(DERIVED_DENSE)
+
+
+def item_category(item: ItemFeatures) -> str:
+    return item.profile.get("category") or COLD_START_CATEGORY
+
+
+def feature_rows(user: UserFeatures, items: list[ItemFeatures], now_seconds: int | None = None) -> pd.DataFrame:
+    """One feature row per candidate, as the ``ranker`` feature service's join returns it."""
+    now_seconds = int(time.time()) if now_seconds is None else now_seconds
+    n = len(items)
+    columns = {
+        "user_id": np.full(n, user.user_id, dtype=np.int64),
+        "item_id": np.array([i.item_id for i in items], dtype=np.int64),
+        "timestamp": np.full(n, now_seconds, dtype=np.int64),
+        "rating": np.zeros(n),  # no label at serving time
+        "user_interaction_count": np.full(n, user.interaction_count, dtype=np.int64),
+        "item_interaction_count": np.array([i.interaction_count for i in items], dtype=np.int64),
+        "history_item_ids": [user.history_item_ids] * n,
+        "history_timestamps": [user.history_timestamps] * n,
+    }
+    for column in USER_PROFILE_COLUMNS:
+        columns[column] = [user.profile.get(column)] * n
+    columns["genres"] = [list(i.profile.get("genres") or [COLD_START_CATEGORY]) for i in items]
+    columns["release_year"] = pd.array([i.profile.get("release_year") for i in items], dtype="Int64")
+    columns["category"] = [item_category(i) for i in items]
+    return pd.DataFrame(columns)
+
+
+def model_batch(user: UserFeatures, items: list[ItemFeatures], history_items: dict[int, ItemFeatures],
+                feature_names: list[str], history_length: int, now_seconds: int | None = None) -> Batch:
+    """The batch the model scores: row i is (user, items[i]); ``history_items`` gives the
+    categories of the user's history items (a sequence model reads them)."""
+    examples = examples_from_feature_rows(
+        feature_rows(user, items, now_seconds),
+        item_categories={item_id: item_category(item) for item_id, item in history_items.items()})
+    return make_batch(examples, np.arange(len(items)), feature_names, history_length)

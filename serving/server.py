@@ -1,0 +1,348 @@
+"""The gRPC scoring server.
+
+    plexrec serve --model-dir runs/ml100k_sequence/models [--port 50051] [--metrics-port 9464]
+
+Per call: validate the request (``INVALID_ARGUMENT`` naming the field), read the
+user's profile and history from the online store and the candidates' features
+through the item cache (features/online.py), build the model inputs with
+training's code (serving/inputs.py), run the exported model under
+``torch.inference_mode``, return click probabilities. Store reads and the
+forward run on a thread pool, so the event loop keeps accepting calls.
+
+Also served: standard gRPC health checking (``grpc.health.v1.Health``) and
+server reflection. Optional TLS (``--tls-cert/--tls-key``) and bearer-token
+authentication (``--token-file`` or $PLEXREC_TOKEN; health stays open for load
+balancers). Prometheus metrics on ``--metrics-port``. A newer model version
+under ``--model-dir`` is loaded in the background and swapped in atomically; a
+broken one is refused with a log line and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from features.online import OnlineFeatures
+from protos.plexrec.v1 import scoring_pb2, scoring_pb2_grpc
+from serving.metrics import ServingMetrics
+from serving.model import ModelWatcher
+
+log = logging.getLogger("plexrec.serving")
+
+SERVICE_NAME = scoring_pb2.DESCRIPTOR.services_by_name["Scoring"].full_name
+MAX_CONTEXT_ENTRIES = 32
+MAX_CONTEXT_TEXT = 256
+MAX_REQUEST_ID = 128
+OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # never behind the token
+
+
+@dataclass
+class ServeConfig:
+    model_dir: str
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port
+    metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
+    max_candidates: int = 1000
+    max_message_bytes: int = 1 << 20
+    workers: int = 4
+    reload_seconds: float = 5.0
+    item_cache_seconds: float = 60.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    token: str | None = None
+
+
+class InvalidRequest(ValueError):
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+def validate(request, max_candidates: int) -> None:
+    """Raise InvalidRequest naming the first bad field of a Score or Rank request."""
+    if request.user_id <= 0:
+        raise InvalidRequest("user_id", f"must be a positive id, got {request.user_id}")
+    if not request.item_ids:
+        raise InvalidRequest("item_ids", "is empty; send at least one candidate")
+    if len(request.item_ids) > max_candidates:
+        raise InvalidRequest("item_ids", f"has {len(request.item_ids)} candidates; at most {max_candidates}")
+    bad = next((i for i in request.item_ids if i <= 0), None)
+    if bad is not None:
+        raise InvalidRequest("item_ids", f"must be positive ids, got {bad}")
+    if len(set(request.item_ids)) != len(request.item_ids):
+        seen, duplicate = set(), None
+        for item in request.item_ids:
+            if item in seen:
+                duplicate = item
+                break
+            seen.add(item)
+        raise InvalidRequest("item_ids", f"item {duplicate} appears more than once")
+    if len(request.context) > MAX_CONTEXT_ENTRIES:
+        raise InvalidRequest("context", f"has {len(request.context)} entries; at most {MAX_CONTEXT_ENTRIES}")
+    if any(len(k) > MAX_CONTEXT_TEXT or len(v) > MAX_CONTEXT_TEXT for k, v in request.context.items()):
+        raise InvalidRequest("context", f"a key or value is longer than {MAX_CONTEXT_TEXT} characters")
+    if len(request.request_id) > MAX_REQUEST_ID:
+        raise InvalidRequest("request_id", f"is longer than {MAX_REQUEST_ID} characters")
+
+
+class ScoringService(scoring_pb2_grpc.ScoringServicer):
+    def __init__(self, watcher: ModelWatcher, online: OnlineFeatures, config: ServeConfig,
+                 metrics: ServingMetrics) -> None:
+        self.watcher, self.online, self.config, self.metrics = watcher, online, config, metrics
+        self.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="score")
+
+    async def Score(self, request, context):
+        scores, version = await self._scores("Score", request, context)
+        return scoring_pb2.ScoreResponse(scores=scores.tolist(), model_version=version, request_id=request.request_id)
+
+    async def Rank(self, request, context):
+        scores, version = await self._scores("Rank", request, context)
+        order = np.argsort(-scores, kind="stable")  # ties keep request order
+        if request.k:
+            order = order[:request.k]
+        items = [scoring_pb2.ScoredItem(item_id=request.item_ids[i], score=float(scores[i])) for i in order]
+        return scoring_pb2.RankResponse(items=items, model_version=version, request_id=request.request_id)
+
+    async def _scores(self, method: str, request, context) -> tuple[np.ndarray, str]:
+        started = time.perf_counter()
+        self.metrics.calls.labels(method).inc()
+        try:
+            validate(request, self.config.max_candidates)
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExpired()
+            loop = asyncio.get_running_loop()
+            scores, version = await loop.run_in_executor(self.pool, self._score_sync, request, context)
+        except InvalidRequest as exc:
+            await self._fail(method, request, context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except DeadlineExpired:
+            await self._fail(method, request, context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                             "the deadline passed before the scores were ready")
+        except Exception as exc:  # noqa: BLE001 - a request must fail with a status, not a stack trace
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            await self._fail(method, request, context, grpc.StatusCode.UNAVAILABLE if _store_down(exc)
+                             else grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        self.metrics.latency.labels("total").observe(time.perf_counter() - started)
+        self.metrics.candidates.observe(len(request.item_ids))
+        return scores, version
+
+    def _score_sync(self, request, context) -> tuple[np.ndarray, str]:
+        model = self.watcher.current  # one read: this call uses one model from start to end
+        self.online.use_model_version(model.version)
+        started = time.perf_counter()
+        user = self.online.user(request.user_id)
+        items = self.online.items(list(request.item_ids))
+        history = self.online.items(user.history_item_ids[-model.history_length:]) if model.history_length else {}
+        fetched = time.perf_counter()
+        batch = model.batch(user, [items[i] for i in request.item_ids], history)
+        built = time.perf_counter()
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExpired()
+        scores = model.probabilities(batch)
+        done = time.perf_counter()
+        self.metrics.latency.labels("feature_fetch").observe(fetched - started)
+        self.metrics.latency.labels("model_inputs").observe(built - fetched)
+        self.metrics.latency.labels("forward").observe(done - built)
+        return scores, model.version
+
+    async def _fail(self, method: str, request, context, code: grpc.StatusCode, message: str) -> None:
+        self.metrics.errors.labels(method, code.name).inc()
+        log.warning(json.dumps({"event": "call_failed", "method": method, "code": code.name, "message": message,
+                                "request_id": request.request_id, "user_id": request.user_id,
+                                "candidates": len(request.item_ids)}))
+        await context.abort(code, message)
+
+
+class DeadlineExpired(Exception):
+    pass
+
+
+def _store_down(exc: Exception) -> bool:
+    from features.store import StoreError
+
+    return isinstance(exc, StoreError)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Calls must carry ``authorization: Bearer <token>``; health checks and reflection need none."""
+
+    def __init__(self, token: str) -> None:
+        self.expected = f"Bearer {token}"
+
+        async def refuse(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
+
+        self.refusal = refuse
+
+    async def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith(OPEN_METHODS):
+            return await continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if metadata.get("authorization") == self.expected:
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        return grpc.unary_unary_rpc_method_handler(
+            self.refusal, request_deserializer=handler.request_deserializer if handler else None,
+            response_serializer=handler.response_serializer if handler else None)
+
+
+class ScoringServer:
+    """The running server: ``await start()``, then ``port``, ``metrics_port``, ``await stop()``."""
+
+    def __init__(self, config: ServeConfig, store) -> None:
+        self.config = config
+        self.watcher = ModelWatcher(config.model_dir)
+        self.metrics = ServingMetrics()
+        self.metrics.model_version(self.watcher.current.version)
+        self.online = OnlineFeatures(store, ttl_seconds=config.item_cache_seconds)
+        self.service = ScoringService(self.watcher, self.online, config, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.port = self.metrics_port = None
+        self._reload_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
+        options = [("grpc.max_receive_message_length", config.max_message_bytes),
+                   ("grpc.max_send_message_length", config.max_message_bytes)]
+        self.server = grpc.aio.server(interceptors=interceptors, options=options)
+        scoring_pb2_grpc.add_ScoringServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME],
+                                            self.server)
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert or config.tls_key:
+            if not (config.tls_cert and config.tls_key):
+                raise ValueError("TLS needs both --tls-cert and --tls-key")
+            credentials = grpc.ssl_server_credentials(
+                [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._reload_task = asyncio.create_task(self._watch_models())
+        log.info("scoring on %s:%d (%s%s), model %s, metrics %s", config.host, self.port,
+                 "TLS" if config.tls_cert else "plaintext", ", bearer token" if config.token else "",
+                 self.watcher.current.version,
+                 f"http://{config.host}:{self.metrics_port}/metrics" if self.metrics_port else "off")
+
+    async def _watch_models(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.reload_seconds)
+            try:
+                # loading runs on its own thread: calls keep being answered by the old model meanwhile
+                if await loop.run_in_executor(None, self.watcher.check):
+                    self.metrics.model_version(self.watcher.current.version)
+            except Exception:  # noqa: BLE001 - the watcher must outlive any one bad check
+                log.exception("model check failed; still serving %s", self.watcher.current.version)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._reload_task:
+            self._reload_task.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self.service.pool.shutdown(wait=False)
+        self.metrics.close()
+
+
+@contextmanager
+def serving_in_background(config: ServeConfig, store) -> Iterator[ScoringServer]:
+    """A started server on an event loop of its own thread (tests, benchmarks, the quickstart);
+    stopped on exit."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="scoring-server", daemon=True)
+    thread.start()
+
+    async def start() -> ScoringServer:
+        server = ScoringServer(config, store)
+        await server.start()
+        return server
+
+    server = None
+    try:
+        server = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=120)
+        yield server
+    finally:
+        if server is not None:
+            asyncio.run_coroutine_threadsafe(server.stop(), loop).result(timeout=60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+async def serve_forever(config: ServeConfig, store) -> None:
+    import signal
+
+    server = ScoringServer(config, store)
+    await server.start()
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopped.set)
+    await stopped.wait()
+    log.info("stopping")
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    from features.store import StoreError, data_dir, open_store
+    from recsys.export import ModelArtifactError
+
+    parser = argparse.ArgumentParser(prog="plexrec serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", required=True,
+                        help="an exported model directory, or a root of versions (the newest is served and "
+                             "newer ones are picked up)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    parser.add_argument("--data-dir", help="the feature store's data directory (default: $PLEXREC_DATA_DIR or .plexrec)")
+    parser.add_argument("--profile", default="local", choices=["local", "redis"])
+    parser.add_argument("--redis-url", help="host:port of Redis for --profile redis")
+    parser.add_argument("--max-candidates", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=4, help="threads for store reads and the model")
+    parser.add_argument("--reload-seconds", type=float, default=5.0, help="how often to look for a newer model")
+    parser.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
+    parser.add_argument("--tls-key", help="PEM private key")
+    parser.add_argument("--token-file", help="require 'authorization: Bearer <token>' with the token in this file "
+                                             "(or set $PLEXREC_TOKEN)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("PLEXREC_TOKEN")
+    config = ServeConfig(model_dir=args.model_dir, host=args.host, port=args.port, metrics_port=args.metrics_port,
+                         max_candidates=args.max_candidates, workers=args.workers,
+                         reload_seconds=args.reload_seconds, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                         token=token or None)
+    try:
+        store = open_store(args.profile, data_dir(args.data_dir), args.redis_url)
+        asyncio.run(serve_forever(config, store))
+    except (StoreError, ModelArtifactError, ValueError, OSError) as exc:
+        sys.exit(f"plexrec serve: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""The gRPC scoring server on loopback: a real trained model, a real local Feast store with ML-100K."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from features.load import load_into_store
+from features.store import open_store
+from recsys.data.batching import make_batch, model_inputs
+from recsys.data.examples import build_examples
+from recsys.export import load_model
+from recsys.train import Trainer
+from serving.client import ScoringClient
+from serving.server import ServeConfig, serving_in_background
+
+from .conftest import small_config
+
+USER = 1  # 272 ratings in ML-100K: a long history
+
+
+@pytest.fixture(scope="module")
+def store_dir(ml100k, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("serving-store")
+    frame, schema = ml100k
+    load_into_store(open_store("local", directory), frame, schema, directory, history_length=200)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model_root(small_examples, tmp_path_factory):
+    """A DARE ranker trained briefly on real data, exported under ``<root>/models/<version>``."""
+    out = tmp_path_factory.mktemp("serving-run")
+    config = small_config(epochs=1)
+    config.sequence.mode, config.sequence.top_k, config.data.max_history = "dare", 16, 200
+    result = Trainer(config, examples=small_examples, out_dir=out).fit(progress=False)
+    return Path(result["model_dir"]).parent
+
+
+@pytest.fixture(scope="module")
+def server(store_dir, model_root):
+    config = ServeConfig(model_dir=str(model_root), port=0, metrics_port=0)
+    with serving_in_background(config, open_store("local", store_dir)) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server):
+    with ScoringClient(f"127.0.0.1:{server.port}") as scoring:
+        yield scoring
+
+
+def offline_scores(ml100k, model_dir: Path, user: int, items: list[int]) -> np.ndarray:
+    """The reference: the direct loader (not the store) builds examples for ``user`` x ``items`` one
+    second after the data ends; the exported model scores them."""
+    frame, schema = ml100k
+    user_columns = ["user_id", "age_bucket", "gender", "occupation", "zip_prefix"]
+    item_rows = frame.drop_duplicates("item_id").set_index("item_id").loc[items].reset_index()
+    request = item_rows.drop(columns=[c for c in user_columns if c != "item_id" and c in item_rows])
+    for column in user_columns:
+        request[column] = frame.loc[frame.user_id == user, column].iloc[0]
+    request["timestamp"], request["rating"] = frame.timestamp.max() + 1, 0
+    examples = build_examples(pd.concat([frame, request[frame.columns]], ignore_index=True), schema)
+    rows = np.flatnonzero((examples.user_id == user) & (examples.timestamp == frame.timestamp.max() + 1))
+    assert examples.item_id[rows].tolist() == items
+    model, manifest = load_model(model_dir)
+    from recsys.config import RunConfig
+
+    features, history_length = model_inputs(RunConfig.from_dict(manifest["config"]), examples.feature_names)
+    batch = make_batch(examples, rows, features, history_length)
+    with torch.inference_mode():
+        return torch.sigmoid(model(batch.dense, batch.sparse)).numpy()
+
+
+def test_server_scores_equal_the_offline_model_on_the_same_features(server, client, ml100k):
+    items = [50, 181, 7, 1682, 300, 1, 2, 1000]
+    scores, version = client.score(USER, items)
+    assert version == server.watcher.current.version
+    reference = offline_scores(ml100k, server.watcher.current.directory, USER, items)
+    np.testing.assert_allclose(scores, reference, atol=1e-5)
+    assert np.ptp(scores) > 1e-3  # the items are told apart, not one constant
+
+
+def test_rank_returns_the_best_k_in_order(client):
+    items = list(range(1, 101))
+    scores, _ = client.score(USER, items)
+    ranked = client.rank(USER, items, k=10)
+    assert [item for item, _ in ranked] == [items[i] for i in np.argsort(-np.array(scores), kind="stable")[:10]]
+    assert [s for _, s in ranked] == sorted((s for _, s in ranked), reverse=True)
+    assert len(client.rank(USER, items[:5])) == 5  # k = 0: all
+
+
+def test_unknown_users_and_items_get_cold_start_scores(client):
+    scores, _ = client.score(10_000_000, [1, 99_999_999])
+    assert all(0.0 < s < 1.0 for s in scores)
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"user_id": 0}, "user_id"),
+    ({"user_id": -3}, "user_id"),
+    ({"item_ids": []}, "item_ids"),
+    ({"item_ids": [1, -2]}, "item_ids"),
+    ({"item_ids": [1, 2, 1]}, "item_ids"),
+    ({"item_ids": list(range(1, 1002))}, "item_ids"),
+    ({"context": {"k": "v" * 300}}, "context"),
+    ({"request_id": "r" * 200}, "request_id"),
+])
+def test_bad_requests_are_invalid_argument_naming_the_field(client, change, field):
+    from protos.plexrec.v1 import scoring_pb2
+
+    request = scoring_pb2.ScoreRequest(**{"user_id": USER, "item_ids": [1, 2], **change})
+    with pytest.raises(grpc.RpcError) as error:
+        client.stub.Score(request, timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith(f"{field}:")
+
+
+def test_oversize_messages_and_deadlines(client):
+    with pytest.raises(grpc.RpcError) as error:
+        client.score(USER, [1], context={"blob": "x" * (2 << 20)})
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    hurried = ScoringClient(client.channel._channel.target().decode(), timeout=1e-4)
+    with pytest.raises(grpc.RpcError) as error:
+        hurried.score(USER, list(range(1, 1001)))
+    hurried.close()
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_health_checks_and_reflection(client):
+    health = health_pb2_grpc.HealthStub(client.channel)
+    for service in ("", "plexrec.v1.Scoring"):
+        status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    reflect = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    answer = next(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in answer.list_services_response.service}
+    assert {"plexrec.v1.Scoring", "grpc.health.v1.Health"} <= names
+
+
+def test_metrics_count_calls_errors_and_stages(server, client):
+    client.score(USER, [1, 2, 3])
+    with pytest.raises(grpc.RpcError):
+        client.score(0, [1])
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values['plexrec_calls_total{method="Score"}'] >= 2
+    assert values['plexrec_errors_total{code="INVALID_ARGUMENT",method="Score"}'] >= 1
+    for stage in ("feature_fetch", "model_inputs", "forward", "total"):
+        assert values[f'plexrec_latency_seconds_count{{stage="{stage}"}}'] >= 1
+    assert values[f'plexrec_model_info{{version="{server.watcher.current.version}"}}'] == 1
+
+
+def test_cli_score_prints_the_scores(server, client):
+    done = subprocess.run([sys.executable, "-m", "recsys.cli", "score", "--target", f"127.0.0.1:{server.port}",
+                           "--user", str(USER), "--items", "50,181"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    scores, _ = client.score(USER, [50, 181])
+    printed = [float(line.split()[1]) for line in done.stdout.splitlines()[1:3]]
+    np.testing.assert_allclose(printed, scores, atol=1e-4)
+    bad = subprocess.run([sys.executable, "-m", "recsys.cli", "score", "--target", f"127.0.0.1:{server.port}",
+                          "--user", "0", "--items", "1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "INVALID_ARGUMENT: user_id" in bad.stderr
+
+
+def with_version(source: Path, root: Path, version: str) -> Path:
+    """A copy of an exported model under another version name."""
+    target = root / version
+    shutil.copytree(source, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["model_version"] = version
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def test_new_versions_swap_in_under_load_and_broken_ones_are_refused(store_dir, model_root, tmp_path, caplog):
+    root = tmp_path / "models"
+    first = with_version(next(model_root.iterdir()), root, "20200101T000000-first")
+    config = ServeConfig(model_dir=str(root), port=0, reload_seconds=0.2)
+    failures, versions, stop = [], [], threading.Event()
+    with serving_in_background(config, open_store("local", store_dir)) as running:
+        def load() -> None:
+            with ScoringClient(f"127.0.0.1:{running.port}") as scoring:
+                while not stop.is_set():
+                    try:
+                        versions.append(scoring.score(USER, list(range(1, 51)))[1])
+                    except grpc.RpcError as exc:
+                        failures.append(exc)
+
+        callers = [threading.Thread(target=load) for _ in range(4)]
+        for caller in callers:
+            caller.start()
+        with caplog.at_level(logging.ERROR, logger="plexrec.serving.model"):
+            broken = with_version(first, root, "20300101T000000-broken")
+            (broken / "weights.safetensors").write_bytes(b"not a tensor file")
+            deadline = time.monotonic() + 30
+            while "20300101T000000-broken" not in running.watcher.refused and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with_version(first, root, "20400101T000000-second")
+            while running.watcher.current.version != "20400101T000000-second" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.5)
+        stop.set()
+        for caller in callers:
+            caller.join()
+    assert not failures, failures[:3]
+    assert "refused model 20300101T000000-broken" in caplog.text
+    assert versions[0] == "20200101T000000-first" and versions[-1] == "20400101T000000-second"
+    assert "20300101T000000-broken" not in versions
+    switch = versions.index("20400101T000000-second")
+    assert len(versions) > 20 and switch > 0
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(directory / "key.pem"), "-out", str(directory / "cert.pem")],
+                   check=True, capture_output=True)
+    return directory / "cert.pem", directory / "key.pem"
+
+
+def test_tls_and_bearer_token(store_dir, model_root, certificate):
+    cert, key = certificate
+    config = ServeConfig(model_dir=str(model_root), port=0, tls_cert=str(cert), tls_key=str(key), token="s3cret")
+    with serving_in_background(config, open_store("local", store_dir)) as running:
+        target = f"localhost:{running.port}"
+        with ScoringClient(target, token="s3cret", root_certificates=cert.read_bytes()) as trusted:
+            assert len(trusted.score(USER, [1, 2])[0]) == 2
+            health = health_pb2_grpc.HealthStub(trusted.channel)  # health needs no token
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        for token in (None, "wrong"):
+            with ScoringClient(target, token=token, root_certificates=cert.read_bytes()) as stranger:
+                with pytest.raises(grpc.RpcError) as error:
+                    stranger.score(USER, [1, 2])
+                assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with ScoringClient(target, token="s3cret") as plaintext:  # a TLS server refuses plaintext
+            with pytest.raises(grpc.RpcError) as error:
+                plaintext.score(USER, [1])
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_serving_imports_no_training_and_the_client_no_torch():
+    code = "import sys, serving.server, serving.client; print('recsys.train' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
+        == "False"
+    code = "import sys, serving.client; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
+        == "False"
