@@ -54,7 +54,7 @@ def item_deltas_committed(bootstrap: str, topic: str) -> int:
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
-        offsets = admin.list_consumer_group_offsets(topic)
+        offsets = admin.list_group_offsets(topic).get(topic, {})
     finally:
         admin.close()
     return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic + ITEM_DELTAS_SUFFIX and meta.offset > 0)

@@ -50,8 +50,10 @@ def examples_from_feature_rows(rows: pd.DataFrame, *, label_threshold: float = 4
     examples.sequence_items = np.concatenate(histories) if histories else np.zeros(0, dtype=np.int64)
     category_of = dict(zip(rows["item_id"].to_numpy(np.int64), rows["category"]))
     category_of.update(item_categories or {})
-    examples.sequence_categories = np.fromiter((value_to_id(category_of[i]) for i in examples.sequence_items),
-                                               dtype=np.int64, count=len(examples.sequence_items))
+    # once per distinct item, not per history entry (histories repeat items across rows)
+    distinct, position = np.unique(examples.sequence_items, return_inverse=True)
+    category_ids = np.fromiter((value_to_id(category_of[i]) for i in distinct), dtype=np.int64, count=len(distinct))
+    examples.sequence_categories = category_ids[position.reshape(-1)]
     stamps = _arrays(rows["history_timestamps"])
     examples.sequence_timestamps = np.concatenate(stamps) if stamps else np.zeros(0, dtype=np.int64)
     examples.sequence_start = offsets[:-1]

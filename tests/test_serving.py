@@ -264,3 +264,31 @@ def test_serving_imports_no_training_and_the_client_no_torch():
     code = "import sys, serving.client; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
         == "False"
+
+
+def test_new_events_through_kafka_change_the_users_scores(broker, server, client, store_dir):
+    """Freshness end to end: events on Kafka -> the ingester -> the online store -> different scores.
+    (Last in this file: it changes user 7's history and the counts of items 1201-1230.)"""
+    from features.events import EventProducer, make_event
+    from features.ingest import Ingester
+    from features.online import OnlineFeatures
+    from protos.plexrec.v1.events_pb2 import EventType
+
+    user, candidates = 7, list(range(500, 521))
+    before, _ = client.score(user, candidates)
+    others_before, _ = client.score(USER, candidates)
+    new_items = list(range(1201, 1231))
+    topic = f"freshness-{time.time_ns()}"
+    producer = EventProducer(broker, topic)
+    producer.send_all(make_event(user_id=user, item_id=item, event_type=EventType.EVENT_TYPE_RATING, value=5.0)
+                      for item in new_items)
+    producer.close()
+    store = open_store("local", store_dir)
+    ingester = Ingester(broker, store, store_dir, topic=topic, group=topic)
+    ingester.run(stop_after_idle_seconds=3)
+    ingester.close()
+    assert OnlineFeatures(store).user(user).history_item_ids[-30:] == new_items
+    after, _ = client.score(user, candidates)
+    assert np.abs(np.array(after) - np.array(before)).max() > 1e-3
+    others_after, _ = client.score(USER, candidates)  # another user's scores did not move with user 7's events
+    np.testing.assert_allclose(others_after, others_before, atol=1e-6)
