@@ -86,7 +86,7 @@ def forward_alone(model_dir: Path, store, users: list[int], candidates: int, rep
         user = online.user(users[r % len(users)])
         items = (rng.permutation(1682)[:candidates] + 1).tolist()
         found = online.items(items)
-        batch = model.batch(user, [found[i] for i in items], online.items(user.history_item_ids[-HISTORY:]))
+        batch = model.batch([(user, [found[i] for i in items])], online.items(user.history_item_ids[-HISTORY:]))
         started = time.perf_counter()
         model.probabilities(batch)
         times.append(time.perf_counter() - started)

@@ -79,8 +79,27 @@ class Search:
     behaviours: torch.Tensor  # [N, d] every behaviour's vector in the searching space
 
 
+def _stable_top_k(padded: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk per row where equal values keep position order (earlier first).
+
+    Equal scores are common (behaviours whose attention rows collide), and torch.topk breaks
+    ties differently as the padded width changes, so a call's scores would depend on what else
+    shares its batch (found by serving's batched-vs-alone test). A full stable sort is 5-13x
+    slower than topk at L = 1,000-5,000 on CPU; this costs one topk plus a few passes.
+    """
+    threshold = padded.topk(k, dim=1).values[:, -1:]
+    above = padded > threshold
+    tied = padded == threshold
+    room = k - above.sum(dim=1, keepdim=True)  # how many of the tied values make the cut
+    chosen = above | (tied & (tied.cumsum(dim=1) <= room))
+    position = chosen.nonzero()[:, 1].view(len(padded), k)  # exactly k per row, in history order
+    values = padded.gather(1, position)
+    order = values.sort(dim=1, descending=True, stable=True).indices
+    return values.gather(1, order), position.gather(1, order)
+
+
 def top_k_softmax(scores: torch.Tensor, offsets: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-    """Top-k of jagged scores per row, and a softmax over the kept ones.
+    """Top-k of jagged scores per row (ties: the earlier behaviour first), and a softmax over the kept ones.
 
     Returns (index [B, k'], weights [B, k'], valid [B, k']); a row shorter than k
     (or empty) has invalid slots with weight 0, never NaN.
@@ -92,7 +111,7 @@ def top_k_softmax(scores: torch.Tensor, offsets: torch.Tensor, k: int) -> tuple[
         return empty.long(), empty, empty.bool()
     padded = torch.ops.fbgemm.jagged_to_padded_dense(scores.unsqueeze(1), [offsets], [max_length],
                                                      float("-inf")).squeeze(-1)
-    top, index = padded.topk(min(k, max_length), dim=1)
+    top, index = _stable_top_k(padded, min(k, max_length))
     valid = torch.isfinite(top)
     masked = top.masked_fill(~valid, float("-inf"))
     shift = masked.max(dim=1, keepdim=True).values.clamp_min(-1e30).detach()

@@ -51,11 +51,17 @@ def feature_rows(user: UserFeatures, items: list[ItemFeatures], now_seconds: int
     return pd.DataFrame(columns)
 
 
-def model_batch(user: UserFeatures, items: list[ItemFeatures], history_items: dict[int, ItemFeatures],
+def model_batch(requests: list[tuple[UserFeatures, list[ItemFeatures]]], history_items: dict[int, ItemFeatures],
                 feature_names: list[str], history_length: int, now_seconds: int | None = None) -> Batch:
-    """The batch the model scores: row i is (user, items[i]); ``history_items`` gives the
-    categories of the user's history items (a sequence model reads them)."""
+    """One batch for several (user, candidates) requests, rows in request order then candidate
+    order; ``history_items`` gives the categories of the users' history items (a sequence
+    model reads them)."""
+    now_seconds = int(time.time()) if now_seconds is None else now_seconds
+    rows = pd.concat([feature_rows(user, items, now_seconds) for user, items in requests], ignore_index=True)
     examples = examples_from_feature_rows(
-        feature_rows(user, items, now_seconds),
-        item_categories={item_id: item_category(item) for item_id, item in history_items.items()})
-    return make_batch(examples, np.arange(len(items)), feature_names, history_length)
+        rows, item_categories={item_id: item_category(item) for item_id, item in history_items.items()})
+    # examples come sorted by user (stable, one timestamp): find each request row's place
+    order = np.argsort(rows["user_id"].to_numpy(), kind="stable")
+    place = np.empty_like(order)
+    place[order] = np.arange(len(order))
+    return make_batch(examples, place, feature_names, history_length)

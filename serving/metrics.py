@@ -19,6 +19,8 @@ class ServingMetrics:
                                  registry=self.registry)
         self.candidates = Histogram("plexrec_candidates", "candidates per call", registry=self.registry,
                                     buckets=(1, 10, 50, 100, 200, 500, 1000, 5000))
+        self.batch_calls = Histogram("plexrec_batch_calls", "calls sharing the forward a call was scored in",
+                                     registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64))
         self.model = Gauge("plexrec_model_info", "1 for the model version being served", ["version"],
                            registry=self.registry)
         self._http = None

@@ -38,8 +38,9 @@ class ServingModel:
     def version(self) -> str:
         return self.manifest["model_version"]
 
-    def batch(self, user: UserFeatures, items: list[ItemFeatures], history_items: dict[int, ItemFeatures]) -> Batch:
-        return model_batch(user, items, history_items, self.input_features, self.history_length)
+    def batch(self, requests: list[tuple[UserFeatures, list[ItemFeatures]]],
+              history_items: dict[int, ItemFeatures]) -> Batch:
+        return model_batch(requests, history_items, self.input_features, self.history_length)
 
     def probabilities(self, batch: Batch) -> np.ndarray:
         with torch.inference_mode():
@@ -63,7 +64,7 @@ def load_serving_model(directory: str | Path) -> ServingModel:
                                  f"{SERVABLE_DENSE}, which serving computes")
     input_features, history_length = model_inputs(RunConfig.from_dict(manifest["config"]), sorted(SERVABLE_FEATURES))
     serving = ServingModel(model, manifest, directory, input_features, history_length)
-    cold = serving.probabilities(serving.batch(UserFeatures(user_id=1), [ItemFeatures(item_id=1)], {}))
+    cold = serving.probabilities(serving.batch([(UserFeatures(user_id=1), [ItemFeatures(item_id=1)])], {}))
     if not np.isfinite(cold).all():
         raise ModelArtifactError(f"{directory}: scores a cold-start request as {cold.tolist()}; weights damaged?")
     return serving

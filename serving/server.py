@@ -6,8 +6,9 @@ Per call: validate the request (``INVALID_ARGUMENT`` naming the field), read the
 user's profile and history from the online store and the candidates' features
 through the item cache (features/online.py), build the model inputs with
 training's code (serving/inputs.py), run the exported model under
-``torch.inference_mode``, return click probabilities. Store reads and the
-forward run on a thread pool, so the event loop keeps accepting calls.
+``torch.inference_mode``, return click probabilities. Store reads run on a
+thread pool; forwards on one model thread that scores concurrent calls together
+(serving/batcher.py), so the event loop keeps accepting calls.
 
 Also served: standard gRPC health checking (``grpc.health.v1.Health``) and
 server reflection. Optional TLS (``--tls-cert/--tls-key``) and bearer-token
@@ -38,6 +39,7 @@ from grpc_reflection.v1alpha import reflection
 
 from features.online import OnlineFeatures
 from protos.plexrec.v1 import scoring_pb2, scoring_pb2_grpc
+from serving.batcher import ModelBatcher
 from serving.metrics import ServingMetrics
 from serving.model import ModelWatcher
 
@@ -58,7 +60,8 @@ class ServeConfig:
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     max_candidates: int = 1000
     max_message_bytes: int = 1 << 20
-    workers: int = 4
+    workers: int = 4  # threads reading the online store
+    max_batch_rows: int = 4096  # concurrent calls scored in one forward, up to this many rows
     reload_seconds: float = 5.0
     item_cache_seconds: float = 60.0
     tls_cert: str | None = None
@@ -103,7 +106,8 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
     def __init__(self, watcher: ModelWatcher, online: OnlineFeatures, config: ServeConfig,
                  metrics: ServingMetrics) -> None:
         self.watcher, self.online, self.config, self.metrics = watcher, online, config, metrics
-        self.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="score")
+        self.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="fetch")
+        self.batcher = ModelBatcher(config.max_batch_rows)
 
     async def Score(self, request, context):
         scores, version = await self._scores("Score", request, context)
@@ -122,11 +126,14 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
         self.metrics.calls.labels(method).inc()
         try:
             validate(request, self.config.max_candidates)
+            loop = asyncio.get_running_loop()
+            model = self.watcher.current  # one read: this call uses one model from start to end
+            user, items, history = await loop.run_in_executor(self.pool, self._fetch, model, request)
+            self.metrics.latency.labels("feature_fetch").observe(time.perf_counter() - started)
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise DeadlineExpired()
-            loop = asyncio.get_running_loop()
-            scores, version = await loop.run_in_executor(self.pool, self._score_sync, request, context)
+            scores, timing = await asyncio.wrap_future(self.batcher.submit(model, user, items, history))
         except InvalidRequest as exc:
             await self._fail(method, request, context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except DeadlineExpired:
@@ -137,29 +144,20 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
                 raise
             await self._fail(method, request, context, grpc.StatusCode.UNAVAILABLE if _store_down(exc)
                              else grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        self.metrics.latency.labels("model_inputs").observe(timing.model_inputs)
+        self.metrics.latency.labels("forward").observe(timing.forward)
+        self.metrics.batch_calls.observe(timing.requests)
         self.metrics.latency.labels("total").observe(time.perf_counter() - started)
         self.metrics.candidates.observe(len(request.item_ids))
-        return scores, version
+        return scores, model.version
 
-    def _score_sync(self, request, context) -> tuple[np.ndarray, str]:
-        model = self.watcher.current  # one read: this call uses one model from start to end
+    def _fetch(self, model, request) -> tuple:
+        """The user, the candidates in request order, and the history items (for their categories)."""
         self.online.use_model_version(model.version)
-        started = time.perf_counter()
         user = self.online.user(request.user_id)
         items = self.online.items(list(request.item_ids))
         history = self.online.items(user.history_item_ids[-model.history_length:]) if model.history_length else {}
-        fetched = time.perf_counter()
-        batch = model.batch(user, [items[i] for i in request.item_ids], history)
-        built = time.perf_counter()
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            raise DeadlineExpired()
-        scores = model.probabilities(batch)
-        done = time.perf_counter()
-        self.metrics.latency.labels("feature_fetch").observe(fetched - started)
-        self.metrics.latency.labels("model_inputs").observe(built - fetched)
-        self.metrics.latency.labels("forward").observe(done - built)
-        return scores, model.version
+        return user, [items[i] for i in request.item_ids], history
 
     async def _fail(self, method: str, request, context, code: grpc.StatusCode, message: str) -> None:
         self.metrics.errors.labels(method, code.name).inc()
@@ -264,6 +262,7 @@ class ScoringServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         self.service.pool.shutdown(wait=False)
+        self.service.batcher.close()
         self.metrics.close()
 
 
@@ -324,7 +323,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="local", choices=["local", "redis"])
     parser.add_argument("--redis-url", help="host:port of Redis for --profile redis")
     parser.add_argument("--max-candidates", type=int, default=1000)
-    parser.add_argument("--workers", type=int, default=4, help="threads for store reads and the model")
+    parser.add_argument("--workers", type=int, default=4, help="threads reading the online store")
+    parser.add_argument("--max-batch-rows", type=int, default=4096,
+                        help="concurrent calls share one forward of up to this many rows")
     parser.add_argument("--reload-seconds", type=float, default=5.0, help="how often to look for a newer model")
     parser.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     parser.add_argument("--tls-key", help="PEM private key")
@@ -335,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("PLEXREC_TOKEN")
     config = ServeConfig(model_dir=args.model_dir, host=args.host, port=args.port, metrics_port=args.metrics_port,
                          max_candidates=args.max_candidates, workers=args.workers,
+                         max_batch_rows=args.max_batch_rows,
                          reload_seconds=args.reload_seconds, tls_cert=args.tls_cert, tls_key=args.tls_key,
                          token=token or None)
     try:

@@ -166,3 +166,13 @@ def test_a_scale_check_on_a_long_history():
     out, search = run_block(encoder, unified, batch_kjt(TARGETS[:1], history))
     assert search.valid.sum() == 16 and torch.isfinite(out).all()
     assert math.isclose(float(search.weights.detach().sum()), 1.0, rel_tol=1e-5)
+
+
+def test_top_k_ties_keep_history_order_whatever_else_is_in_the_batch():
+    """Colliding attention rows give equal scores; the kept behaviours must not depend on the
+    batch's longest history (torch.topk's tie-breaking does)."""
+    tied = torch.tensor([1.0, 3.0, 3.0, 2.0, 3.0, 3.0, 0.5])
+    longer = torch.randn(300)
+    alone = top_k_softmax(tied, torch.tensor([0, 7]), k=3)[0][0]
+    together = top_k_softmax(torch.cat([longer, tied]), torch.tensor([0, 300, 307]), k=3)[0][1]
+    assert alone.tolist() == together.tolist() == [1, 2, 4]

@@ -105,6 +105,45 @@ def test_rank_returns_the_best_k_in_order(client):
     assert len(client.rank(USER, items[:5])) == 5  # k = 0: all
 
 
+def test_one_batch_of_several_calls_scores_each_as_alone(server, store_dir):
+    from features.online import OnlineFeatures
+
+    model, online = server.watcher.current, OnlineFeatures(open_store("local", store_dir))
+    requests = [(online.user(u), list(online.items(items).values()))
+                for u, items in [(USER, [1, 2, 3]), (10_000_000, [4]), (2, [5, 1, 1682]), (USER, [7, 8])]]
+    history = {}
+    for user, _ in requests:
+        history.update(online.items(user.history_item_ids))
+    together = model.probabilities(model.batch(requests, history))
+    alone = np.concatenate([model.probabilities(model.batch([request], history)) for request in requests])
+    np.testing.assert_allclose(together, alone, atol=1e-6)
+
+
+def test_concurrent_calls_share_forwards_and_get_their_own_scores(server):
+    users, items = [USER, 2, 3, 5, 6, 10, 13, 15], list(range(1, 301))
+    with ScoringClient(f"127.0.0.1:{server.port}") as alone:
+        expected = {u: alone.score(u, items)[0] for u in users}
+    failures = []
+
+    def call(user: int) -> None:
+        with ScoringClient(f"127.0.0.1:{server.port}") as scoring:
+            for _ in range(5):
+                scores, _ = scoring.score(user, items)
+                if not np.allclose(scores, expected[user], atol=1e-5):
+                    failures.append(user)
+
+    threads = [threading.Thread(target=call, args=(u,)) for u in users]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    shared = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith(("plexrec_batch_calls_sum", "plexrec_batch_calls_count"))}
+    assert shared["plexrec_batch_calls_sum"] > shared["plexrec_batch_calls_count"]  # some forwards were shared
+
+
 def test_unknown_users_and_items_get_cold_start_scores(client):
     scores, _ = client.score(10_000_000, [1, 99_999_999])
     assert all(0.0 < s < 1.0 for s in scores)

@@ -1,0 +1,103 @@
+"""Concurrent scoring calls share one forward: a single model thread takes whatever calls
+are waiting, up to a row budget, and scores them as one batch.
+
+Why: the model costs far less per row in a big batch (on this 2-core machine one
+forward of 1,000 rows took about 3x one of 100), and forwards of several threads at
+once only fight over the cores. At concurrency 1 a call waits for nobody.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from features.online import ItemFeatures, UserFeatures
+from serving.model import ServingModel
+
+log = logging.getLogger("plexrec.serving.batcher")
+
+
+@dataclass
+class ScoringJob:
+    model: ServingModel
+    user: UserFeatures
+    items: list[ItemFeatures]
+    history_items: dict[int, ItemFeatures]
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class BatchTiming:
+    model_inputs: float  # seconds building the shared batch
+    forward: float
+    requests: int
+    rows: int
+
+
+class ModelBatcher:
+    def __init__(self, max_rows: int = 4096) -> None:
+        self.max_rows = max_rows
+        self.jobs: queue.Queue[ScoringJob | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="model", daemon=True)
+        self.thread.start()
+
+    def submit(self, model: ServingModel, user: UserFeatures, items: list[ItemFeatures],
+               history_items: dict[int, ItemFeatures]) -> Future:
+        """A future of (probabilities, BatchTiming)."""
+        job = ScoringJob(model, user, items, history_items)
+        self.jobs.put(job)
+        return job.future
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=10)
+
+    def _take(self) -> list[ScoringJob] | None:
+        first = self.jobs.get()
+        if first is None:
+            return None
+        taken, rows = [first], len(first.items)
+        while rows < self.max_rows:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self.jobs.put(None)  # finish this batch, then stop
+                break
+            taken.append(job)
+            rows += len(job.items)
+        return taken
+
+    def _run(self) -> None:
+        while (taken := self._take()) is not None:
+            # one forward per model: a reload between two calls' fetches splits them
+            by_model: dict[int, list[ScoringJob]] = {}
+            for job in taken:
+                by_model.setdefault(id(job.model), []).append(job)
+            for jobs in by_model.values():
+                self._score(jobs)
+
+    def _score(self, jobs: list[ScoringJob]) -> None:
+        try:
+            model = jobs[0].model
+            history_items = {k: v for job in jobs for k, v in job.history_items.items()}
+            started = time.perf_counter()
+            batch = model.batch([(job.user, job.items) for job in jobs], history_items)
+            built = time.perf_counter()
+            scores = model.probabilities(batch)
+            timing = BatchTiming(built - started, time.perf_counter() - built, len(jobs), len(scores))
+            bounds = np.cumsum([0] + [len(job.items) for job in jobs])
+            for job, start, end in zip(jobs, bounds[:-1], bounds[1:]):
+                job.future.set_result((scores[start:end], timing))
+        except Exception as exc:  # noqa: BLE001 - every waiting call must hear about it
+            log.exception("scoring a batch of %d calls failed", len(jobs))
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
