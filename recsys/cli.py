@@ -20,9 +20,10 @@ def configure_logging(verbose: bool = False) -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
 
 
-# jobs with their own flags, dispatched before anything imports torch (ingest, replay and score never do)
+# jobs with their own parsers, dispatched before anything imports torch (ingest, replay and score never do)
 STANDALONE_COMMANDS = {"ingest": "features.ingest:main", "replay": "features.events:replay_main",
-                       "serve": "serving.server:main", "score": "serving.client:main"}
+                       "serve": "serving.server:main", "score": "serving.client:main",
+                       "quickstart": "recsys.quickstart:main"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("ingest", help="consume user events from Kafka into the feature store (see --help)")
     commands.add_parser("replay", help="publish a data set's interactions to Kafka as events (see --help)")
+    commands.add_parser("quickstart", help="the whole loop on one machine: broker, store, training, "
+                                           "ingester, server, events, scores (see --help)")
     commands.add_parser("serve", help="the gRPC scoring server over an exported model (see --help)")
     commands.add_parser("score", help="score items for a user on a running server (see --help)")
 
@@ -98,31 +101,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def publish_features(args: argparse.Namespace) -> None:
     """`plexrec features publish`: every known item's embeddings, tagged with the model version."""
-    from pathlib import Path
-
-    import pandas as pd
-
-    from features.publish import publish_item_embeddings
     from features.store import StoreError, data_dir, open_store
-    from recsys.data.examples import value_to_id
-    from recsys.export import MANIFEST_FILE, ModelArtifactError, latest_model_dir, load_model
-    from recsys.item_embeddings import item_embeddings
+    from recsys.export import ModelArtifactError
+    from recsys.item_embeddings import publish_model_embeddings
 
     try:
-        model_dir = Path(args.model_dir)
-        if not (model_dir / MANIFEST_FILE).exists():
-            model_dir = latest_model_dir(model_dir)
-        model, manifest = load_model(model_dir)
         directory = data_dir(args.data_dir)
-        items_path = directory / "offline" / "item_profile.parquet"
-        if not items_path.exists():
-            raise StoreError(f"{items_path} is missing: run `plexrec features load` first")
-        items = pd.read_parquet(items_path)
-        categories = items["category"].map(value_to_id).to_numpy()
-        representation, attention = item_embeddings(model, items["item_id"].to_numpy(), categories)
-        store = open_store(args.profile, directory, args.redis_url)
-        publish_item_embeddings(store, items["item_id"].to_numpy(), representation, attention,
-                                manifest["model_version"], directory)
+        publish_model_embeddings(args.model_dir, open_store(args.profile, directory, args.redis_url), directory)
     except (ModelArtifactError, StoreError) as exc:
         sys.exit(f"plexrec features publish: {exc}")
 

@@ -33,3 +33,30 @@ def item_embeddings(model: Ranker, item_ids: np.ndarray,
     else:
         attention = torch.zeros(len(items), 0)
     return representation.numpy(), attention.numpy()
+
+
+def publish_model_embeddings(model_dir, store, directory) -> tuple[int, str]:
+    """Every catalogue item's embeddings of an exported model (a version directory, or a models/
+    root: its newest) into the store's online and offline item_embeddings; (rows, model version)."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from features.publish import publish_item_embeddings
+    from features.store import StoreError
+    from recsys.data.examples import value_to_id
+    from recsys.export import MANIFEST_FILE, latest_model_dir, load_model
+
+    model_dir = Path(model_dir)
+    if not (model_dir / MANIFEST_FILE).exists():
+        model_dir = latest_model_dir(model_dir)
+    model, manifest = load_model(model_dir)
+    items_path = Path(directory) / "offline" / "item_profile.parquet"
+    if not items_path.exists():
+        raise StoreError(f"{items_path} is missing: run `plexrec features load` first")
+    items = pd.read_parquet(items_path)
+    categories = items["category"].map(value_to_id).to_numpy()
+    representation, attention = item_embeddings(model, items["item_id"].to_numpy(), categories)
+    rows = publish_item_embeddings(store, items["item_id"].to_numpy(), representation, attention,
+                                   manifest["model_version"], directory)
+    return rows, manifest["model_version"]

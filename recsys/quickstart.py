@@ -1,0 +1,337 @@
+"""The whole loop on one machine: `plexrec quickstart`.
+
+    plexrec quickstart [--data-dir .plexrec] [--epochs 4] [--serve]
+
+  1. start the embedded Kafka broker (tansu)
+  2. load the first 80% of ML-100K (by time) into a fresh local Feast store
+  3. train the unified-embedding + DARE ranker on it (configs/ml100k_sequence.yaml)
+  4. publish the trained item embeddings into the store
+  5. start `plexrec ingest` and `plexrec serve` as processes of their own
+  6. rank movies for the user with the most new ratings, replay the last 20% as events
+     through Kafka, wait until the ingester has applied them, and rank again
+  7. write a report (metrics table, PNG plots) into <data-dir>/quickstart/
+  8. stop every process it started, also on Ctrl-C or an error (--serve: keep the
+     server and ingester running until Ctrl-C)
+
+Everything lives in <data-dir>/quickstart/, emptied at the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from recsys.config import PROJECT_ROOT
+
+log = logging.getLogger("plexrec.quickstart")
+
+CONFIG = PROJECT_ROOT / "configs" / "ml100k_sequence.yaml"
+DATA = PROJECT_ROOT / "data" / "ml-100k"
+TOPIC = "user-events"
+TOP = 10
+
+
+def stopped_process(process: subprocess.Popen, name: str) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    log.info("stopped %s", name)
+
+
+def start_process(stack: ExitStack, name: str, command: list[str], log_path: Path) -> subprocess.Popen:
+    """A plexrec job as a child process, logging to ``log_path``, stopped when ``stack`` closes."""
+    process = subprocess.Popen([sys.executable, "-m", "recsys.cli", *command], cwd=PROJECT_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=log_path.open("w"),
+                               env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    stack.callback(stopped_process, process, name)
+    log.info("started %s (pid %d, log %s)", name, process.pid, log_path)
+    return process
+
+
+def wait_for(condition, what: str, timeout: float, processes: dict[str, subprocess.Popen]) -> float:
+    """Poll ``condition`` until true; seconds it took. Fails naming a child that died meanwhile."""
+    started = time.monotonic()
+    while not condition():
+        for name, process in processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode} while waiting for {what}; see its log")
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def split_by_time(frame: pd.DataFrame, replay_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the past: loaded and trained on, the future: replayed as events), cut at one second."""
+    frame = frame.sort_values("timestamp", kind="stable")
+    cut = int(frame["timestamp"].iloc[int(len(frame) * (1 - replay_fraction))])
+    return frame[frame["timestamp"] < cut], frame[frame["timestamp"] >= cut]
+
+
+def titles() -> dict[int, str]:
+    table = pd.read_csv(DATA / "u.item", sep="|", header=None, encoding="latin-1", usecols=[0, 1])
+    return dict(zip(table[0], table[1]))
+
+
+def run(args: argparse.Namespace) -> dict:
+    from features.broker import embedded_broker, free_port
+    from features.load import load_into_store
+    from features.store import open_store
+    from recsys.config import load_config
+    from recsys.data.examples import build_examples
+    from recsys.data.movielens import load_movielens
+    from recsys.item_embeddings import publish_model_embeddings
+    from recsys.train import Trainer
+    from serving.client import ScoringClient
+
+    home = Path(args.data_dir or ".plexrec").resolve() / "quickstart"
+    if home.exists():
+        shutil.rmtree(home)
+    (home / "logs").mkdir(parents=True)
+    report: dict = {"data_dir": str(home)}
+    started = time.monotonic()
+
+    frame, schema = load_movielens(DATA)
+    if args.users:
+        frame = frame[frame["user_id"] <= args.users]
+    past, future = split_by_time(frame, args.replay_fraction)
+    log.info("ML-100K: %d ratings before the cut (store + training), %d after it (replayed as events)",
+             len(past), len(future))
+
+    with ExitStack() as stack:
+        bootstrap = stack.enter_context(embedded_broker())
+        store_dir = home / "store"
+        store_dir.mkdir()
+        store = open_store("local", store_dir)
+        counts = load_into_store(store, past, schema, store_dir, history_length=200)
+        log.info("feature store at %s: %s", store_dir, ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+
+        config = load_config(CONFIG, {"train.out_dir": str(home / "run"),
+                                      **({"train.epochs": args.epochs} if args.epochs else {})})
+        trainer = Trainer(config, examples=build_examples(past, schema))
+        result = trainer.fit(progress=not args.no_progress)
+        report["training"] = {"test": result["test"], "epochs": result["epochs"],
+                              "embedding_parameters": result["embedding_parameters"],
+                              "model_dir": result["model_dir"], "train_examples": len(trainer.train_examples)}
+        published, version = publish_model_embeddings(result["model_dir"], store, store_dir)
+        report["published_embeddings"] = {"items": published, "model_version": version}
+
+        port, metrics_port = free_port(), free_port()
+        children = {
+            "ingester": start_process(stack, "the ingester", [
+                "ingest", "--bootstrap-servers", bootstrap, "--topic", TOPIC, "--group", "plexrec-quickstart",
+                "--data-dir", str(store_dir)], home / "logs" / "ingest.log"),
+            "server": start_process(stack, "the scoring server", [
+                "serve", "--model-dir", str(home / "run" / "models"), "--data-dir", str(store_dir),
+                "--port", str(port), "--metrics-port", str(metrics_port)], home / "logs" / "serve.log"),
+        }
+        target = f"127.0.0.1:{port}"
+        client = stack.enter_context(ScoringClient(target, timeout=30))
+        wait_for(lambda: _healthy(client), "the scoring server", 180, children)
+
+        demo = _demo(past, future, client, children, bootstrap, store, args, report)
+        report["seconds"] = round(time.monotonic() - started, 1)
+        write_report(home, report, demo, trainer)
+        print_summary(report, demo, home)
+        if args.serve:
+            print(f"\nserving on {target} (metrics http://127.0.0.1:{metrics_port}/metrics), ingesting {TOPIC} "
+                  f"from {bootstrap}. Try:\n  .venv/bin/plexrec score --target {target} --user {demo['user']} "
+                  f"--items 1,50,181 --rank 3\n  .venv/bin/plexrec replay --bootstrap-servers {bootstrap} "
+                  f"--limit 100\nCtrl-C stops everything.", flush=True)
+            _wait_for_interrupt(children)
+    return report
+
+
+def _healthy(client) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        answer = health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        return answer.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def _demo(past, future, client, children, bootstrap, store, args, report) -> dict:
+    """Rank for the user with the most new ratings, replay the future, rank again."""
+    from features.events import EventProducer, make_event
+    from features.ingest import read_event_log
+    from features.online import OnlineFeatures
+    from protos.plexrec.v1.events_pb2 import EventType
+
+    # a user the model already knows (20+ earlier ratings) with the most new ones
+    known = past["user_id"].value_counts()
+    newcomers = future["user_id"].value_counts()
+    user = int(newcomers[newcomers.index.isin(known[known >= 20].index)].index[0])
+    # movies the user has not rated, before or after the cut: the ranking is about what to show next
+    seen = set(past.loc[past["user_id"] == user, "item_id"]) | set(future.loc[future["user_id"] == user, "item_id"])
+    popular = past["item_id"].value_counts().index
+    candidates = [int(i) for i in popular if i not in seen][:1000]
+    before = dict(zip(candidates, client.score(user, candidates)[0]))
+
+    future = future.sort_values("timestamp", kind="stable")
+    events = [make_event(user_id=int(u), item_id=int(i), event_type=EventType.EVENT_TYPE_RATING,
+                         event_time_ms=int(t) * 1000, value=float(r), event_id=f"ml100k-{u}-{i}-{t}")
+              for u, i, t, r in zip(future.user_id, future.item_id, future.timestamp, future.rating)]
+    producer = EventProducer(bootstrap, TOPIC)
+    replay_started = time.monotonic()
+    sent = producer.send_all(_progress(events, "replaying events", args.no_progress),
+                             rate_per_second=args.rate or None)
+    producer.close()
+    log.info("replayed %d events to %s in %.1f s", sent, TOPIC, time.monotonic() - replay_started)
+
+    online = OnlineFeatures(store)
+    expected = int((past["user_id"] == user).sum() + (future["user_id"] == user).sum())
+    catch_up = wait_for(lambda: online.user(user).interaction_count >= expected,
+                        f"the ingester to apply user {user}'s events", 300, children)
+    after = dict(zip(candidates, client.score(user, candidates)[0]))
+    latencies = []
+    for _ in range(20):
+        call_started = time.perf_counter()
+        client.score(user, candidates[:100])
+        latencies.append((time.perf_counter() - call_started) * 1000)
+    directory = Path(report["data_dir"]) / "store"
+    ingested = read_event_log(directory)
+    report["events"] = {"replayed": sent, "in_offline_log": len(ingested),
+                        "seconds_from_replay_end_to_user_visible": round(catch_up, 2)}
+    report["demo"] = {"user": user, "new_ratings": int((future["user_id"] == user).sum()),
+                      "candidates": len(candidates),
+                      "max_score_change": float(max(abs(after[i] - before[i]) for i in candidates))}
+    report["serving"] = {"p50_ms_100_candidates": float(np.percentile(latencies, 50)),
+                         "p99_ms_100_candidates": float(np.percentile(latencies, 99))}
+    new_ratings = future[future["user_id"] == user].sort_values("timestamp", kind="stable")
+    return {"user": user, "before": before, "after": after,
+            "latest_ratings": list(zip(new_ratings["item_id"].tolist(), new_ratings["rating"].tolist()))[-5:]}
+
+
+def _progress(events, description: str, disable: bool):
+    from tqdm import tqdm
+
+    return tqdm(events, desc=description, unit="event", disable=disable, file=sys.stderr)
+
+
+def _wait_for_interrupt(children: dict[str, subprocess.Popen]) -> None:
+    try:
+        while all(p.poll() is None for p in children.values()):
+            time.sleep(1)
+        died = [name for name, p in children.items() if p.poll() is not None]
+        log.error("%s exited; stopping", ", ".join(died))
+    except KeyboardInterrupt:
+        log.info("Ctrl-C: stopping")
+
+
+def top(scores: dict[int, float], k: int = TOP) -> list[tuple[int, float]]:
+    return sorted(scores.items(), key=lambda pair: -pair[1])[:k]
+
+
+def print_summary(report: dict, demo: dict, home: Path) -> None:
+    names = titles()
+    test = report["training"]["test"]
+    print(f"\nplexrec quickstart: done in {report['seconds']:.0f} s", flush=True)
+    print(f"  trained: test AUC {test['auc']:.4f}, GAUC {test['gauc']:.4f}, log loss {test['logloss']:.4f}")
+    print(f"  published {report['published_embeddings']['items']} item embeddings "
+          f"(model {report['published_embeddings']['model_version']})")
+    print(f"  replayed {report['events']['replayed']:,} events through Kafka; "
+          f"{report['events']['in_offline_log']:,} in the offline event log")
+    print(f"  serving: p50 {report['serving']['p50_ms_100_candidates']:.1f} ms for 100 candidates")
+    print(f"\nuser {demo['user']}: top {TOP} of {report['demo']['candidates']} unseen popular movies, before and "
+          f"after their {report['demo']['new_ratings']} new ratings arrived through Kafka")
+    latest = ", ".join(f"{names.get(item, item)} ({rating:g}*)" for item, rating in demo["latest_ratings"])
+    print(f"  latest new ratings: {latest}")
+    print(f"  the ingester made them visible {report['events']['seconds_from_replay_end_to_user_visible']:.1f} s "
+          f"after the replay ended")
+    print(f"  {'before':<46} {'after':<46}")
+    for (b_item, b_score), (a_item, a_score) in zip(top(demo["before"]), top(demo["after"])):
+        print(f"  {b_score:.3f} {names.get(b_item, b_item)[:40]:<40} {a_score:.3f} {names.get(a_item, a_item)[:40]:<40}")
+    print(f"\nreport: {home / 'report.md'}")
+
+
+def write_report(home: Path, report: dict, demo: dict, trainer) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shutil.copy(trainer.out_dir / "training.png", home / "training.png")
+    items = list(demo["before"])
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter([demo["before"][i] for i in items], [demo["after"][i] for i in items], s=6, alpha=0.5)
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
+    ax.set_xlabel("score before the new events"), ax.set_ylabel("score after")
+    ax.set_title(f"user {demo['user']}: {len(items)} candidates")
+    fig.tight_layout()
+    fig.savefig(home / "scores_before_after.png", dpi=100)
+    plt.close(fig)
+
+    (home / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    test = report["training"]["test"]
+    names = titles()
+    lines = ["# plexrec quickstart", "",
+             "| stage | result |", "|---|---|",
+             f"| training | {report['training']['epochs']} epochs, {report['training']['train_examples']:,} train "
+             f"examples, test AUC {test['auc']:.4f}, GAUC {test['gauc']:.4f}, log loss {test['logloss']:.4f} |",
+             f"| published embeddings | {report['published_embeddings']['items']:,} items, model "
+             f"{report['published_embeddings']['model_version']} |",
+             f"| events | {report['events']['replayed']:,} replayed through Kafka, "
+             f"{report['events']['in_offline_log']:,} in the offline log |",
+             f"| serving | p50 {report['serving']['p50_ms_100_candidates']:.1f} ms, p99 "
+             f"{report['serving']['p99_ms_100_candidates']:.1f} ms (100 candidates) |",
+             f"| freshness demo | user {demo['user']}, {report['demo']['new_ratings']} new ratings, largest score "
+             f"change {report['demo']['max_score_change']:.3f} |", "",
+             "![training](training.png) ![scores](scores_before_after.png)", "",
+             f"## User {demo['user']}: top {TOP} before and after", "",
+             "| before | score | after | score |", "|---|---|---|---|"]
+    for (b_item, b_score), (a_item, a_score) in zip(top(demo["before"]), top(demo["after"])):
+        lines.append(f"| {names.get(b_item, b_item)} | {b_score:.3f} | {names.get(a_item, a_item)} | {a_score:.3f} |")
+    (home / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="plexrec quickstart", description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", help="where to work (default: $PLEXREC_DATA_DIR or .plexrec); "
+                                           "its quickstart/ folder is emptied first")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: the config's, 4)")
+    parser.add_argument("--users", type=int, help="only users with ids up to this (a quick, smaller run)")
+    parser.add_argument("--replay-fraction", type=float, default=0.2, help="the latest share of ratings "
+                                                                           "replayed as events")
+    parser.add_argument("--rate", type=float, default=0.0, help="replay rate in events/s (0: as fast as possible)")
+    parser.add_argument("--serve", action="store_true", help="keep the server and the ingester running")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if not 0 < args.replay_fraction < 1:
+        parser.error("--replay-fraction must be between 0 and 1")
+    from recsys.cli import configure_logging
+
+    configure_logging()
+    args.data_dir = args.data_dir or os.environ.get("PLEXREC_DATA_DIR")
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        sys.exit("plexrec quickstart: interrupted; every process it started is stopped")
+    except RuntimeError as exc:
+        sys.exit(f"plexrec quickstart: {exc}")
+
+
+if __name__ == "__main__":
+    main()

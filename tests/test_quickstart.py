@@ -1,0 +1,90 @@
+"""The quickstart end to end on a slice of ML-100K: every stage really ran, and it cleans up."""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def children_of(pid: int) -> list[int]:
+    """Every process below ``pid`` (by /proc), so the test sees what the quickstart started."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [p for p, pp in parents.items() if pp == parent]
+        found += kids
+        frontier += kids
+    return found
+
+
+def test_quickstart_runs_every_stage_serves_and_stops_everything_on_ctrl_c(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "recsys.cli", "quickstart", "--users", "150", "--epochs", "1", "--data-dir",
+         str(tmp_path), "--no-progress", "--serve"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    output, deadline = [], time.monotonic() + 400
+    while not any(line.startswith("serving on") for line in output):
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "the quickstart did not reach --serve in time"
+        try:
+            output.append(lines.get(timeout=1))
+        except queue.Empty:
+            pass
+    target = next(line for line in output if line.startswith("serving on")).split()[2]
+    running = children_of(process.pid)
+    assert len(running) >= 3  # broker, ingester, server
+
+    # --serve keeps the server answering
+    score = subprocess.run([sys.executable, "-m", "recsys.cli", "score", "--target", target, "--user", "1",
+                            "--items", "1,2,3"], capture_output=True, text=True, timeout=60)
+    assert score.returncode == 0, score.stderr
+
+    process.send_signal(signal.SIGINT)  # Ctrl-C: how --serve is meant to end
+    process.wait(timeout=60)
+    log = process.stderr.read()
+    assert process.returncode == 0, log[-3000:]
+    assert "stopped the scoring server" in log and "stopped the ingester" in log and "broker" in log
+    time.sleep(0.5)
+    assert not [pid for pid in running if Path(f"/proc/{pid}").exists()
+                and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+
+    home = tmp_path / "quickstart"
+    report = json.loads((home / "report.json").read_text())
+    assert report["training"]["test"]["auc"] > 0.6  # a trained model, well above chance
+    assert report["published_embeddings"]["items"] > 1000
+    assert report["events"]["replayed"] > 1000
+    assert report["events"]["in_offline_log"] == report["events"]["replayed"]  # every event ingested
+    assert report["demo"]["max_score_change"] > 1e-3  # the new events changed the user's scores
+    assert (home / "training.png").stat().st_size > 10_000
+    assert (home / "scores_before_after.png").stat().st_size > 10_000
+    assert "| training |" in (home / "report.md").read_text()
+
+    # the store itself, read independently of the report
+    from features.online import OnlineFeatures
+    from features.store import open_store
+
+    online = OnlineFeatures(open_store("local", home / "store"))
+    item = online.items([1])[1]
+    assert item.model_version == report["published_embeddings"]["model_version"]
+    assert len(item.representation_embedding) > 0 and len(item.attention_embedding) > 0
+    user = online.user(report["demo"]["user"])
+    assert len(user.history_item_ids) == 200 and user.interaction_count > report["demo"]["new_ratings"]
