@@ -21,14 +21,16 @@ class ServingMetrics:
                                     buckets=(1, 10, 50, 100, 200, 500, 1000, 5000))
         self.batch_calls = Histogram("plexrec_batch_calls", "calls sharing the forward a call was scored in",
                                      registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64))
-        self.model = Gauge("plexrec_model_info", "1 for the model version being served", ["version"],
+        self.model = Gauge("plexrec_model_info", "1 for the model version being served, 0 for earlier ones", ["version"],
                            registry=self.registry)
         self._http = None
         self._version: str | None = None
 
     def model_version(self, version: str) -> None:
+        # the old version drops to 0 rather than being removed: `import feast` switches
+        # prometheus_client to multi-process mode, which cannot remove labels
         if self._version is not None:
-            self.model.remove(self._version)
+            self.model.labels(self._version).set(0)
         self._version = version
         self.model.labels(version).set(1)
 
