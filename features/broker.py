@@ -81,13 +81,19 @@ def embedded_broker(port: int | None = None, timeout_seconds: float = 20.0) -> I
         log.info("embedded Kafka broker (tansu, memory storage) on %s", bootstrap)
         yield bootstrap
     finally:
+        stop_process(process)
+        log.info("embedded broker on %s stopped", bootstrap)
+
+
+def stop_process(process: subprocess.Popen, timeout_seconds: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited in time."""
+    if process.poll() is None:
         process.terminate()
         try:
-            process.wait(timeout=10)
+            process.wait(timeout=timeout_seconds)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        log.info("embedded broker on %s stopped", bootstrap)
 
 
 def run_forever(port: int) -> None:

@@ -44,13 +44,9 @@ TOP = 10
 
 
 def stopped_process(process: subprocess.Popen, name: str) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    from features.broker import stop_process
+
+    stop_process(process, timeout_seconds=20)
     log.info("stopped %s", name)
 
 
