@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
                 scores, version = client.score(args.user, args.items)
                 rows = list(zip(args.items, scores))
         except grpc.RpcError as exc:
-            sys.exit(f"plexrec score: {exc.code().name}: {exc.details()}")
+            hint = (f" (is `plexrec serve` running at {args.target}? set --target)"
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE else "")
+            sys.exit(f"plexrec score: {exc.code().name}: {exc.details()}{hint}")
     print(f"{'item':>10}  {'score':>8}")
     for item, score in rows:
         print(f"{item:>10}  {score:8.4f}")

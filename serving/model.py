@@ -80,6 +80,9 @@ class ModelWatcher:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if not self.path.is_dir():
+            raise ModelArtifactError(f"{self.path}: no such model directory; `plexrec train` exports models to "
+                                     "<out_dir>/models (e.g. runs/ml100k/models)")
         self.watching = not (self.path / MANIFEST_FILE).is_file()
         self.refused: dict[str, str] = {}  # version -> why, so a broken artifact is not retried forever
         self._lock = threading.Lock()

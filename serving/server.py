@@ -140,8 +140,6 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
             await self._fail(method, request, context, grpc.StatusCode.DEADLINE_EXCEEDED,
                              "the deadline passed before the scores were ready")
         except Exception as exc:  # noqa: BLE001 - a request must fail with a status, not a stack trace
-            if isinstance(exc, asyncio.CancelledError):
-                raise
             await self._fail(method, request, context, grpc.StatusCode.UNAVAILABLE if _store_down(exc)
                              else grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         self.metrics.latency.labels("model_inputs").observe(timing.model_inputs)
