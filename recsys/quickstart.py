@@ -321,6 +321,9 @@ def main(argv: list[str] | None = None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
+    # a shell starting us in the background sets SIGINT to "ignore", and Python then keeps it
+    # ignored: Ctrl-C (or a supervisor's SIGINT) must still stop everything
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         run(args)
     except KeyboardInterrupt:
