@@ -20,7 +20,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.config import RunConfig
 from recsys.embeddings import build_embedding
-from recsys.sequence import REPRESENTATION_FEATURES, SequenceEncoder
+from recsys.sequence import REPRESENTATION_FEATURES, SequenceEncoder, SharedHistories
 
 
 class CrossNetV2(nn.Module):
@@ -64,13 +64,15 @@ class Ranker(nn.Module):
         self.tower = mlp([width, *hidden], dropout)
         self.head = nn.Linear(hidden[-1] if hidden else width, 1)
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        """Logits [B] for dense features [B, num_dense] and a KJT of raw categorical ids."""
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor,
+                shared_histories: SharedHistories | None = None) -> torch.Tensor:
+        """Logits [B] for dense features [B, num_dense] and a KJT of raw categorical ids; a sequence
+        model reads the history keys of the KJT, or ``shared_histories`` (rows sharing a history)."""
         if self.sequence is None:
             x = torch.cat([self.embedding(sparse), dense], dim=1)
         else:
-            search = self.sequence.search(sparse)
-            embedded = self.embedding(sparse, self.sequence.unified_ids(sparse, search))
+            search = self.sequence.search(sparse, shared_histories)
+            embedded = self.embedding(sparse, self.sequence.unified_ids(sparse, search, shared_histories))
             features = embedded[:, :self.embedding.output_dim]
             target = features[:, self.target_columns]
             history = self.sequence(target, embedded[:, self.embedding.output_dim:], search)

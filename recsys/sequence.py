@@ -111,7 +111,15 @@ def top_k_softmax(scores: torch.Tensor, offsets: torch.Tensor, k: int) -> tuple[
         return empty.long(), empty, empty.bool()
     padded = torch.ops.fbgemm.jagged_to_padded_dense(scores.unsqueeze(1), [offsets], [max_length],
                                                      float("-inf")).squeeze(-1)
-    top, index = _stable_top_k(padded, min(k, max_length))
+    return padded_top_k_softmax(padded, k)
+
+
+def padded_top_k_softmax(padded: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """``top_k_softmax`` of scores already padded to [B, L] with -inf."""
+    if padded.shape[1] == 0:
+        empty = padded.new_zeros(len(padded), 0)
+        return empty.long(), empty, empty.bool()
+    top, index = _stable_top_k(padded, min(k, padded.shape[1]))
     valid = torch.isfinite(top)
     masked = top.masked_fill(~valid, float("-inf"))
     shift = masked.max(dim=1, keepdim=True).values.clamp_min(-1e30).detach()
@@ -166,15 +174,42 @@ class ItemSpace(nn.Module):
         return vectors[:len(target_rows)], vectors[len(target_rows):]
 
 
+@dataclass
+class SharedHistories:
+    """Histories that several rows share (serving: one user, many candidates), each stored once.
+
+    Group g's behaviours are ``items[o_g : o_g + lengths[g]]`` (oldest first, o = offsets of
+    ``lengths``); row b reads group ``row_group[b]``. Without it every row carries its own copy
+    in the batch's history keys, and the search reads B x L behaviours instead of G x L.
+    """
+
+    items: torch.Tensor  # [sum of lengths] int64 raw item ids
+    categories: torch.Tensor | None  # the same shape, raw category ids (when the model reads them)
+    lengths: torch.Tensor  # [G] int64
+    row_group: torch.Tensor  # [B] int64
+
+
 def search_space(space: ItemSpace, top_k: int, target_items: torch.Tensor, target_categories: torch.Tensor | None,
                  history_items: torch.Tensor, history_categories: torch.Tensor | None,
-                 lengths: torch.Tensor) -> Search:
-    """The search stage: item vectors, scaled dot products with the target, top-k + softmax."""
+                 lengths: torch.Tensor, row_group: torch.Tensor | None = None) -> Search:
+    """The search stage: item vectors, scaled dot products with the target, top-k + softmax.
+
+    ``lengths`` are per row, or per group of rows sharing a history (``row_group``: each row's group).
+    """
     offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
     target, behaviours = space(target_items, target_categories, history_items, history_categories, lengths)
-    scores = jagged_dot(behaviours, offsets, target) / math.sqrt(space.dim)
-    index, weights, valid = top_k_softmax(scores, offsets, top_k)
-    flat_index = torch.where(valid, offsets[:-1].unsqueeze(1) + index, torch.zeros_like(index))
+    if row_group is None:
+        scores = jagged_dot(behaviours, offsets, target) / math.sqrt(space.dim)
+        index, weights, valid = top_k_softmax(scores, offsets, top_k)
+        starts = offsets[:-1]
+    else:
+        max_length = int(lengths.max()) if len(lengths) else 0
+        groups = torch.ops.fbgemm.jagged_to_padded_dense(behaviours, [offsets], [max_length], 0.0)  # [G, L, d]
+        scores = torch.einsum("bld,bd->bl", groups[row_group], target) / math.sqrt(space.dim)
+        past_end = torch.arange(max_length, device=scores.device) >= lengths[row_group].unsqueeze(1)
+        index, weights, valid = padded_top_k_softmax(scores.masked_fill(past_end, float("-inf")), top_k)
+        starts = offsets[:-1][row_group]
+    flat_index = torch.where(valid, starts.unsqueeze(1) + index, torch.zeros_like(index))
     return Search(index, flat_index, weights, valid, target, behaviours)
 
 
@@ -207,35 +242,47 @@ class SequenceEncoder(nn.Module):
             return [(f"{key}__p{p}__slot{j}", f, p) for j in range(self.top_k) for key, f, p in keys]
         return []
 
-    def search(self, sparse: KeyedJaggedTensor) -> Search | None:
+    def search(self, sparse: KeyedJaggedTensor, shared: SharedHistories | None = None) -> Search | None:
         """Score every behaviour against the target in the searching space and keep the top k."""
         if self.space is None:
             return None
         by_key = sparse.to_dict()
-        history = by_key[HISTORY_ITEMS]
         target_category = by_key[TARGET_CATEGORY].values() if TARGET_CATEGORY in by_key else None
+        if shared is not None:
+            return search_space(self.space, self.top_k, by_key[TARGET_ITEM].values(), target_category,
+                                shared.items, shared.categories if target_category is not None else None,
+                                shared.lengths, shared.row_group)
+        history = by_key[HISTORY_ITEMS]
         history_category = by_key[HISTORY_CATEGORIES].values() if HISTORY_CATEGORIES in by_key else None
         return search_space(self.space, self.top_k, by_key[TARGET_ITEM].values(), target_category,
                             history.values(), history_category, history.lengths().long())
 
-    def unified_ids(self, sparse: KeyedJaggedTensor, search: Search | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def unified_ids(self, sparse: KeyedJaggedTensor, search: Search | None,
+                    shared: SharedHistories | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Raw ids (values, lengths) for each of ``extra_lookups``, in order."""
-        by_key = sparse.to_dict()
-        histories = [(by_key[REPRESENTATION_FEATURES[f]], probes) for f, probes in self.representation]
-        if self.mode == "mean":
-            return [(history.values(), history.lengths()) for history, probes in histories for _ in range(probes)]
+        if shared is not None:
+            if self.mode == "mean":
+                raise ValueError("sequence mode 'mean' reads each row's whole history: pass per-row histories")
+            shared_values = {HISTORY_ITEMS: shared.items, HISTORY_CATEGORIES: shared.categories}
+            values = [(shared_values[REPRESENTATION_FEATURES[f]], probes) for f, probes in self.representation]
+        else:
+            by_key = sparse.to_dict()
+            histories = [(by_key[REPRESENTATION_FEATURES[f]], probes) for f, probes in self.representation]
+            if self.mode == "mean":
+                return [(history.values(), history.lengths()) for history, probes in histories for _ in range(probes)]
+            values = [(history.values(), probes) for history, probes in histories]
         if self.mode != "dare":
             return []
         batch_size, kept = search.valid.shape
         no_ids = torch.zeros(batch_size, dtype=torch.int32, device=search.valid.device)
         ids = []
         for slot in range(self.top_k):
-            for history, probes in histories:
+            for history_values, probes in values:
                 if slot < kept:
                     valid = search.valid[:, slot]
-                    slot_ids = (history.values()[search.flat_index[:, slot][valid]], valid.int())
+                    slot_ids = (history_values[search.flat_index[:, slot][valid]], valid.int())
                 else:  # fewer behaviours in the whole batch than k
-                    slot_ids = (history.values().new_zeros(0), no_ids)
+                    slot_ids = (history_values.new_zeros(0), no_ids)
                 ids += [slot_ids] * probes
         return ids
 

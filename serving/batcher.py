@@ -89,9 +89,9 @@ class ModelBatcher:
             model = jobs[0].model
             history_items = {k: v for job in jobs for k, v in job.history_items.items()}
             started = time.perf_counter()
-            batch = model.batch([(job.user, job.items) for job in jobs], history_items)
+            inputs = model.batch([(job.user, job.items) for job in jobs], history_items)
             built = time.perf_counter()
-            scores = model.probabilities(batch)
+            scores = model.probabilities(inputs)
             timing = BatchTiming(built - started, time.perf_counter() - built, len(jobs), len(scores))
             bounds = np.cumsum([0] + [len(job.items) for job in jobs])
             for job, start, end in zip(jobs, bounds[:-1], bounds[1:]):

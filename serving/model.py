@@ -21,6 +21,7 @@ from features.online import ItemFeatures, UserFeatures
 from recsys.config import RunConfig
 from recsys.data.batching import Batch, model_inputs
 from recsys.export import MANIFEST_FILE, ModelArtifactError, latest_model_dir, load_model
+from recsys.sequence import SharedHistories
 from serving.inputs import SERVABLE_DENSE, SERVABLE_FEATURES, model_batch
 
 log = logging.getLogger("plexrec.serving.model")
@@ -33,18 +34,20 @@ class ServingModel:
     directory: Path
     input_features: list[str]  # the KJT keys it reads, as training decided them
     history_length: int
+    shares_histories: bool  # its sequence block takes one history per user (dare, coupled)
 
     @property
     def version(self) -> str:
         return self.manifest["model_version"]
 
     def batch(self, requests: list[tuple[UserFeatures, list[ItemFeatures]]],
-              history_items: dict[int, ItemFeatures]) -> Batch:
-        return model_batch(requests, history_items, self.input_features, self.history_length)
+              history_items: dict[int, ItemFeatures]) -> tuple[Batch, SharedHistories | None]:
+        return model_batch(requests, history_items, self.input_features, self.history_length, self.shares_histories)
 
-    def probabilities(self, batch: Batch) -> np.ndarray:
+    def probabilities(self, inputs: tuple[Batch, SharedHistories | None]) -> np.ndarray:
+        batch, shared = inputs
         with torch.inference_mode():
-            return torch.sigmoid(self.model(batch.dense, batch.sparse)).numpy()
+            return torch.sigmoid(self.model(batch.dense, batch.sparse, shared)).numpy()
 
 
 def load_serving_model(directory: str | Path) -> ServingModel:
@@ -62,8 +65,10 @@ def load_serving_model(directory: str | Path) -> ServingModel:
     if manifest["dense_features"] != SERVABLE_DENSE:
         raise ModelArtifactError(f"{directory}: dense features {manifest['dense_features']} are not "
                                  f"{SERVABLE_DENSE}, which serving computes")
-    input_features, history_length = model_inputs(RunConfig.from_dict(manifest["config"]), sorted(SERVABLE_FEATURES))
-    serving = ServingModel(model, manifest, directory, input_features, history_length)
+    config = RunConfig.from_dict(manifest["config"])
+    input_features, history_length = model_inputs(config, sorted(SERVABLE_FEATURES))
+    serving = ServingModel(model, manifest, directory, input_features, history_length,
+                           shares_histories=config.sequence.mode in ("dare", "coupled"))
     cold = serving.probabilities(serving.batch([(UserFeatures(user_id=1), [ItemFeatures(item_id=1)])], {}))
     if not np.isfinite(cold).all():
         raise ModelArtifactError(f"{directory}: scores a cold-start request as {cold.tolist()}; weights damaged?")

@@ -176,3 +176,25 @@ def test_top_k_ties_keep_history_order_whatever_else_is_in_the_batch():
     alone = top_k_softmax(tied, torch.tensor([0, 7]), k=3)[0][0]
     together = top_k_softmax(torch.cat([longer, tied]), torch.tensor([0, 300, 307]), k=3)[0][1]
     assert alone.tolist() == together.tolist() == [1, 2, 4]
+
+
+@pytest.mark.parametrize("mode,top_k", [("dare", 3), ("dare", 64), ("coupled", 3)])
+def test_shared_histories_give_what_per_row_copies_give(mode, top_k):
+    """Serving stores a user's history once for all their candidates; the block's output must
+    equal that of every row carrying its own copy."""
+    from recsys.sequence import SharedHistories
+
+    _, encoder, unified = dare_parts(top_k, mode)
+    groups = [HISTORIES[0], HISTORIES[3], HISTORIES[1]]  # three users, one of them new
+    row_group = [0, 0, 1, 0, 1, 1, 2, 1]
+    targets = [(11 + r, 1 + r % 3) for r in range(len(row_group))]
+    per_row, _ = run_block(encoder, unified, batch_kjt(targets, [groups[g] for g in row_group]))
+
+    shared = SharedHistories(items=torch.tensor([i for h in groups for i, _ in h]),
+                             categories=torch.tensor([c for h in groups for _, c in h]),
+                             lengths=torch.tensor([len(h) for h in groups]), row_group=torch.tensor(row_group))
+    sparse = batch_kjt(targets, [[] for _ in row_group])  # the KJT's history keys are not read
+    search = encoder.search(sparse, shared)
+    embedded = unified(sparse, encoder.unified_ids(sparse, search, shared))
+    together = encoder(embedded[:, :unified.output_dim], embedded[:, unified.output_dim:], search)
+    torch.testing.assert_close(together, per_row, rtol=1e-6, atol=1e-6)

@@ -27,6 +27,7 @@ from recsys.data.examples import build_examples
 from recsys.export import load_model
 from recsys.train import Trainer
 from serving.client import ScoringClient
+from serving.inputs import model_batch
 from serving.server import ServeConfig, serving_in_background
 
 from .conftest import small_config
@@ -117,6 +118,10 @@ def test_one_batch_of_several_calls_scores_each_as_alone(server, store_dir):
     together = model.probabilities(model.batch(requests, history))
     alone = np.concatenate([model.probabilities(model.batch([request], history)) for request in requests])
     np.testing.assert_allclose(together, alone, atol=1e-6)
+    assert model.shares_histories  # a DARE model: each user's history went in once
+    per_row = model.probabilities(model_batch(requests, history, model.input_features, model.history_length,
+                                              share_histories=False))
+    np.testing.assert_allclose(together, per_row, atol=1e-6)
 
 
 def test_concurrent_calls_share_forwards_and_get_their_own_scores(server):
