@@ -65,14 +65,20 @@ def running_state(keys: np.ndarray, seconds: np.ndarray, items: np.ndarray | Non
     return state
 
 
-def offline_tables(frame: pd.DataFrame, schema: DatasetSchema, history_length: int) -> dict[str, pd.DataFrame]:
-    """The Parquet tables of every feature view, from an interactions frame."""
-    _require(frame, [schema.user, schema.item, schema.timestamp, *USER_COLUMNS, "genres", "release_year"])
-    frame = frame.rename(columns={schema.user: "user_id", schema.item: "item_id", schema.timestamp: "timestamp"})
+def offline_tables(frame: pd.DataFrame, schema: DatasetSchema, history_length: int,
+                   catalog: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+    """The Parquet tables of every feature view, from an interactions frame; user and item
+    profiles from ``catalog`` when given (rows of the same shape: e.g. the whole data set
+    when only its past is loaded, so users and items first seen later still have profiles)."""
+    columns = {schema.user: "user_id", schema.item: "item_id", schema.timestamp: "timestamp"}
+    for table in (frame, catalog if catalog is not None else frame):
+        _require(table, [schema.user, schema.item, schema.timestamp, *USER_COLUMNS, "genres", "release_year"])
+    frame = frame.rename(columns=columns)
     frame = frame.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
-    users = frame.drop_duplicates("user_id")[["user_id", *USER_COLUMNS]].copy()
+    profiles = catalog.rename(columns=columns) if catalog is not None else frame
+    users = profiles.drop_duplicates("user_id")[["user_id", *USER_COLUMNS]].copy()
     users["event_timestamp"] = EPOCH
-    items = frame.drop_duplicates("item_id")[["item_id", "genres", "release_year"]].copy()
+    items = profiles.drop_duplicates("item_id")[["item_id", "genres", "release_year"]].copy()
     items["genres"] = items["genres"].map(list)
     items["category"] = items["genres"].map(lambda g: g[0] if len(g) else None)
     items["release_year"] = items["release_year"].astype("Int64")
@@ -94,11 +100,11 @@ def offline_tables(frame: pd.DataFrame, schema: DatasetSchema, history_length: i
 
 
 def load_into_store(store, frame: pd.DataFrame, schema: DatasetSchema, directory: Path,
-                    history_length: int) -> dict[str, int]:
+                    history_length: int, catalog: pd.DataFrame | None = None) -> dict[str, int]:
     """Write the offline tables, apply the definitions, materialise the online store."""
     from features.store import apply_definitions
 
-    tables = offline_tables(frame, schema, history_length)
+    tables = offline_tables(frame, schema, history_length, catalog)
     offline = directory / "offline"
     offline.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():

@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> dict:
         store_dir = home / "store"
         store_dir.mkdir()
         store = open_store("local", store_dir)
-        counts = load_into_store(store, past, schema, store_dir, history_length=200)
+        # profiles of every user and movie (catalogue data), interactions of the past only
+        counts = load_into_store(store, past, schema, store_dir, history_length=200, catalog=frame)
         log.info("feature store at %s: %s", store_dir, ", ".join(f"{k} {v:,}" for k, v in counts.items()))
 
         config = load_config(CONFIG, {"train.out_dir": str(home / "run"),

@@ -184,3 +184,12 @@ def test_an_unreachable_store_is_named_after_retries(loaded_store):
     store = open_store("redis", loaded_store[1], f"127.0.0.1:{port}")  # the applied registry, a dead Redis
     with pytest.raises(StoreError, match=rf"online store redis at 127.0.0.1:{port} unreachable after 3 tries"):
         OnlineFeatures(store).user(1)
+
+
+def test_profiles_can_come_from_a_catalogue_wider_than_the_interactions(ml100k):
+    frame, schema = ml100k
+    past = frame[frame["timestamp"] < frame["timestamp"].quantile(0.5)]
+    tables = offline_tables(past, schema, 200, catalog=frame)
+    assert len(tables["user_profile"]) == 943 and len(tables["item_profile"]) == 1682  # everyone has a profile
+    assert len(tables["interactions"]) == len(past) < len(frame)  # interactions only of the past
+    assert tables["user_history"]["user_id"].nunique() == past["user_id"].nunique()
