@@ -283,14 +283,26 @@ class Ingester:
 
     # --- the loop ---
 
-    def run(self, stop_after_idle_seconds: float | None = None) -> IngestStats:
-        """Ingest until stopped, or until idle that long once partitions are assigned."""
-        idle_since = time.monotonic()
+    def run(self, stop_after_idle_seconds: float | None = None, progress_seconds: float = 30.0) -> IngestStats:
+        """Ingest until stopped, or until idle that long once partitions are assigned; a progress
+        line every ``progress_seconds`` in which something happened."""
+        idle_since = last_report = time.monotonic()
+        reported = (0, 0, 0, 0, 0)
         while True:
             if self.run_once() or not self.consumer.assignment():  # joining the group is not idleness
                 idle_since = time.monotonic()
             elif stop_after_idle_seconds is not None and time.monotonic() - idle_since > stop_after_idle_seconds:
                 return self.stats
+            if time.monotonic() - last_report >= progress_seconds:
+                now = (self.stats.events, self.stats.applied, self.stats.skipped_duplicates,
+                       self.stats.dead_letters, self.stats.item_deltas)
+                if now != reported:
+                    delta = [a - b for a, b in zip(now, reported)]
+                    log.info("last %.0f s: %d events (%.0f/s), %d applied, %d duplicates skipped, %d dead letters, "
+                             "%d item deltas; partitions %s", time.monotonic() - last_report, delta[0],
+                             delta[0] / (time.monotonic() - last_report), *delta[1:],
+                             sorted(f"{tp.topic}/{tp.partition}" for tp in self.consumer.assignment()))
+                reported, last_report = now, time.monotonic()
 
     def close(self) -> None:
         self.producer.flush()
@@ -323,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS,
                         help="partitions of the topics the ingester creates when they are missing")
     parser.add_argument("--stop-after-idle", type=float, help="exit after this many idle seconds (default: never)")
+    parser.add_argument("--progress-seconds", type=float, default=30.0, help="log progress this often")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
@@ -340,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"plexrec ingest: {exc}")
     log.info("ingesting %s from %s into %s (group %s)", args.topic, args.bootstrap_servers, directory, args.group)
     try:
-        stats = ingester.run(args.stop_after_idle)
+        stats = ingester.run(args.stop_after_idle, args.progress_seconds)
     except KeyboardInterrupt:
         stats = ingester.stats
     finally:

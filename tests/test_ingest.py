@@ -1,6 +1,7 @@
 """The stream ingester against the real embedded broker and a real local Feast store."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def item_counts_match(store, events) -> bool:
     return dict(zip(items, counts)) == dict(truth)
 
 
-def test_events_become_histories_and_counts(broker, empty_store):
+def test_events_become_histories_and_counts(broker, empty_store, caplog):
     store, directory = empty_store
     name = topic()
     base = 1_700_000_000_000
@@ -89,8 +90,10 @@ def test_events_become_histories_and_counts(broker, empty_store):
     producer.send_all(events)
     producer.close()
     ingester = Ingester(broker, store, directory, topic=name, group=name)
-    stats = ingester.run(stop_after_idle_seconds=3)
+    with caplog.at_level("INFO", logger="plexrec.ingest"):
+        stats = ingester.run(stop_after_idle_seconds=3, progress_seconds=0.5)
     ingester.close()
+    assert re.search(r"last \d+ s: \d+ events \(\d+/s\), \d+ applied", caplog.text)  # progress was logged
     behaviours = [e for e in events if e.event_type == RATING]
     assert online_state(store, [1, 2, 3]) == expected_state(behaviours)
     assert stats.events == 61 and stats.applied == 60 and stats.item_deltas == 60 and stats.dead_letters == 0
