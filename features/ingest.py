@@ -24,7 +24,13 @@ watermark is skipped. Item rows are written only by the owner of the item's delt
 partition, so ingesters in a group never read-modify-write one row at once. So a
 user's history and every count change exactly once per event, however often and
 however many ingesters die. The offline log is at-least-once: a re-delivered batch
-is logged again, and readers drop duplicate event ids.
+is logged again, and readers drop duplicate event ids. A produce that is not
+acknowledged stops the ingester before the commit (IngestError).
+
+The limit: there is no fencing token. An ingester that stalls past the session timeout
+or max_poll_interval loses its partitions but does not know it until its next poll, and
+a write it makes meanwhile can overwrite the new owner's. Keep batches short, and let a
+supervisor restart stalled ingesters.
 
 No torch: Feast imports torch when it can, so the ingester hides it first.
 """
@@ -50,6 +56,10 @@ def without_torch() -> None:
     imports torch eagerly and copes when it cannot)."""
     if "torch" not in sys.modules:
         sys.modules["torch"] = None  # type: ignore[assignment]
+
+
+class IngestError(RuntimeError):
+    """The ingester cannot go on safely (its uncommitted batch is re-delivered on restart)."""
 
 
 @dataclass
@@ -127,6 +137,7 @@ class Ingester:
         self.producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5,
                                       max_in_flight_requests_per_connection=1)
         self.stats = IngestStats()
+        self.sent: list = []  # this batch's produce futures
         self.log_dir = directory / "offline" / "events"
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -143,6 +154,7 @@ class Ingester:
         if not messages:
             return 0
         events, deltas = [], []
+        self.sent = []
         for message in messages:
             try:
                 if message.topic == self.item_deltas_topic:
@@ -158,6 +170,10 @@ class Ingester:
         if deltas:
             self._apply_to_items(deltas)
         self.producer.flush()  # dead letters and deltas are safe before their offsets are committed
+        failed = [f for f in self.sent if f.failed()]
+        if failed:  # flush() waits but does not raise: without this the commit would lose them
+            raise IngestError(f"{len(failed)} of {len(self.sent)} dead letters / item deltas were not acknowledged "
+                              f"({failed[0].exception!r}); offsets not committed, the batch will be re-delivered")
         try:
             self.consumer.commit()
         except CommitFailedError:
@@ -166,15 +182,17 @@ class Ingester:
             self.stats.failed_commits += 1
             log.warning("offsets not committed: the group rebalanced; the batch will be re-delivered")
         self.stats.batches += 1
-        self.stats.events += len(messages) - len(deltas)
-        self.stats.item_deltas += len(deltas)
+        from_deltas = sum(m.topic == self.item_deltas_topic for m in messages)
+        self.stats.events += len(messages) - from_deltas
+        self.stats.item_deltas += from_deltas
         return len(messages)
 
     def _dead_letter(self, message, reason: str) -> None:
         headers = [("reason", reason.encode()), ("source_topic", message.topic.encode()),
                    ("source_partition", str(message.partition).encode()),
                    ("source_offset", str(message.offset).encode())]
-        self.producer.send(self.dead_letter_topic, key=message.key, value=message.value, headers=headers)
+        self.sent.append(self.producer.send(self.dead_letter_topic, key=message.key, value=message.value,
+                                            headers=headers))
         self.stats.dead_letters += 1
         self.stats.reasons[reason.split(":")[0].split(" ")[0]] += 1
         log.warning("dead letter (partition %d offset %d): %s", message.partition, message.offset, reason)
@@ -229,8 +247,8 @@ class Ingester:
         for partition, offset, event in sorted(events, key=lambda x: (x[0], x[1])):
             if event.event_type in BEHAVIOURS:
                 headers = [("source_partition", str(partition).encode()), ("source_offset", str(offset).encode())]
-                self.producer.send(self.item_deltas_topic, key=str(event.item_id).encode(),
-                                   value=event.SerializeToString(), headers=headers)
+                self.sent.append(self.producer.send(self.item_deltas_topic, key=str(event.item_id).encode(),
+                                                    value=event.SerializeToString(), headers=headers))
 
     def _apply_to_items(self, deltas: list[tuple[int, int, object]]) -> None:
         """Deltas as (source partition, source offset, event); this ingester owns these items."""
@@ -352,12 +370,17 @@ def main(argv: list[str] | None = None) -> None:
     except StoreError as exc:
         sys.exit(f"plexrec ingest: {exc}")
     log.info("ingesting %s from %s into %s (group %s)", args.topic, args.bootstrap_servers, directory, args.group)
+    failure = None
     try:
         stats = ingester.run(args.stop_after_idle, args.progress_seconds)
     except KeyboardInterrupt:
         stats = ingester.stats
+    except IngestError as exc:
+        stats, failure = ingester.stats, exc
     finally:
         ingester.close()
+    if failure is not None:
+        sys.exit(f"plexrec ingest: {failure}; restart it (a supervisor should)")
     log.info("stopped: %d batches, %d events, %d applied, %d duplicates skipped, %d dead letters, %d item deltas",
              stats.batches, stats.events, stats.applied, stats.skipped_duplicates, stats.dead_letters,
              stats.item_deltas)

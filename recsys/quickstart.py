@@ -52,8 +52,9 @@ def stopped_process(process: subprocess.Popen, name: str) -> None:
 
 def start_process(stack: ExitStack, name: str, command: list[str], log_path: Path) -> subprocess.Popen:
     """A plexrec job as a child process, logging to ``log_path``, stopped when ``stack`` closes."""
+    log_file = stack.enter_context(log_path.open("w"))  # closed after the process is stopped
     process = subprocess.Popen([sys.executable, "-m", "recsys.cli", *command], cwd=PROJECT_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=log_path.open("w"),
+                               stdout=subprocess.DEVNULL, stderr=log_file,
                                env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
     stack.callback(stopped_process, process, name)
     log.info("started %s (pid %d, log %s)", name, process.pid, log_path)
@@ -87,6 +88,7 @@ def titles() -> dict[int, str]:
 
 def run(args: argparse.Namespace) -> dict:
     from features.broker import embedded_broker, free_port
+    from features.ingest import ensure_topics
     from features.load import load_into_store
     from features.store import open_store
     from recsys.config import load_config
@@ -129,6 +131,8 @@ def run(args: argparse.Namespace) -> dict:
         published, version = publish_model_embeddings(result["model_dir"], store, store_dir)
         report["published_embeddings"] = {"items": published, "model_version": version}
 
+        # the topics exist before anything produces, with their partition counts, on any broker
+        ensure_topics(bootstrap, TOPIC)
         port, metrics_port = free_port(), free_port()
         children = {
             "ingester": start_process(stack, "the ingester", [
@@ -199,12 +203,13 @@ def _demo(past, future, client, children, bootstrap, store, args, report) -> dic
     catch_up = wait_for(lambda: online.user(user).interaction_count >= expected,
                         f"the ingester to apply user {user}'s events", 300, children)
     after = dict(zip(candidates, client.score(user, candidates)[0]))
+    directory = Path(report["data_dir"]) / "store"
+    wait_for(lambda: len(read_event_log(directory)) >= sent, "every event in the offline log", 300, children)
     latencies = []
     for _ in range(20):
         call_started = time.perf_counter()
         client.score(user, candidates[:100])
         latencies.append((time.perf_counter() - call_started) * 1000)
-    directory = Path(report["data_dir"]) / "store"
     ingested = read_event_log(directory)
     report["events"] = {"replayed": sent, "in_offline_log": len(ingested),
                         "seconds_from_replay_end_to_user_visible": round(catch_up, 2)}

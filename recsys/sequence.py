@@ -180,7 +180,8 @@ class SharedHistories:
 
     Group g's behaviours are ``items[o_g : o_g + lengths[g]]`` (oldest first, o = offsets of
     ``lengths``); row b reads group ``row_group[b]``. Without it every row carries its own copy
-    in the batch's history keys, and the search reads B x L behaviours instead of G x L.
+    in the batch's history keys: the search then looks up B x L behaviour vectors in the
+    attention table instead of G x L (the B x L dot products remain).
     """
 
     items: torch.Tensor  # [sum of lengths] int64 raw item ids

@@ -59,20 +59,24 @@ class ModelBatcher:
         self.thread.join(timeout=10)
 
     def _take(self) -> list[ScoringJob] | None:
-        first = self.jobs.get()
-        if first is None:
-            return None
-        taken, rows = [first], len(first.items)
-        while rows < self.max_rows:
+        """The next calls to score together (at least one), or None to stop. A call cancelled
+        while it waited (its deadline passed, its client left) is dropped here: scoring it is
+        wasted work, and setting its result would fail the calls batched with it."""
+        taken: list[ScoringJob] = []
+        rows = 0
+        while not taken or rows < self.max_rows:
             try:
-                job = self.jobs.get_nowait()
+                job = self.jobs.get() if not taken else self.jobs.get_nowait()
             except queue.Empty:
                 break
             if job is None:
-                self.jobs.put(None)  # finish this batch, then stop
-                break
-            taken.append(job)
-            rows += len(job.items)
+                if taken:
+                    self.jobs.put(None)  # finish this batch, then stop
+                    break
+                return None
+            if job.future.set_running_or_notify_cancel():
+                taken.append(job)
+                rows += len(job.items)
         return taken
 
     def _run(self) -> None:
@@ -93,11 +97,11 @@ class ModelBatcher:
             built = time.perf_counter()
             scores = model.probabilities(inputs)
             timing = BatchTiming(built - started, time.perf_counter() - built, len(jobs), len(scores))
-            bounds = np.cumsum([0] + [len(job.items) for job in jobs])
-            for job, start, end in zip(jobs, bounds[:-1], bounds[1:]):
-                job.future.set_result((scores[start:end], timing))
         except Exception as exc:  # noqa: BLE001 - every waiting call must hear about it
             log.exception("scoring a batch of %d calls failed", len(jobs))
             for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+                job.future.set_exception(exc)
+            return
+        bounds = np.cumsum([0] + [len(job.items) for job in jobs])
+        for job, start, end in zip(jobs, bounds[:-1], bounds[1:]):
+            job.future.set_result((scores[start:end], timing))

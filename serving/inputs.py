@@ -32,12 +32,14 @@ def item_category(item: ItemFeatures) -> str:
 
 
 def feature_rows(user: UserFeatures, items: list[ItemFeatures], now_seconds: int | None = None,
-                 with_history: bool = True) -> pd.DataFrame:
-    """One feature row per candidate, as the ``ranker`` feature service's join returns it
-    (``with_history=False``: empty histories, for a model given shared histories instead)."""
+                 history_length: int = 0) -> pd.DataFrame:
+    """One feature row per candidate, as the ``ranker`` feature service's join returns it, with
+    the user's ``history_length`` most recent items (what the model reads: make_batch would cut
+    a longer one to that anyway; 0 for a model without history or given shared histories)."""
     now_seconds = int(time.time()) if now_seconds is None else now_seconds
     n = len(items)
-    history = user.history_item_ids if with_history else []
+    history = user.history_item_ids[-history_length:] if history_length else []
+    stamps = user.history_timestamps[-history_length:] if history_length else []
     columns = {
         "user_id": np.full(n, user.user_id, dtype=np.int64),
         "item_id": np.array([i.item_id for i in items], dtype=np.int64),
@@ -46,7 +48,7 @@ def feature_rows(user: UserFeatures, items: list[ItemFeatures], now_seconds: int
         "user_interaction_count": np.full(n, user.interaction_count, dtype=np.int64),
         "item_interaction_count": np.array([i.interaction_count for i in items], dtype=np.int64),
         "history_item_ids": [history] * n,
-        "history_timestamps": [user.history_timestamps if with_history else []] * n,
+        "history_timestamps": [stamps] * n,
     }
     for column in USER_PROFILE_COLUMNS:
         columns[column] = [user.profile.get(column)] * n
@@ -69,8 +71,8 @@ def model_batch(requests: list[tuple[UserFeatures, list[ItemFeatures]]], history
     """
     now_seconds = int(time.time()) if now_seconds is None else now_seconds
     share = share_histories and history_length > 0
-    rows = pd.concat([feature_rows(user, items, now_seconds, with_history=not share) for user, items in requests],
-                     ignore_index=True)
+    rows = pd.concat([feature_rows(user, items, now_seconds, 0 if share else history_length)
+                      for user, items in requests], ignore_index=True)
     categories = {item_id: item_category(item) for item_id, item in history_items.items()}
     examples = examples_from_feature_rows(rows, item_categories=categories)
     # examples come sorted by user (stable, one timestamp): find each request row's place

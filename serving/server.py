@@ -21,6 +21,7 @@ broken one is refused with a log line and the old one keeps serving.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -191,7 +192,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if handler_call_details.method.startswith(OPEN_METHODS):
             return await continuation(handler_call_details)
         metadata = dict(handler_call_details.invocation_metadata or ())
-        if metadata.get("authorization") == self.expected:
+        if hmac.compare_digest(str(metadata.get("authorization", "")).encode(), self.expected.encode()):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         return grpc.unary_unary_rpc_method_handler(

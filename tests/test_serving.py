@@ -97,6 +97,19 @@ def test_server_scores_equal_the_offline_model_on_the_same_features(server, clie
     assert np.ptp(scores) > 1e-3  # the items are told apart, not one constant
 
 
+@pytest.mark.parametrize("mode", ["none", "mean"])
+def test_models_without_dare_serve_the_same_scores_as_offline(mode, small_examples, store_dir, ml100k, tmp_path):
+    """No history (mode none) and whole-history pooling over a history shorter than the store's 200."""
+    config = small_config(epochs=1)
+    config.sequence.mode, config.data.max_history = mode, 50
+    model_dir = Path(Trainer(config, examples=small_examples, out_dir=tmp_path).fit(progress=False)["model_dir"])
+    items = [50, 181, 7, 300]
+    with serving_in_background(ServeConfig(model_dir=str(model_dir), port=0), open_store("local", store_dir)) as running:
+        with ScoringClient(f"127.0.0.1:{running.port}") as scoring:
+            scores, _ = scoring.score(USER, items)
+    np.testing.assert_allclose(scores, offline_scores(ml100k, model_dir, USER, items), atol=1e-5)
+
+
 def test_rank_returns_the_best_k_in_order(client):
     items = list(range(1, 101))
     scores, _ = client.score(USER, items)
@@ -130,14 +143,28 @@ def test_concurrent_calls_share_forwards_and_get_their_own_scores(server):
         expected = {u: alone.score(u, items)[0] for u in users}
     failures = []
 
-    def call(user: int) -> None:
+    def call(user: int) -> None:  # (an exception in a thread would go unseen: failures are collected)
         with ScoringClient(f"127.0.0.1:{server.port}") as scoring:
             for _ in range(5):
-                scores, _ = scoring.score(user, items)
+                try:
+                    scores, _ = scoring.score(user, items)
+                except grpc.RpcError as exc:
+                    failures.append((user, exc.code(), exc.details()))
+                    continue
                 if not np.allclose(scores, expected[user], atol=1e-5):
-                    failures.append(user)
+                    failures.append((user, "wrong scores"))
 
-    threads = [threading.Thread(target=call, args=(u,)) for u in users]
+    def impatient() -> None:  # calls whose deadline passes mid-flight: they must not fail the others
+        with ScoringClient(f"127.0.0.1:{server.port}", timeout=0.01) as scoring:
+            for _ in range(10):
+                try:
+                    scoring.score(USER, list(range(1, 1001)))
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                        failures.append(("impatient", exc.code(), exc.details()))
+
+    threads = [threading.Thread(target=call, args=(u,)) for u in users] + \
+        [threading.Thread(target=impatient) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
