@@ -14,7 +14,7 @@ def configure_logging(verbose: bool = False) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("plexrec").setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
-        for noisy in ("torchrec", "torch.distributed", "torch.fx"):
+        for noisy in ("torchrec", "torch.distributed", "torch.fx", "kafka"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
