@@ -7,7 +7,7 @@
   3. train the unified-embedding + DARE ranker on it (configs/ml100k_sequence.yaml)
   4. publish the trained item embeddings into the store
   5. start `plexrec ingest` and `plexrec serve` as processes of their own
-  6. rank movies for the user with the most new ratings, replay the last 20% as events
+  6. rank unseen movies for a known user with the most new ratings, replay the last 20% as events
      through Kafka, wait until the ingester has applied them, and rank again
   7. write a report (metrics table, PNG plots) into <data-dir>/quickstart/
   8. stop every process it started, also on Ctrl-C or an error (--serve: keep the
