@@ -75,6 +75,10 @@ def load_serving_model(directory: str | Path) -> ServingModel:
     return serving
 
 
+def _file_signature(directory: Path) -> tuple:
+    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in directory.iterdir() if f.is_file()))
+
+
 class ModelWatcher:
     """Holds the serving model and moves to a newer exported version when one appears.
 
@@ -89,7 +93,9 @@ class ModelWatcher:
             raise ModelArtifactError(f"{self.path}: no such model directory; `plexrec train` exports models to "
                                      "<out_dir>/models (e.g. runs/ml100k/models)")
         self.watching = not (self.path / MANIFEST_FILE).is_file()
-        self.refused: dict[str, str] = {}  # version -> why, so a broken artifact is not retried forever
+        # version -> (its files' sizes and times, why): a broken artifact is not retried until its
+        # files change (a version copied in non-atomically is loaded once the copy completes)
+        self.refused: dict[str, tuple[tuple, str]] = {}
         self._lock = threading.Lock()
         self.current = load_serving_model(latest_model_dir(self.path) if self.watching else self.path)
         log.info("serving model %s from %s", self.current.version, self.current.directory)
@@ -104,12 +110,15 @@ class ModelWatcher:
             except (ModelArtifactError, OSError) as exc:
                 log.warning("model root %s unreadable, still serving %s: %s", self.path, self.current.version, exc)
                 return False
-            if newest.name == self.current.directory.name or newest.name in self.refused:
+            if newest.name == self.current.directory.name:
+                return False
+            files = _file_signature(newest)
+            if newest.name in self.refused and self.refused[newest.name][0] == files:
                 return False
             try:
                 candidate = load_serving_model(newest)
             except ModelArtifactError as exc:
-                self.refused[newest.name] = str(exc)
+                self.refused[newest.name] = (files, str(exc))
                 log.error("refused model %s, still serving %s: %s", newest.name, self.current.version, exc)
                 return False
             previous, self.current = self.current, candidate

@@ -215,24 +215,37 @@ class ScoringServer:
         self._reload_task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            self._release()  # a server that did not start leaves no thread or port behind
+            raise
+
+    async def _start(self) -> None:
         config = self.config
         interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
-                   ("grpc.max_send_message_length", config.max_message_bytes)]
+                   ("grpc.max_send_message_length", config.max_message_bytes),
+                   # gRPC shares a port with another server by default: a second `plexrec serve` on a
+                   # busy port would silently take half the calls; fail instead
+                   ("grpc.so_reuseport", 0)]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         scoring_pb2_grpc.add_ScoringServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME],
                                             self.server)
         address = f"{config.host}:{config.port}"
-        if config.tls_cert or config.tls_key:
-            if not (config.tls_cert and config.tls_key):
-                raise ValueError("TLS needs both --tls-cert and --tls-key")
-            credentials = grpc.ssl_server_credentials(
-                [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
-            self.port = self.server.add_secure_port(address, credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if config.tls_cert or config.tls_key:
+                if not (config.tls_cert and config.tls_key):
+                    raise ValueError("TLS needs both --tls-cert and --tls-key")
+                credentials = grpc.ssl_server_credentials(
+                    [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+                self.port = self.server.add_secure_port(address, credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc's "Failed to bind"
+            raise OSError(f"cannot listen on {address} ({exc}): is the port in use? choose another --port") from None
         if config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
         await self.server.start()
@@ -260,6 +273,9 @@ class ScoringServer:
             self._reload_task.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        self._release()
+
+    def _release(self) -> None:
         self.service.pool.shutdown(wait=False)
         self.service.batcher.close()
         self.metrics.close()

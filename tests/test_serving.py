@@ -212,6 +212,13 @@ def test_oversize_messages_and_deadlines(client):
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def test_a_port_in_use_is_named(server, store_dir, model_root):
+    config = ServeConfig(model_dir=str(model_root), port=server.port)
+    with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{server.port}.*choose another --port"):
+        with serving_in_background(config, open_store("local", store_dir)):
+            pass
+
+
 def test_health_checks_and_reflection(client):
     health = health_pb2_grpc.HealthStub(client.channel)
     for service in ("", "plexrec.v1.Scoring"):
@@ -295,6 +302,22 @@ def test_new_versions_swap_in_under_load_and_broken_ones_are_refused(store_dir, 
     assert "20300101T000000-broken" not in versions
     switch = versions.index("20400101T000000-second")
     assert len(versions) > 20 and switch > 0
+
+
+def test_a_refused_version_is_retried_only_once_its_files_change(model_root, tmp_path, caplog):
+    from serving.model import ModelWatcher
+
+    root = tmp_path / "models"
+    first = with_version(next(model_root.iterdir()), root, "20200101T000000-first")
+    watcher = ModelWatcher(root)
+    late = with_version(first, root, "20300101T000000-late")
+    good_weights = (late / "weights.safetensors").read_bytes()
+    (late / "weights.safetensors").write_bytes(good_weights[:100])  # a copy still in progress
+    with caplog.at_level(logging.ERROR, logger="plexrec.serving.model"):
+        assert not watcher.check() and not watcher.check()
+    assert caplog.text.count("refused model 20300101T000000-late") == 1  # not retried while unchanged
+    (late / "weights.safetensors").write_bytes(good_weights)  # the copy completes
+    assert watcher.check() and watcher.current.version == "20300101T000000-late"
 
 
 @pytest.fixture(scope="module")
