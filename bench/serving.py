@@ -100,19 +100,15 @@ def train_model(out: Path) -> Path:
 
 
 def wait_until_serving(target: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from serving.client import ScoringClient
 
     started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if process.poll() is not None:
-            raise SystemExit(f"plexrec serve exited with {process.returncode}")
-        try:
-            with grpc.insecure_channel(target) as channel:
-                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
-            if status == health_pb2.HealthCheckResponse.SERVING:
+    with ScoringClient(target) as client:
+        while time.monotonic() - started < timeout:
+            if process.poll() is not None:
+                raise SystemExit(f"plexrec serve exited with {process.returncode}")
+            if client.serving():
                 return
-        except grpc.RpcError:
             time.sleep(0.2)
     raise SystemExit("plexrec serve did not become healthy")
 

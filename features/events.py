@@ -113,6 +113,12 @@ def movielens_events(folder, after_fraction: float = 0.0, limit: int | None = No
     frame = frame.iloc[int(len(frame) * after_fraction):]
     if limit is not None:
         frame = frame.iloc[:limit]
+    return rating_events(frame)
+
+
+def rating_events(frame) -> list[UserEvent]:
+    """Rating events of a ratings frame (user_id, item_id, timestamp in seconds, rating), in the
+    frame's order; the event id names the rating, so a replay of the same rating is a duplicate."""
     return [make_event(user_id=int(u), item_id=int(i), event_type=EventType.EVENT_TYPE_RATING,
                        event_time_ms=int(t) * 1000, value=float(r), event_id=f"ml100k-{u}-{i}-{t}")
             for u, i, t, r in zip(frame.user_id, frame.item_id, frame.timestamp, frame.rating)]

@@ -75,7 +75,8 @@ def wait_for(condition, what: str, timeout: float, processes: dict[str, subproce
 
 
 def split_by_time(frame: pd.DataFrame, replay_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(the past: loaded and trained on, the future: replayed as events), cut at one second."""
+    """(the past: loaded and trained on, the future: replayed as events), cut at one second;
+    both in time order."""
     frame = frame.sort_values("timestamp", kind="stable")
     cut = int(frame["timestamp"].iloc[int(len(frame) * (1 - replay_fraction))])
     return frame[frame["timestamp"] < cut], frame[frame["timestamp"] >= cut]
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
         }
         target = f"127.0.0.1:{port}"
         client = stack.enter_context(ScoringClient(target, timeout=30))
-        wait_for(lambda: _healthy(client), "the scoring server", 180, children)
+        wait_for(client.serving, "the scoring server", 180, children)
 
         demo = _demo(past, future, client, children, bootstrap, store, args, report)
         report["seconds"] = round(time.monotonic() - started, 1)
@@ -159,23 +160,11 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def _healthy(client) -> bool:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    try:
-        answer = health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-        return answer.status == health_pb2.HealthCheckResponse.SERVING
-    except grpc.RpcError:
-        return False
-
-
 def _demo(past, future, client, children, bootstrap, store, args, report) -> dict:
     """Rank for the user with the most new ratings, replay the future, rank again."""
-    from features.events import EventProducer, make_event
+    from features.events import EventProducer, rating_events
     from features.ingest import read_event_log
     from features.online import OnlineFeatures
-    from protos.plexrec.v1.events_pb2 import EventType
 
     # a user the model already knows (20+ earlier ratings) with the most new ones
     known = past["user_id"].value_counts()
@@ -187,10 +176,7 @@ def _demo(past, future, client, children, bootstrap, store, args, report) -> dic
     candidates = [int(i) for i in popular if i not in seen][:1000]
     before = dict(zip(candidates, client.score(user, candidates)[0]))
 
-    future = future.sort_values("timestamp", kind="stable")
-    events = [make_event(user_id=int(u), item_id=int(i), event_type=EventType.EVENT_TYPE_RATING,
-                         event_time_ms=int(t) * 1000, value=float(r), event_id=f"ml100k-{u}-{i}-{t}")
-              for u, i, t, r in zip(future.user_id, future.item_id, future.timestamp, future.rating)]
+    events = rating_events(future)
     producer = EventProducer(bootstrap, TOPIC)
     replay_started = time.monotonic()
     sent = producer.send_all(_progress(events, "replaying events", args.no_progress),
@@ -218,7 +204,7 @@ def _demo(past, future, client, children, bootstrap, store, args, report) -> dic
                       "max_score_change": float(max(abs(after[i] - before[i]) for i in candidates))}
     report["serving"] = {"p50_ms_100_candidates": float(np.percentile(latencies, 50)),
                          "p99_ms_100_candidates": float(np.percentile(latencies, 99))}
-    new_ratings = future[future["user_id"] == user].sort_values("timestamp", kind="stable")
+    new_ratings = future[future["user_id"] == user]
     return {"user": user, "before": before, "after": after,
             "latest_ratings": list(zip(new_ratings["item_id"].tolist(), new_ratings["rating"].tolist()))[-5:]}
 

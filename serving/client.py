@@ -49,6 +49,16 @@ class ScoringClient:
         response = self.stub.Rank(request, timeout=self.timeout, metadata=self.metadata)
         return [(scored.item_id, scored.score) for scored in response.items]
 
+    def serving(self) -> bool:
+        """True when the server's standard health check answers SERVING (no token needed)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            answer = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+        return answer.status == health_pb2.HealthCheckResponse.SERVING
+
     def close(self) -> None:
         self.channel.close()
 

@@ -38,6 +38,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from features.events import MAX_CONTEXT_ENTRIES, MAX_CONTEXT_TEXT  # one limit for events and requests
 from features.online import OnlineFeatures
 from protos.plexrec.v1 import scoring_pb2, scoring_pb2_grpc
 from serving.batcher import ModelBatcher
@@ -47,8 +48,6 @@ from serving.model import ModelWatcher
 log = logging.getLogger("plexrec.serving")
 
 SERVICE_NAME = scoring_pb2.DESCRIPTOR.services_by_name["Scoring"].full_name
-MAX_CONTEXT_ENTRIES = 32
-MAX_CONTEXT_TEXT = 256
 MAX_REQUEST_ID = 128
 OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # never behind the token
 
@@ -87,14 +86,11 @@ def validate(request, max_candidates: int) -> None:
     bad = next((i for i in request.item_ids if i <= 0), None)
     if bad is not None:
         raise InvalidRequest("item_ids", f"must be positive ids, got {bad}")
-    if len(set(request.item_ids)) != len(request.item_ids):
-        seen, duplicate = set(), None
-        for item in request.item_ids:
-            if item in seen:
-                duplicate = item
-                break
-            seen.add(item)
-        raise InvalidRequest("item_ids", f"item {duplicate} appears more than once")
+    seen: set[int] = set()
+    for item in request.item_ids:
+        if item in seen:
+            raise InvalidRequest("item_ids", f"item {item} appears more than once")
+        seen.add(item)
     if len(request.context) > MAX_CONTEXT_ENTRIES:
         raise InvalidRequest("context", f"has {len(request.context)} entries; at most {MAX_CONTEXT_ENTRIES}")
     if any(len(k) > MAX_CONTEXT_TEXT or len(v) > MAX_CONTEXT_TEXT for k, v in request.context.items()):
