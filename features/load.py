@@ -1,24 +1,30 @@
 """A data set -> the feature store: offline Parquet tables, then the online store.
 
-    plexrec features load [--data-dir .plexrec] [--profile local]
+    plexrec features load [--schema data/kuairand-pure/schema.yaml] [--data-dir .plexrec]
 
-Tables (one per feature view of features/repo/definitions.py):
+Tables (one per feature view of features/repo/definitions.py, which builds the
+views from the same schema):
 
-    user_profile   one row per user, stamped at the epoch (known "forever")
-    item_profile   one row per item, likewise
-    user_history   one row per (user, second with behaviour): the user's last
-                   HISTORY_LENGTH items of seconds <= that second, their timestamps,
-                   and the running interaction count
-    item_counters  one row per (item, second): the running interaction count
-    interactions   the label events themselves (not a feature view): what training
-                   joins the features to
+    user_profile   one row per user: the schema's ``users`` columns, stamped at the epoch
+    item_profile   one row per item: the ``items`` columns and the item's category (as text)
+    user_history   one row per (user, instant with a behaviour): the user's last
+                   ``history_length`` behaviours up to that instant, their timestamps,
+                   and the running behaviour count
+    item_counters  one row per (item, instant): the running behaviour count
+    interactions   the label events themselves (not a feature view): ids, timestamp,
+                   label or rating, context columns; what training joins the features to
 
+A *behaviour* is a row that enters histories: every row, or the positive ones
+(the schema's ``history``). Timestamps keep the schema's unit. Next to the tables,
+``store.json`` records the schema, its fingerprint, the history length and the
+Feast type of every column: the definitions, the ingester and the server read it.
 Then the registry is applied and the latest value of every view is materialised
 into the online store.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,92 +32,151 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recsys.data.schema import DataError, DatasetSchema
+from recsys.data.schema import DataError, DatasetSchema, first_value, value_text
+from recsys.data.tables import DatasetTables
 
 log = logging.getLogger("plexrec.features")
 
 EPOCH = pd.Timestamp(0, unit="s", tz="UTC")
-USER_COLUMNS = ["age_bucket", "gender", "occupation", "zip_prefix"]
-ITEM_COLUMNS = ["genres", "release_year", "category"]
+STORE_META = "store.json"
 
 
-def _require(frame: pd.DataFrame, columns: list[str]) -> None:
-    for column in columns:
-        if column not in frame.columns:
-            raise DataError(f"column '{column}' is required by the feature definitions "
-                            f"(features/repo/definitions.py) but missing from the data set")
-
-
-def _timestamps(seconds: np.ndarray) -> pd.Series:
-    return pd.to_datetime(seconds, unit="s", utc=True)
-
-
-def running_state(keys: np.ndarray, seconds: np.ndarray, items: np.ndarray | None,
-                  history_length: int) -> pd.DataFrame:
-    """One row per (key, second): interactions of seconds <= it, and (with ``items``) the last
+def running_state(keys: np.ndarray, times: np.ndarray, items: np.ndarray | None,
+                  history_length: int, unit: str = "s") -> pd.DataFrame:
+    """One row per (key, instant): behaviours up to it, and (with ``items``) the last
     ``history_length`` of them, oldest first. Rows of one key must be in time order."""
     n = len(keys)
-    last_of_second = np.ones(n, dtype=bool)
-    last_of_second[:-1] = (keys[1:] != keys[:-1]) | (seconds[1:] != seconds[:-1])
+    last_of_instant = np.ones(n, dtype=bool)
+    last_of_instant[:-1] = (keys[1:] != keys[:-1]) | (times[1:] != times[:-1])
     key_start = np.searchsorted(keys, keys, side="left") if n else keys
-    ends = np.flatnonzero(last_of_second) + 1  # exclusive end of each state, in the key's sequence
+    ends = np.flatnonzero(last_of_instant) + 1  # exclusive end of each state, in the key's sequence
     starts = key_start[ends - 1]
-    state = pd.DataFrame({"key": keys[ends - 1], "event_timestamp": _timestamps(seconds[ends - 1]),
+    state = pd.DataFrame({"key": keys[ends - 1],
+                          "event_timestamp": pd.to_datetime(times[ends - 1], unit=unit, utc=True),
                           "interaction_count": (ends - starts).astype(np.int64)})
     if items is not None:
         first = np.maximum(starts, ends - history_length)
         state["history_item_ids"] = [items[a:b].tolist() for a, b in zip(first, ends)]
-        state["history_timestamps"] = [seconds[a:b].tolist() for a, b in zip(first, ends)]
+        state["history_timestamps"] = [times[a:b].tolist() for a, b in zip(first, ends)]
     return state
 
 
-def offline_tables(frame: pd.DataFrame, schema: DatasetSchema, history_length: int,
-                   catalog: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
-    """The Parquet tables of every feature view, from an interactions frame; user and item
-    profiles from ``catalog`` when given (rows of the same shape: e.g. the whole data set
-    when only its past is loaded, so users and items first seen later still have profiles)."""
-    columns = {schema.user: "user_id", schema.item: "item_id", schema.timestamp: "timestamp"}
-    for table in (frame, catalog if catalog is not None else frame):
-        _require(table, [schema.user, schema.item, schema.timestamp, *USER_COLUMNS, "genres", "release_year"])
-    frame = frame.rename(columns=columns)
-    frame = frame.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
-    profiles = catalog.rename(columns=columns) if catalog is not None else frame
-    users = profiles.drop_duplicates("user_id")[["user_id", *USER_COLUMNS]].copy()
-    users["event_timestamp"] = EPOCH
-    items = profiles.drop_duplicates("item_id")[["item_id", "genres", "release_year"]].copy()
-    items["genres"] = items["genres"].map(list)
-    items["category"] = items["genres"].map(lambda g: g[0] if len(g) else None)
-    items["release_year"] = items["release_year"].astype("Int64")
-    items["event_timestamp"] = EPOCH
+def feast_type(column: pd.Series, kind: str) -> str:
+    """The Feast type a column is stored as: Int64 / String for categorical values (integers
+    stay integers), Array(...) for list cells, Float32 for numeric ones."""
+    if kind == "numeric":
+        return "Float32"
+    present = column.dropna()
+    if len(present) and isinstance(present.iloc[0], (list, tuple, np.ndarray)):
+        flat = [v for cell in present for v in cell]
+        return "Array(Int64)" if all(_is_integer(v) for v in flat) else "Array(String)"
+    return "Int64" if len(present) and all(_is_integer(v) for v in present.unique()) else "String"
 
-    seconds = frame["timestamp"].to_numpy(dtype=np.int64)
-    history = running_state(frame["user_id"].to_numpy(np.int64), seconds,
-                            frame["item_id"].to_numpy(np.int64), history_length).rename(columns={"key": "user_id"})
+
+def _is_integer(value) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return True
+    return isinstance(value, (float, np.floating)) and float(value).is_integer()
+
+
+def stored_column(column: pd.Series, type_name: str):
+    """A column converted to its Feast type."""
+    if type_name == "Float32":
+        return pd.to_numeric(column, errors="coerce").astype("float32")
+    if type_name == "Int64":
+        return column.astype("float64").astype("Int64") if column.dtype == object else column.astype("Int64")
+    if type_name == "String":
+        return column.map(value_text).astype(object)
+    element = int if type_name == "Array(Int64)" else value_text
+    return column.map(lambda cell: [element(v) for v in cell] if isinstance(cell, (list, tuple, np.ndarray)) else [])
+
+
+def column_types(schema: DatasetSchema, tables: DatasetTables) -> dict[str, str]:
+    types = {}
+    for group_name, table in (("users", tables.users), ("items", tables.items), ("context", tables.interactions)):
+        group = getattr(schema, group_name)
+        for column in [*group.categorical, *group.multi_valued]:
+            types[column] = feast_type(table[column], "categorical")
+        for column in group.numeric:
+            types[column] = "Float32"
+    return types
+
+
+def item_categories(schema: DatasetSchema, items: pd.DataFrame) -> pd.Series:
+    """Each item's category as text (a list's or a multi-valued string's first value)."""
+    if not schema.category:
+        return pd.Series([None] * len(items), index=items.index, dtype=object)
+    separator = schema.multi_valued.get(schema.category)
+    return items[schema.category].map(lambda cell: first_value(cell, separator)).astype(object)
+
+
+def offline_tables(tables: DatasetTables, history_length: int) -> dict[str, pd.DataFrame]:
+    """The Parquet tables of every feature view, from a data set's tables (profiles from its
+    users and items tables: a catalogue may be wider than the interactions)."""
+    schema = tables.schema
+    types = column_types(schema, tables)
+    unit = schema.timestamp_unit
+    users = tables.users.rename(columns={schema.user: "user_id"})[["user_id", *schema.users.columns]].copy()
+    items_source = tables.items.rename(columns={schema.item: "item_id"})
+    items = items_source[["item_id", *schema.items.columns]].copy()
+    for table, group in ((users, schema.users), (items, schema.items)):
+        for column in group.columns:
+            table[column] = stored_column(table[column], types[column])
+        table["event_timestamp"] = EPOCH
+    items["item_category"] = item_categories(schema, items_source).to_numpy()
+
+    frame = tables.joined().rename(columns={schema.user: "user_id", schema.item: "item_id",
+                                            schema.timestamp: "timestamp"})
+    frame = frame.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
+    from recsys.data.examples import labels_of  # the label rule, as training applies it
+
+    label = labels_of(frame, schema)
+    behaviours = frame[label == 1] if schema.history == "positive" else frame
+    times = behaviours["timestamp"].to_numpy(dtype=np.int64)
+    history = running_state(behaviours["user_id"].to_numpy(np.int64), times,
+                            behaviours["item_id"].to_numpy(np.int64), history_length, unit)
+    history = history.rename(columns={"key": "user_id"})
     history["ingest_source"], history["ingest_offset"] = "", -1  # loaded in bulk, not from the stream
-    by_item = frame.sort_values(["item_id", "timestamp"], kind="stable")
+    by_item = behaviours.sort_values(["item_id", "timestamp"], kind="stable")
     counters = running_state(by_item["item_id"].to_numpy(np.int64), by_item["timestamp"].to_numpy(np.int64),
-                             None, history_length).rename(columns={"key": "item_id"})
+                             None, history_length, unit).rename(columns={"key": "item_id"})
     counters["ingest_topic"] = ""
     counters["ingest_offsets"] = [np.zeros(0, dtype=np.int64) for _ in range(len(counters))]  # typed: list<int64>
-    interactions = frame[["user_id", "item_id", "timestamp"]].copy()
-    interactions["rating"] = frame[schema.rating] if schema.rating else frame[schema.label]
+    label_column = schema.rating or schema.label
+    interactions = frame[["user_id", "item_id", "timestamp", label_column,
+                          *[c for c in (schema.split,) if c]]].copy()
+    for column in schema.context.columns:
+        interactions[column] = stored_column(frame[column], types[column])
     return {"user_profile": users, "item_profile": items, "user_history": history,
             "item_counters": counters, "interactions": interactions}
 
 
-def load_into_store(store, frame: pd.DataFrame, schema: DatasetSchema, directory: Path,
-                    history_length: int, catalog: pd.DataFrame | None = None) -> dict[str, int]:
-    """Write the offline tables, apply the definitions, materialise the online store."""
+def store_meta(schema: DatasetSchema, types: dict[str, str], history_length: int) -> dict:
+    return {"schema": schema.to_dict(), "schema_fingerprint": schema.fingerprint(),
+            "history_length": history_length, "types": types,
+            "loaded_at": datetime.now(timezone.utc).isoformat()}
+
+
+def load_into_store(store, tables: DatasetTables, directory: Path, history_length: int) -> dict[str, int]:
+    """Write the offline tables and store.json, apply the definitions, materialise the online store."""
     from features.store import apply_definitions
 
-    tables = offline_tables(frame, schema, history_length, catalog)
+    if tables.interactions.empty:
+        raise DataError("the interactions are empty: nothing to load")
+    offline_data = offline_tables(tables, history_length)
+    directory = Path(directory)
     offline = directory / "offline"
     offline.mkdir(parents=True, exist_ok=True)
-    for name, table in tables.items():
+    for name, table in offline_data.items():
         table.to_parquet(offline / f"{name}.parquet", index=False)
         log.info("wrote %s: %d rows", offline / f"{name}.parquet", len(table))
+    meta = store_meta(tables.schema, column_types(tables.schema, tables), history_length)
+    (directory / STORE_META).write_text(json.dumps(meta, indent=2) + "\n")
     apply_definitions(store, directory)
-    end = datetime.fromtimestamp(int(tables["interactions"]["timestamp"].max()) + 1, tz=timezone.utc)
-    store.materialize(start_date=EPOCH.to_pydatetime(), end_date=end,
-                      feature_views=["user_profile", "item_profile", "user_history", "item_counters"])
-    return {name: len(table) for name, table in tables.items()}
+    last = int(offline_data["interactions"]["timestamp"].max())
+    end = datetime.fromtimestamp(last / tables.schema.units_per_second + 1, tz=timezone.utc)
+    views = (["user_profile"] if tables.schema.users.columns else []) + ["item_profile", "user_history", "item_counters"]
+    store.materialize(start_date=EPOCH.to_pydatetime(), end_date=end, feature_views=views)
+    return {name: len(table) for name, table in offline_data.items()}

@@ -12,7 +12,9 @@ and took 87 s where DuckDB took about 1 s.
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import sys
 from pathlib import Path
 
 from recsys.config import PROJECT_ROOT
@@ -30,13 +32,26 @@ def data_dir(path: str | Path | None = None) -> Path:
 
 
 def definitions(directory: Path):
-    """The feature definitions module, with its sources pointing into ``directory``."""
+    """The feature definitions module, built from ``directory``'s store.json (imported afresh:
+    another data directory, or a new load, may hold another schema)."""
     os.environ["PLEXREC_DATA_DIR"] = str(directory)
-    import features.repo.definitions as module
+    sys.modules.pop("features.repo.definitions", None)
+    return importlib.import_module("features.repo.definitions")
 
-    if module.DATA_DIR != directory:  # imported earlier for another data directory
-        module = importlib.reload(module)
-    return module
+
+def read_store_meta(directory: str | Path | None = None) -> dict:
+    """store.json of a loaded data directory: the schema, its fingerprint, history length, column types."""
+    path = data_dir(directory) / "store.json"
+    if not path.is_file():
+        raise StoreError(f"{path} is missing: load a data set first (`plexrec features load --schema ...`)")
+    return json.loads(path.read_text())
+
+
+def stored_schema(directory: str | Path | None = None):
+    """The schema the store in ``directory`` was loaded with."""
+    from recsys.data.schema import DatasetSchema
+
+    return DatasetSchema.from_dict(read_store_meta(directory)["schema"], where="store.json schema")
 
 
 def open_store(profile: str = "local", directory: str | Path | None = None, redis_url: str | None = None):

@@ -2,11 +2,12 @@
 
 Every interaction becomes an entity row (user, item, time); Feast joins the
 latest feature row at or before ``time - 1 microsecond``, i.e. what was known
-strictly before the event's second. The result is the same Examples the direct
-loader builds (tests/test_feature_store.py checks it on ML-100K): labels and the
-temporal split from the events, categorical features from the profiles, the
-history and counters from the stream-maintained views (features/examples.py turns
-the joined rows into Examples, the same code serving uses).
+strictly before the event's instant (timestamps are seconds or milliseconds,
+both coarser than that). The result is the same Examples the direct loader
+builds (tests/test_feature_store.py checks it on every shipped schema): labels,
+context and the split from the events, categorical features from the profiles,
+the history and counters from the stream-maintained views (features/examples.py
+turns the joined rows into Examples, the same code serving uses).
 """
 
 from __future__ import annotations
@@ -14,18 +15,19 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from features.store import data_dir
 from features.examples import examples_from_feature_rows
-from recsys.data.examples import Examples
+from features.store import data_dir, stored_schema
+from recsys.data.examples import Examples, SplitRule
 
 STRICTLY_BEFORE = pd.Timedelta(microseconds=1)
 
 
 def historical_frame(store, directory=None) -> pd.DataFrame:
     """The label events joined point-in-time with the ``ranker`` feature service."""
+    schema = stored_schema(directory)
     events = pd.read_parquet(data_dir(directory) / "offline" / "interactions.parquet")
     entity_rows = events.assign(
-        event_timestamp=pd.to_datetime(events["timestamp"], unit="s", utc=True) - STRICTLY_BEFORE,
+        event_timestamp=pd.to_datetime(events["timestamp"], unit=schema.timestamp_unit, utc=True) - STRICTLY_BEFORE,
         row=np.arange(len(events)))
     joined = store.get_historical_features(entity_df=entity_rows, full_feature_names=True,
                                            features=store.get_feature_service("ranker")).to_df()
@@ -36,6 +38,5 @@ def historical_frame(store, directory=None) -> pd.DataFrame:
     return joined.sort_values("row").reset_index(drop=True)
 
 
-def examples_from_store(store, directory=None, *, label_threshold: float = 4.0, eval_last_n: int = 5) -> Examples:
-    return examples_from_feature_rows(historical_frame(store, directory), label_threshold=label_threshold,
-                                      eval_last_n=eval_last_n)
+def examples_from_store(store, directory=None, *, split: SplitRule = SplitRule()) -> Examples:
+    return examples_from_feature_rows(historical_frame(store, directory), stored_schema(directory), split=split)

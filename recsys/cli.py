@@ -55,8 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     feature_commands = features.add_subparsers(dest="features_command", metavar="ACTION", required=True)
     load = feature_commands.add_parser(
         "load", help="write a data set into the offline store, apply the definitions, materialise online")
-    load.add_argument("-c", "--config", help="run config whose `data` section names the data set "
-                                             "(default: the embedded ml100k config)")
+    load.add_argument("--schema", help="the data set's schema file (default: the config's data.schema, "
+                                       "MovieLens 100K)")
+    load.add_argument("-c", "--config", help="run config whose `data` section names the schema and history "
+                                             "length (default: the embedded ml100k config)")
+    load.add_argument("--history-length", type=int, help="behaviours kept per user (default: data.max_history)")
     load.add_argument("--data-dir", help="the store's data directory (default: $PLEXREC_DATA_DIR or .plexrec)")
     load.add_argument("--profile", default="local", choices=["local", "redis"], help="store profile")
     load.add_argument("--redis-url", help="host:port of Redis for --profile redis")
@@ -119,24 +122,23 @@ def load_features(args: argparse.Namespace) -> None:
     from features.load import load_into_store
     from features.store import StoreError, data_dir, open_store
     from recsys.config import ConfigError, load_config, resolve_path
-    from recsys.data.movielens import load_movielens
-    from recsys.data.schema import DataError
+    from recsys.data.schema import DataError, DatasetSchema
+    from recsys.data.tables import read_tables
 
     log = logging.getLogger("plexrec.features")
     try:
         config = load_config(args.config)
-        if config.data.dataset != "ml100k":
-            raise ConfigError("features load: the feature definitions describe MovieLens-shaped data "
-                              f"(data.dataset = ml100k); got {config.data.dataset!r}")
+        schema = DatasetSchema.from_yaml(resolve_path(args.schema or config.data.schema))
+        history_length = args.history_length or config.data.max_history
         started = time.perf_counter()
-        frame, schema = load_movielens(resolve_path(config.data.path))
+        tables = read_tables(schema, config.data.synthetic)
         directory = data_dir(args.data_dir)
         store = open_store(args.profile, directory, args.redis_url)
-        counts = load_into_store(store, frame, schema, directory, history_length=config.data.max_history)
+        counts = load_into_store(store, tables, directory, history_length=history_length)
     except (ConfigError, DataError, StoreError) as exc:
         sys.exit(f"plexrec features load: {exc}")
-    log.info("loaded %s into %s (profile %s) in %.1f s: %s", config.data.path, directory, args.profile,
-             time.perf_counter() - started, ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    log.info("loaded %s into %s (profile %s, histories of %d) in %.1f s: %s", schema.name, directory, args.profile,
+             history_length, time.perf_counter() - started, ", ".join(f"{k} {v:,}" for k, v in counts.items()))
 
 
 if __name__ == "__main__":

@@ -36,16 +36,22 @@ class FeatureConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "ml100k"  # "ml100k", "generic" or "synthetic" (recsys/data/synthetic.py)
-    path: str = "data/ml-100k"
-    # the generic loader's schema file (YAML, see recsys/data/schema.py); unused for ml100k
-    schema: str | None = None
-    label_threshold: float = 4.0  # label = rating >= threshold, when the data has ratings
-    eval_last_n: int = 5  # per user: last n -> test, the n before -> validation
+    # the data set's schema file (recsys/data/schema.py): MovieLens 100K by default
+    schema: str = "data/ml-100k/schema.yaml"
+    # how examples are split: "last_n" (per user: the last n -> test, the n before -> validation)
+    # or "time" (one cut for everyone: the latest test_fraction of rows -> test, the valid_fraction
+    # before -> validation; valid_from / test_from, in the schema's timestamp unit, set the cuts
+    # instead). A schema's own split column, where it declares one, is used as it is.
+    split: str = "last_n"
+    eval_last_n: int = 5
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+    valid_from: int | None = None
+    test_from: int | None = None
     max_history: int = 200  # most recent previous items kept per example
-    synthetic: dict = field(default_factory=dict)  # SyntheticConfig fields for dataset "synthetic"
+    synthetic: dict = field(default_factory=dict)  # generator overrides for a synthetic schema
     # "direct": read the files; "feast": point-in-time joins from the feature store in
-    # store_dir (after `plexrec features load`), the same examples (ml100k only)
+    # store_dir (after `plexrec features load`), the same examples
     source: str = "direct"
     store_dir: str | None = None
 
@@ -103,18 +109,15 @@ class TrainConfig:
     checkpoint_every_epoch: bool = True
 
 
-# The MovieLens features of configs/ml100k.yaml: ids get two probes (they carry the
-# most information per value), profile features one.
-DEFAULT_FEATURES = [
-    FeatureConfig("user_id", 2),
-    FeatureConfig("item_id", 2),
-    FeatureConfig("age_bucket", 1),
-    FeatureConfig("gender", 1),
-    FeatureConfig("occupation", 1),
-    FeatureConfig("zip_prefix", 1),
-    FeatureConfig("genres", 1),
-    FeatureConfig("release_year", 1),
-]
+ID_PROBES = 2  # ids carry the most information per value: by default they read two rows
+
+
+def default_features(available: list[str]) -> list[FeatureConfig]:
+    """Every categorical feature a data set offers (its category aside: sequence models read it
+    anyway), ids with two probes, the rest with one: what an empty ``features`` list means."""
+    return [FeatureConfig(name, ID_PROBES if name in ("user_id", "item_id") else 1)
+            for name in available if name != "item_category"]
+
 
 EMBEDDING_KINDS = ("unified", "hashed", "full")
 
@@ -122,7 +125,8 @@ EMBEDDING_KINDS = ("unified", "hashed", "full")
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    features: list[FeatureConfig] = field(default_factory=lambda: list(DEFAULT_FEATURES))
+    # empty: every feature of the schema (default_features); a run that needs them resolves it
+    features: list[FeatureConfig] = field(default_factory=list)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
@@ -130,8 +134,6 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         names = [f.name for f in self.features]
-        if not names:
-            raise ConfigError("features: the list is empty; name at least one categorical feature")
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ConfigError(f"features: {duplicated} listed more than once; list each feature once")
@@ -152,8 +154,14 @@ class RunConfig:
         _positive("data.eval_last_n", self.data.eval_last_n)
         if self.data.max_history < 0:
             raise ConfigError(f"data.max_history = {self.data.max_history}: use 0 or more")
-        if self.data.dataset not in ("ml100k", "generic", "synthetic"):
-            raise ConfigError(f"data.dataset = {self.data.dataset!r}: choose ml100k, generic or synthetic")
+        if self.data.split not in ("last_n", "time"):
+            raise ConfigError(f"data.split = {self.data.split!r}: choose last_n (per user) or time (one cut)")
+        for name in ("valid_fraction", "test_fraction"):
+            value = getattr(self.data, name)
+            if not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise ConfigError(f"data.{name} = {value!r}: a share of the rows, between 0 and 1")
+        if self.data.valid_fraction + self.data.test_fraction >= 1:
+            raise ConfigError("data.valid_fraction + data.test_fraction leave no training rows; lower them")
         seq = self.sequence
         if seq.mode not in SEQUENCE_MODES:
             raise ConfigError(f"sequence.mode = {seq.mode!r}: choose one of {', '.join(SEQUENCE_MODES)}")
@@ -166,18 +174,15 @@ class RunConfig:
             if self.data.max_history < 1:
                 raise ConfigError(f"sequence.mode = {seq.mode!r} reads histories, but data.max_history = "
                                   f"{self.data.max_history}; set it to 1 or more")
-            if "item_id" not in names:
+            if names and "item_id" not in names:
                 raise ConfigError("sequence models need the feature 'item_id' (the target item) in features")
             if seq.mode in ("mean", "dare") and self.embedding.kind != "unified":
                 raise ConfigError(f"sequence.mode = {seq.mode!r} looks history items up in the unified table: "
                                   "set embedding.kind = unified")
         if self.data.source not in ("direct", "feast"):
             raise ConfigError(f"data.source = {self.data.source!r}: choose direct or feast")
-        if self.data.source == "feast" and self.data.dataset != "ml100k":
-            raise ConfigError("data.source = feast: the feature definitions describe ml100k-shaped data; "
-                              "set data.dataset = ml100k")
-        if self.data.dataset == "generic" and not self.data.schema:
-            raise ConfigError("data.schema: a generic data set needs a schema file (see README)")
+        if not self.data.schema:
+            raise ConfigError("data.schema: name the data set's schema file (e.g. data/ml-100k/schema.yaml)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,11 +195,7 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown top-level section(s) {sorted(unknown)}; "
                               "known: data, features, embedding, model, sequence, train")
-        features = raw.get("features")
-        if features is None:
-            feature_list = list(DEFAULT_FEATURES)
-        else:
-            feature_list = [_feature_from_raw(item) for item in features]
+        feature_list = [_feature_from_raw(item) for item in raw.get("features") or []]
         return cls(
             data=_section(DataConfig, raw.get("data"), "data"),
             features=feature_list,
@@ -222,8 +223,19 @@ def _feature_from_raw(item: Any) -> FeatureConfig:
     raise ConfigError(f"features: {item!r} is neither a name nor a mapping with 'name'")
 
 
+REPLACED_KEYS = {
+    "data.dataset": "data.schema names the data set now (data/ml-100k/schema.yaml, data/kuairand-pure/schema.yaml, "
+                    "data/synthetic/schema.yaml, or your own)",
+    "data.path": "the schema file says where the data is (its 'path')",
+    "data.label_threshold": "the schema holds the label rule ('rating_threshold')",
+}
+
+
 def _section(cls: type, raw: Any, name: str) -> Any:
     raw = dict(raw or {})
+    for key in raw:
+        if f"{name}.{key}" in REPLACED_KEYS:
+            raise ConfigError(f"{name}.{key} is gone: {REPLACED_KEYS[f'{name}.{key}']}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(raw) - known
     if unknown:

@@ -1,7 +1,8 @@
 """Exported model directories: a manifest plus weights, no pickle anywhere.
 
     <model_dir>/manifest.json      format, model version, run config, feature spec,
-                                   hash name + version, vocabulary sizes, metrics, time
+                                   hash name + version, vocabulary sizes, the data set's
+                                   schema and its fingerprint, metrics, time
     <model_dir>/weights.safetensors  the plain (unsharded) Ranker's state dict
 
 Serving loads these with ``load_model``, which imports no training or
@@ -48,7 +49,7 @@ def model_fingerprint(config: RunConfig, vocab_sizes: dict[str, int], dense_name
 
 
 def export_model(model: Ranker, config: RunConfig, vocab_sizes: dict[str, int], dense_names: list[str],
-                 metrics: dict[str, Any], root: str | Path) -> Path:
+                 metrics: dict[str, Any], root: str | Path, schema=None) -> Path:
     """Write ``root/<version>/`` atomically (temp dir + rename) and return it."""
     created = datetime.now(timezone.utc)
     fingerprint = model_fingerprint(config, vocab_sizes, dense_names)
@@ -70,6 +71,9 @@ def export_model(model: Ranker, config: RunConfig, vocab_sizes: dict[str, int], 
         "dense_features": dense_names,
         "vocab_sizes": vocab_sizes,
         "config": config.to_dict(),
+        # the data set's schema: serving checks that its store holds the same (recsys/data/schema.py)
+        "schema": schema.to_dict() if schema is not None else None,
+        "schema_fingerprint": schema.fingerprint() if schema is not None else None,
         "metrics": metrics,
     }
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -15,6 +15,7 @@ directory (recsys/export.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -43,7 +44,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
-from recsys.config import ConfigError, RunConfig, load_config
+from recsys.config import ConfigError, RunConfig, default_features, load_config
 from recsys.data.batching import iterate_batches, model_inputs, num_steps
 from recsys.data.examples import TEST, TRAIN, VALID, Examples, load_dataset
 from recsys.embeddings import UNIFIED_TABLE
@@ -168,16 +169,22 @@ class Trainer:
         self.out_dir = Path(out_dir or config.train.out_dir)
         if examples is None:
             examples, _ = load_dataset(config.data)
+        if not config.features:  # every feature the data set offers
+            config = dataclasses.replace(config, features=default_features(examples.feature_names))
+            self.config = config
         self.feature_names = [f.name for f in config.features]
-        unknown = sorted(set(self.feature_names) - set(examples.feature_names))
+        unknown = [name for name in self.feature_names if name not in examples.feature_names]
         if unknown:
-            raise ConfigError(f"features {unknown} are not in the data set, which offers "
-                             f"{examples.feature_names}; fix the config's features list")
+            raise ConfigError(f"features.{unknown[0]}: not a feature of the data set, which offers "
+                              f"{', '.join(examples.feature_names)}; fix the config's features list")
+        if self.config.sequence.mode != "none" and "item_id" not in self.feature_names:
+            raise ConfigError("sequence models need the feature 'item_id' (the target item) in features")
         # sequence models also read the target's category and the history
         self.batch_features, self.history_length = model_inputs(config, examples.feature_names)
         self.train_examples = examples.split_part(TRAIN)
         self.eval_examples = {"valid": examples.split_part(VALID), "test": examples.split_part(TEST)}
         self.dense_names = examples.dense_names
+        self.schema = examples.schema
         self.vocabularies = vocabularies_of(self.train_examples, self.feature_names)
         self.vocab_sizes = {name: int(len(v)) for name, v in self.vocabularies.items()}
         self.fingerprint = model_fingerprint(config, self.vocab_sizes, self.dense_names)
@@ -393,7 +400,8 @@ class Trainer:
         state = {"model": plain.state_dict()}
         dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
         plain.load_state_dict(state["model"])
-        return export_model(plain, self.config, self.vocab_sizes, self.dense_names, metrics, self.out_dir / "models")
+        return export_model(plain, self.config, self.vocab_sizes, self.dense_names, metrics, self.out_dir / "models",
+                            schema=self.schema)
 
 
 def plot_training(history: list[dict[str, Any]], path: Path) -> None:

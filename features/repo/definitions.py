@@ -1,9 +1,18 @@
-"""plexrec's features, declared once: entities, sources, feature views, push sources, services.
+"""plexrec's features, made from the data set's schema: entities, sources, views, push sources, services.
 
 Training reads them from the offline store (point-in-time joins), serving from the
 online store; the stream ingester pushes fresh histories and counters. The offline
 tables are Parquet files under the data directory ($PLEXREC_DATA_DIR, default
-.plexrec/ at the project root), written by `plexrec features load`.
+.plexrec/ at the project root), written by `plexrec features load`, which also
+writes ``store.json``: the schema and the Feast type of every column. This module
+reads it and declares one view per concept, so `feast -c features/repo apply` (or
+`plexrec features load`) registers the same objects for any data set:
+
+    user_profile    the schema's users columns                      (absent without any)
+    item_profile    the schema's items columns + item_category (text)
+    user_history    history_item_ids, history_timestamps, interaction_count (+ the ingester's watermark)
+    item_counters   interaction_count (+ the ingester's watermarks)
+    item_embeddings attention / representation embeddings and their model version
 
 Values are stored raw (strings stay strings): the model's hash turns them into rows,
 so the store never needs to know about vocabularies or hashing.
@@ -11,6 +20,7 @@ so the store never needs to know about vocabularies or hashing.
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -20,8 +30,13 @@ from feast.types import Array, Float32, Int64, String
 
 DATA_DIR = Path(os.environ.get("PLEXREC_DATA_DIR", Path(__file__).resolve().parents[2] / ".plexrec")).resolve()
 OFFLINE_DIR = DATA_DIR / "offline"
-HISTORY_LENGTH = 200  # behaviours kept per user, most recent last
+STORE_META = DATA_DIR / "store.json"
 NO_EXPIRY = timedelta(0)
+FEAST_TYPES = {"Int64": Int64, "String": String, "Float32": Float32,
+               "Array(Int64)": Array(Int64), "Array(String)": Array(String)}
+
+META = json.loads(STORE_META.read_text()) if STORE_META.is_file() else {"schema": None, "types": {}}
+SCHEMA = META["schema"] or {}
 
 user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="a user, by raw id")
 item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="an item, by raw id")
@@ -32,21 +47,28 @@ def _source(name: str) -> FileSource:
                       timestamp_field="event_timestamp")
 
 
-user_profile = FeatureView(
-    name="user_profile", entities=[user], ttl=NO_EXPIRY, source=_source("user_profile"),
-    schema=[Field(name="age_bucket", dtype=Int64), Field(name="gender", dtype=String),
-            Field(name="occupation", dtype=String), Field(name="zip_prefix", dtype=String)],
-    description="who the user is; changes rarely")
+def _fields(group: str) -> list[Field]:
+    spec = SCHEMA.get(group) or {}
+    columns = [*spec.get("categorical", []), *spec.get("multi_valued", {}), *spec.get("numeric", [])]
+    return [Field(name=c, dtype=FEAST_TYPES[META["types"][c]]) for c in columns]
+
+
+profiles = []
+if _fields("users"):
+    user_profile = FeatureView(
+        name="user_profile", entities=[user], ttl=NO_EXPIRY, source=_source("user_profile"),
+        schema=_fields("users"), description=f"who the user is ({SCHEMA.get('name')}); changes rarely")
+    profiles.append(user_profile)
 
 item_profile = FeatureView(
     name="item_profile", entities=[item], ttl=NO_EXPIRY, source=_source("item_profile"),
-    schema=[Field(name="genres", dtype=Array(String)), Field(name="release_year", dtype=Int64),
-            Field(name="category", dtype=String)],
-    description="what the item is; category = its first genre")
+    schema=[*_fields("items"), Field(name="item_category", dtype=String)],
+    description=f"what the item is ({SCHEMA.get('name')}); item_category: its category value, as text")
+profiles.append(item_profile)
 
-# A history row stamped t holds the user's behaviours of seconds <= t, oldest first,
-# at most HISTORY_LENGTH. Training joins "as of just before" the label (see
-# features/training.py), so an example never sees its own second.
+# A history row stamped t holds the user's behaviours up to t, oldest first, at most the
+# history length of store.json. Training joins "as of just before" the label (see
+# features/training.py), so an example never sees its own instant.
 user_history_push = PushSource(name="user_history_push", batch_source=_source("user_history"))
 user_history = FeatureView(
     name="user_history", entities=[user], ttl=NO_EXPIRY, source=user_history_push,
@@ -66,7 +88,7 @@ item_counters = FeatureView(
             # partition p of topic ingest_topic
             Field(name="ingest_topic", dtype=String),
             Field(name="ingest_offsets", dtype=Array(Int64))],
-    description="how many interactions the item has had; stream-updated")
+    description="how many behaviours the item has had; stream-updated")
 
 item_embeddings = FeatureView(
     name="item_embeddings", entities=[item], ttl=NO_EXPIRY, source=_source("item_embeddings"),
@@ -76,8 +98,8 @@ item_embeddings = FeatureView(
     description="trained item embeddings, published after training with their model version")
 
 ranker_features = FeatureService(
-    name="ranker", features=[user_profile, item_profile, user_history, item_counters],
+    name="ranker", features=[*profiles, user_history, item_counters],
     description="what the unified-embedding + DARE ranker reads")
 ranker_serving = FeatureService(
-    name="ranker_serving", features=[user_profile, item_profile, user_history, item_counters, item_embeddings],
+    name="ranker_serving", features=[*profiles, user_history, item_counters, item_embeddings],
     description="what the scoring service reads online, published embeddings included")

@@ -1,17 +1,19 @@
 """Interactions -> training examples: labels, temporal split, histories, raw ids.
 
 One example per interaction. A user's interactions are put in time order (ties
-keep file order); the last ``n`` are test, the ``n`` before them validation,
-the rest training. An example's history is the user's items with a timestamp
-strictly before its own: interactions of the same second are not each other's
-history (their order is unknown), which is also what a point-in-time join in
-the feature store returns.
+keep file order) and split (``SplitRule``): per user, the last ``n`` are test and
+the ``n`` before them validation; or by time, one cut for everyone. An example's
+history is the user's *behaviours* (every row, or the positive ones: the schema's
+``history`` rule) with a timestamp strictly before its own: interactions of the
+same instant are not each other's history (their order is unknown), which is also
+what a point-in-time join in the feature store returns.
 
 Categorical values become raw int64 ids (integers, and strings that spell one,
 as they are; other strings through ``recsys.hashing.string_to_id``); the model hashes them itself. A missing value
-is an empty bag. Dense features are counters known at the example's time:
-log(1 + the user's earlier interactions) and log(1 + the item's interactions
-by anyone strictly earlier in time), plus any declared numeric columns.
+is an empty bag, and an item without a category has category 0. Dense features
+are counters known at the example's time: log(1 + the user's earlier behaviours)
+and log(1 + the item's behaviours by anyone strictly earlier in time), plus the
+declared numeric columns as sign(x) * log(1 + |x|) (missing: 0).
 """
 
 from __future__ import annotations
@@ -23,12 +25,52 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recsys.data.schema import DataError, DatasetSchema
+from recsys.data.schema import CATEGORY_FEATURE, DataError, DatasetSchema
 from recsys.hashing import string_to_id
 
 TRAIN, VALID, TEST, CONTEXT = 0, 1, 2, 3
 SPLIT_NAMES = {"train": TRAIN, "valid": VALID, "validation": VALID, "test": TEST, "context": CONTEXT}
 DERIVED_DENSE = ["log_user_prior_count", "log_item_prior_count"]
+NO_CATEGORY = 0  # the category id of an item whose category is missing or unknown
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """How examples are split into train / valid / test (see DataConfig)."""
+
+    kind: str = "last_n"  # "last_n" per user, or "time": one cut for everyone
+    last_n: int = 5
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+    valid_from: int | None = None  # time cuts in the schema's unit (instead of the fractions)
+    test_from: int | None = None
+
+    @classmethod
+    def of(cls, data_config) -> SplitRule:
+        return cls(data_config.split, data_config.eval_last_n, data_config.valid_fraction,
+                   data_config.test_fraction, data_config.valid_from, data_config.test_from)
+
+    def time_cuts(self, timestamps: np.ndarray) -> tuple[int, int]:
+        """(valid_from, test_from): rows at or after a cut belong to its part."""
+        ordered = np.sort(timestamps)
+        n = len(ordered)
+        test_from = self.test_from if self.test_from is not None else int(
+            ordered[min(n - 1, int(n * (1 - self.test_fraction)))])
+        valid_from = self.valid_from if self.valid_from is not None else int(
+            ordered[min(n - 1, int(n * (1 - self.test_fraction - self.valid_fraction)))])
+        if valid_from > test_from:
+            raise DataError(f"data.valid_from {valid_from} is after data.test_from {test_from}")
+        return valid_from, test_from
+
+
+def numeric_values(column: pd.Series, name: str) -> np.ndarray:
+    """A numeric feature as the tower reads it: sign(x) * log(1 + |x|), missing values 0."""
+    numeric = pd.to_numeric(column, errors="coerce")
+    bad = numeric.isna() & column.notna()
+    if bad.any():
+        raise DataError(f"column '{name}' is declared numeric but holds {column[bad].iloc[0]!r}")
+    values = numeric.fillna(0).to_numpy(dtype=np.float64)
+    return (np.sign(values) * np.log1p(np.abs(values))).astype(np.float32)
 
 
 @dataclass
@@ -51,7 +93,8 @@ class Examples:
     sequence_categories: np.ndarray | None  # the items' categories, where the data declares one
     sequence_start: np.ndarray
     position: np.ndarray  # index in the user's time-ordered sequence
-    history_length: np.ndarray  # the user's interactions strictly earlier in time (<= position)
+    history_length: np.ndarray  # the user's behaviours strictly earlier in time (<= position)
+    schema: DatasetSchema | None = None  # what the data set declared; travels into exported models
 
     def __len__(self) -> int:
         return len(self.label)
@@ -85,7 +128,7 @@ class Examples:
             sequence_items=self.sequence_items, sequence_timestamps=self.sequence_timestamps,
             sequence_categories=self.sequence_categories,
             sequence_start=self.sequence_start[index], position=self.position[index],
-            history_length=self.history_length[index])
+            history_length=self.history_length[index], schema=self.schema)
 
     def split_part(self, part: int) -> Examples:
         return self.subset(np.flatnonzero(self.split == part))
@@ -101,29 +144,6 @@ def take_jagged(values: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> t
     starts = np.repeat(offsets[:-1][index], picked_lengths)
     rank = np.arange(new_offsets[-1]) - np.repeat(new_offsets[:-1], picked_lengths)
     return values[starts + rank], new_offsets
-
-
-def load_interactions(schema: DatasetSchema) -> pd.DataFrame:
-    """Read a generic interactions file (Parquet or CSV) and check its declared columns."""
-    path = Path(schema.path)
-    if not path.is_file():
-        raise DataError(f"interactions file {path} does not exist (schema 'path')")
-    if path.suffix in (".parquet", ".pq"):
-        frame = pd.read_parquet(path)
-    elif path.suffix in (".csv", ".tsv"):
-        frame = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
-    else:
-        raise DataError(f"{path}: unsupported format '{path.suffix}'; use .parquet or .csv")
-    return frame
-
-
-def _check_columns(frame: pd.DataFrame, schema: DatasetSchema) -> None:
-    for column in schema.required_columns():
-        if column not in frame.columns:
-            raise DataError(
-                f"column '{column}' is declared in the schema but missing from the data "
-                f"(columns present: {', '.join(map(str, frame.columns))}); fix the schema or the file"
-            )
 
 
 def value_to_id(value) -> int:
@@ -176,24 +196,70 @@ def _multi_raw_ids(column: pd.Series, separator: str | None) -> tuple[np.ndarray
     return ids, offsets
 
 
-def _count_strictly_before(keys: np.ndarray, times: np.ndarray) -> np.ndarray:
-    """For every row: how many rows with the same key have a smaller time."""
+def _count_strictly_before(keys: np.ndarray, times: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """For every row: how many rows with the same key have a smaller time (rows counted with
+    ``weights``, 1 each by default)."""
     order = np.lexsort((times, keys))
     sorted_keys, sorted_times = keys[order], times[order]
+    weight = np.ones(len(order), dtype=np.int64) if weights is None else weights[order].astype(np.int64)
+    before = np.concatenate([[0], np.cumsum(weight)])  # before[j]: weight of sorted rows < j
     group_start = np.searchsorted(sorted_keys, sorted_keys, side="left")
-    # rows of the same key with time < t = (first row of the run of equal (key, t)) - (key's first row)
+    # rows of the same key with time < t = those from the key's first row to the first row of (key, t)
     new_run = np.ones(len(order), dtype=bool)
     new_run[1:] = (sorted_keys[1:] != sorted_keys[:-1]) | (sorted_times[1:] != sorted_times[:-1])
     first_same_time = np.flatnonzero(new_run)[np.cumsum(new_run) - 1]
     counts = np.empty(len(order), dtype=np.int64)
-    counts[order] = first_same_time - group_start
+    counts[order] = before[first_same_time] - before[group_start]
     return counts
 
 
-def build_examples(frame: pd.DataFrame, schema: DatasetSchema, *, label_threshold: float = 4.0,
-                   eval_last_n: int = 5) -> Examples:
-    """All examples of an interactions frame, split and with histories."""
-    _check_columns(frame, schema)
+def _split(frame: pd.DataFrame, schema: DatasetSchema, rule: SplitRule, timestamp: np.ndarray,
+           position: np.ndarray, user_length: np.ndarray) -> np.ndarray:
+    if schema.split:
+        names = frame[schema.split].astype(str).str.lower()
+        unknown = sorted(set(names) - set(SPLIT_NAMES))
+        if unknown:
+            raise DataError(f"column '{schema.split}' has split value(s) {unknown}; use train, valid, test, context")
+        return names.map(SPLIT_NAMES).to_numpy(dtype=np.int8)
+    if rule.kind == "time":
+        valid_from, test_from = rule.time_cuts(timestamp)
+        return np.where(timestamp >= test_from, TEST, np.where(timestamp >= valid_from, VALID, TRAIN)).astype(np.int8)
+    from_end = user_length - position  # 1 for the user's last interaction
+    return np.where(from_end <= rule.last_n, TEST, np.where(from_end <= 2 * rule.last_n, VALID, TRAIN)).astype(np.int8)
+
+
+def labels_of(frame: pd.DataFrame, schema: DatasetSchema) -> np.ndarray:
+    """The 0/1 label of every row: its label column, or its rating against the threshold."""
+    if schema.label:
+        column = frame[schema.label]
+        if column.isna().any():
+            raise DataError(f"column '{schema.label}' (the label) has missing values")
+        label = column.to_numpy(dtype=np.float32)
+        if not np.isin(label, (0.0, 1.0)).all():
+            raise DataError(f"column '{schema.label}' must hold 0/1 labels")
+        return label
+    rating = pd.to_numeric(frame[schema.rating], errors="coerce")
+    if rating.isna().any():
+        raise DataError(f"column '{schema.rating}' (the rating) has missing or non-numeric values")
+    return (rating.to_numpy(dtype=np.float64) >= schema.rating_threshold).astype(np.float32)
+
+
+def category_ids(column: pd.Series) -> np.ndarray:
+    """One category id per row: the value, a list's first value, NO_CATEGORY where missing."""
+    lists = column.map(lambda v: isinstance(v, (list, tuple, np.ndarray))).any()
+    values, offsets = _multi_raw_ids(column, None) if lists else _raw_ids(column)
+    present = np.diff(offsets) > 0
+    out = np.full(len(column), NO_CATEGORY, dtype=np.int64)
+    out[present] = values[offsets[:-1][present]]
+    return out
+
+
+def build_examples(frame: pd.DataFrame, schema: DatasetSchema, split: SplitRule = SplitRule()) -> Examples:
+    """All examples of an interactions frame (profiles joined on: DatasetTables.joined), split
+    and with histories."""
+    from recsys.data.tables import check_columns
+
+    check_columns(frame, schema.required_columns(), "the data")
     if len(frame) == 0:
         raise DataError("the interactions file has no rows")
     for column in (schema.user, schema.item, schema.timestamp):
@@ -211,27 +277,10 @@ def build_examples(frame: pd.DataFrame, schema: DatasetSchema, *, label_threshol
     user_change[1:] = user_raw[1:] != user_raw[:-1]
     user_first_row = np.flatnonzero(user_change)
     user_index = np.cumsum(user_change) - 1
-    sequence_start = user_first_row[user_index]
-    position = np.arange(n) - sequence_start
+    position = np.arange(n) - user_first_row[user_index]
     user_length = np.diff(np.append(user_first_row, n))[user_index]
-
-    if schema.split:
-        names = frame[schema.split].astype(str).str.lower()
-        unknown = sorted(set(names) - set(SPLIT_NAMES))
-        if unknown:
-            raise DataError(f"column '{schema.split}' has split value(s) {unknown}; use train, valid, test")
-        split = names.map(SPLIT_NAMES).to_numpy(dtype=np.int8)
-    else:
-        from_end = user_length - position  # 1 for the user's last interaction
-        split = np.where(from_end <= eval_last_n, TEST,
-                         np.where(from_end <= 2 * eval_last_n, VALID, TRAIN)).astype(np.int8)
-
-    if schema.label:
-        label = frame[schema.label].to_numpy(dtype=np.float32)
-        if not np.isin(label, (0.0, 1.0)).all():
-            raise DataError(f"column '{schema.label}' must hold 0/1 labels")
-    else:
-        label = (frame[schema.rating].to_numpy(dtype=np.float64) >= label_threshold).astype(np.float32)
+    split_part = _split(frame, schema, split, timestamp, position, user_length)
+    label = labels_of(frame, schema)
 
     values, offsets = {"user_id": user_raw, "item_id": item_raw}, {}
     offsets["user_id"] = offsets["item_id"] = np.arange(n + 1, dtype=np.int64)
@@ -241,64 +290,55 @@ def build_examples(frame: pd.DataFrame, schema: DatasetSchema, *, label_threshol
         values[column], offsets[column] = _multi_raw_ids(frame[column], separator)
     sequence_categories = None
     if schema.category:
-        if schema.category in values:
-            category_values, category_offsets = values[schema.category], offsets[schema.category]
-        elif frame[schema.category].map(lambda v: isinstance(v, (list, tuple, np.ndarray))).any():
-            category_values, category_offsets = _multi_raw_ids(frame[schema.category], None)
+        if schema.category in values:  # a declared feature: its (first) value, as the feature has it
+            bags = np.diff(offsets[schema.category]) > 0
+            row_category = np.full(n, NO_CATEGORY, dtype=np.int64)
+            row_category[bags] = values[schema.category][offsets[schema.category][:-1][bags]]
         else:
-            category_values, category_offsets = _raw_ids(frame[schema.category])
-        if (np.diff(category_offsets) == 0).any():
-            raise DataError(f"column '{schema.category}' (the item category) has missing values")
-        sequence_categories = category_values[category_offsets[:-1]]  # a list's first value
-        values["item_category"] = sequence_categories
-        offsets["item_category"] = np.arange(n + 1, dtype=np.int64)
+            row_category = category_ids(frame[schema.category])
+        values[CATEGORY_FEATURE] = row_category
+        offsets[CATEGORY_FEATURE] = np.arange(n + 1, dtype=np.int64)
 
-    history_length = _count_strictly_before(user_raw, timestamp)
+    # behaviours: the rows that enter histories and counters
+    behaviour = np.ones(n, dtype=bool) if schema.history == "all" else label == 1
+    behaviours_before_row = np.concatenate([[0], np.cumsum(behaviour)])
+    sequence_start = behaviours_before_row[user_first_row[user_index]]
+    history_length = _count_strictly_before(user_raw, timestamp, behaviour)
+    if schema.category:
+        sequence_categories = values[CATEGORY_FEATURE][behaviour]
     dense_columns = [np.log1p(history_length).astype(np.float32),
-                     np.log1p(_count_strictly_before(item_raw, timestamp)).astype(np.float32)]
-    for column in schema.numeric:
-        numeric = pd.to_numeric(frame[column], errors="coerce")
-        if numeric.isna().any():
-            raise DataError(f"column '{column}' is declared numeric but has missing or non-numeric values")
-        dense_columns.append(numeric.to_numpy(dtype=np.float32))
+                     np.log1p(_count_strictly_before(item_raw, timestamp, behaviour)).astype(np.float32)]
+    dense_columns += [numeric_values(frame[column], column) for column in schema.numeric]
 
     return Examples(
         feature_values=values, feature_offsets=offsets,
         dense=np.stack(dense_columns, axis=1), dense_names=DERIVED_DENSE + list(schema.numeric),
-        label=label, user_id=user_raw, item_id=item_raw, timestamp=timestamp, split=split,
-        sequence_items=item_raw, sequence_timestamps=timestamp, sequence_categories=sequence_categories,
+        label=label, user_id=user_raw, item_id=item_raw, timestamp=timestamp, split=split_part,
+        sequence_items=item_raw[behaviour], sequence_timestamps=timestamp[behaviour],
+        sequence_categories=sequence_categories,
         sequence_start=sequence_start.astype(np.int64), position=position.astype(np.int64),
-        history_length=history_length,
+        history_length=history_length, schema=schema,
     )
+
+
+def load_schema(data_config) -> DatasetSchema:
+    from recsys.config import resolve_path
+
+    return DatasetSchema.from_yaml(resolve_path(data_config.schema))
 
 
 def load_dataset(data_config) -> tuple[Examples, DatasetSchema]:
     """The examples a run config's ``data`` section describes."""
-    from recsys.config import ConfigError, resolve_path
-    from recsys.data.movielens import load_movielens
-
+    split = SplitRule.of(data_config)
     if data_config.source == "feast":  # the feature store's point-in-time view of the same data
-        from features.store import open_store
+        from features.store import open_store, stored_schema
         from features.training import examples_from_store
-        from recsys.data.movielens import MOVIELENS_SCHEMA
 
+        schema = stored_schema(data_config.store_dir)
         store = open_store("local", data_config.store_dir)
-        examples = examples_from_store(store, data_config.store_dir, label_threshold=data_config.label_threshold,
-                                       eval_last_n=data_config.eval_last_n)
-        return examples, MOVIELENS_SCHEMA
-    if data_config.dataset == "ml100k":
-        frame, schema = load_movielens(resolve_path(data_config.path))
-    elif data_config.dataset == "synthetic":
-        from recsys.data.synthetic import SyntheticConfig, generate
+        return examples_from_store(store, data_config.store_dir, split=split), schema
+    from recsys.data.tables import read_tables
 
-        try:
-            synthetic = SyntheticConfig(**data_config.synthetic)
-        except TypeError as exc:
-            raise ConfigError(f"data.synthetic: {exc}; see recsys/data/synthetic.py") from None
-        frame, schema = generate(synthetic)
-    else:
-        schema = DatasetSchema.from_yaml(resolve_path(data_config.schema))
-        frame = load_interactions(schema)
-    examples = build_examples(frame, schema, label_threshold=data_config.label_threshold,
-                              eval_last_n=data_config.eval_last_n)
-    return examples, schema
+    schema = load_schema(data_config)
+    tables = read_tables(schema, data_config.synthetic)
+    return build_examples(tables.joined(), schema, split), schema

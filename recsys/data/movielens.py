@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from recsys.data.schema import DataError, DatasetSchema
+from recsys.data.tables import DatasetTables
 
 GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -23,16 +24,15 @@ GENRES = [
 AGE_BUCKET_EDGES = [18, 25, 35, 45, 50, 56]
 AGE_BUCKETS = [1, 18, 25, 35, 45, 50, 56]
 
-MOVIELENS_SCHEMA = DatasetSchema(
-    path="",
-    user="user_id",
-    item="item_id",
-    timestamp="timestamp",
-    rating="rating",
-    categorical=["age_bucket", "gender", "occupation", "zip_prefix", "release_year"],
-    multi_valued={"genres": None},
-    category="genres",  # a movie's first genre is its category
-)
+SCHEMA_FILE = Path(__file__).resolve().parents[2] / "data" / "ml-100k" / "schema.yaml"
+
+
+def movielens_schema(folder: str | Path | None = None) -> DatasetSchema:
+    """The shipped MovieLens schema (data/ml-100k/schema.yaml), reading ``folder`` if given."""
+    schema = DatasetSchema.from_yaml(SCHEMA_FILE)
+    if folder is not None:
+        schema.path = str(folder)
+    return schema
 
 
 def _read(path: Path, **kwargs) -> pd.DataFrame:
@@ -44,9 +44,9 @@ def _read(path: Path, **kwargs) -> pd.DataFrame:
     return pd.read_csv(path, header=None, **kwargs)
 
 
-def load_movielens(folder: str | Path) -> tuple[pd.DataFrame, DatasetSchema]:
-    """One row per rating, with the user's and the movie's attributes joined on."""
-    folder = Path(folder)
+def movielens_tables(schema: DatasetSchema) -> DatasetTables:
+    """Ratings, users and movies of a GroupLens folder (schema ``path``), derived columns added."""
+    folder = Path(schema.path)
     ratings = _read(folder / "u.data", sep="\t", names=["user_id", "item_id", "rating", "timestamp"])
     users = _read(folder / "u.user", sep="|", names=["user_id", "age", "gender", "occupation", "zip"],
                   dtype={"zip": str})
@@ -59,9 +59,12 @@ def load_movielens(folder: str | Path) -> tuple[pd.DataFrame, DatasetSchema]:
     items["release_year"] = year.astype("Int64")  # missing dates stay missing: an empty bag
     flags = items[GENRES].to_numpy(dtype=bool)
     items["genres"] = [[g for g, on in zip(GENRES, row) if on] for row in flags]
+    return DatasetTables(schema, ratings,
+                         users[["user_id", "age_bucket", "gender", "occupation", "zip_prefix"]],
+                         items[["item_id", "release_year", "genres", "title"]])
 
-    frame = (ratings
-             .merge(users[["user_id", "age_bucket", "gender", "occupation", "zip_prefix"]], on="user_id", how="left")
-             .merge(items[["item_id", "release_year", "genres"]], on="item_id", how="left"))
-    schema = DatasetSchema(**{**MOVIELENS_SCHEMA.__dict__, "path": str(folder)})
-    return frame, schema
+
+def load_movielens(folder: str | Path) -> tuple[pd.DataFrame, DatasetSchema]:
+    """One row per rating, with the user's and the movie's attributes joined on."""
+    schema = movielens_schema(folder)
+    return movielens_tables(schema).joined(), schema

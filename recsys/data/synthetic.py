@@ -47,8 +47,8 @@ class SyntheticConfig:
     seed: int = 0
 
 
-SYNTHETIC_SCHEMA = dict(user="user_id", item="item_id", timestamp="timestamp", label="label",
-                        category="category", split="split")
+SYNTHETIC_SCHEMA = dict(name="synthetic", format="synthetic", user="user_id", item="item_id", timestamp="timestamp",
+                        label="label", category="category", split="split")
 
 
 def generate(config: SyntheticConfig = SyntheticConfig()) -> tuple[pd.DataFrame, DatasetSchema]:
@@ -93,7 +93,7 @@ def generate(config: SyntheticConfig = SyntheticConfig()) -> tuple[pd.DataFrame,
     frame = pd.DataFrame({k: np.concatenate(v) for k, v in columns.items()})
     # one behaviour a minute per user
     frame["timestamp"] = 1_700_000_000 + 60 * frame.groupby("user_id").cumcount()
-    return frame, DatasetSchema(path="", **SYNTHETIC_SCHEMA)
+    return frame, DatasetSchema(**SYNTHETIC_SCHEMA)
 
 
 def relevant_positions(examples: Examples, index: int, max_length: int) -> np.ndarray:
