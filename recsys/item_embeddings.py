@@ -42,9 +42,9 @@ def publish_model_embeddings(model_dir, store, directory) -> tuple[int, str]:
 
     import pandas as pd
 
+    from features.examples import category_id
     from features.publish import publish_item_embeddings
     from features.store import StoreError
-    from recsys.data.examples import value_to_id
     from recsys.export import MANIFEST_FILE, latest_model_dir, load_model
 
     model_dir = Path(model_dir)
@@ -55,7 +55,7 @@ def publish_model_embeddings(model_dir, store, directory) -> tuple[int, str]:
     if not items_path.exists():
         raise StoreError(f"{items_path} is missing: run `plexrec features load` first")
     items = pd.read_parquet(items_path)
-    categories = items["category"].map(value_to_id).to_numpy()
+    categories = items["item_category"].map(category_id).to_numpy()
     representation, attention = item_embeddings(model, items["item_id"].to_numpy(), categories)
     rows = publish_item_embeddings(store, items["item_id"].to_numpy(), representation, attention,
                                    manifest["model_version"], directory)

@@ -4,8 +4,11 @@ import pytest
 
 from recsys.config import ConfigError, DataConfig
 from recsys.data.batching import iterate_batches, make_batch
-from recsys.data.examples import TEST, TRAIN, VALID, build_examples, load_dataset, take_jagged
+from recsys.data.examples import TEST, TRAIN, VALID, SplitRule, build_examples, load_dataset, take_jagged
 from recsys.data.schema import DataError, DatasetSchema
+from recsys.data.tables import read_tables
+
+from .conftest import KUAIRAND_SCHEMA
 from recsys.hashing import string_to_id
 
 
@@ -67,7 +70,7 @@ def test_train_example_histories_hold_no_evaluation_items(ml100k_examples):
 def test_dense_counters_count_strictly_earlier_events():
     frame = pd.DataFrame({"u": [1, 1, 2, 2, 3], "i": [7, 8, 7, 7, 7], "t": [10, 20, 10, 30, 30], "r": [5, 1, 4, 2, 5]})
     schema = DatasetSchema(path="", user="u", item="i", timestamp="t", rating="r")
-    ex = build_examples(frame, schema, eval_last_n=1)
+    ex = build_examples(frame, schema, SplitRule(last_n=1))
     counts = dict(zip(zip(ex.user_id.tolist(), ex.timestamp.tolist()), np.expm1(ex.dense).round().astype(int).tolist()))
     # (user prior count, item 7 or 8 events strictly earlier by anyone)
     assert counts[(1, 10)] == [0, 0] and counts[(2, 10)] == [0, 0]  # same-time events do not count
@@ -82,8 +85,8 @@ def _generic_frame(ml100k):
 
 
 GENERIC_SCHEMA = dict(user="user_id", item="item_id", timestamp="timestamp", rating="rating",
-                      categorical=["age_bucket", "gender", "occupation", "zip_prefix", "release_year"],
-                      multi_valued={"genres": "|"}, category="genres")
+                      users={"categorical": ["age_bucket", "gender", "occupation", "zip_prefix"]},
+                      items={"categorical": ["release_year"], "multi_valued": {"genres": "|"}}, category="genres")
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
@@ -94,7 +97,7 @@ def test_generic_loader_gives_the_movielens_examples(ml100k, tmp_path, suffix):
     path = tmp_path / f"interactions{suffix}"
     generic.to_csv(path, index=False) if suffix == ".csv" else generic.to_parquet(path)
     (tmp_path / "schema.yaml").write_text(yaml.safe_dump({"path": path.name, **GENERIC_SCHEMA}))
-    examples, schema = load_dataset(DataConfig(dataset="generic", schema=str(tmp_path / "schema.yaml")))
+    examples, schema = load_dataset(DataConfig(schema=str(tmp_path / "schema.yaml")))
 
     frame, ml_schema = ml100k
     direct = build_examples(frame[frame.user_id <= 30], ml_schema)
@@ -144,3 +147,102 @@ def test_take_jagged_and_batches(small_examples):
     halves = [next(iterate_batches(small_examples, names, 64, shuffle=True, seed=3, rank=r, world_size=2))
               for r in range(2)]
     assert one.labels.tolist() == halves[0].labels.tolist() + halves[1].labels.tolist()
+
+
+# --- the schema file: every data set declared the same way ---
+
+def _write_schema(tmp_path, **keys) -> str:
+    import yaml
+
+    frame = pd.DataFrame({"u": [1, 1, 2], "i": [5, 6, 5], "t": [1, 2, 3], "click": [1, 0, 1], "page": ["a", "b", "a"]})
+    frame.to_csv(tmp_path / "events.csv", index=False)
+    raw = {"path": "events.csv", "user": "u", "item": "i", "timestamp": "t", "label": "click", **keys}
+    raw = {k: v for k, v in raw.items() if v is not None}
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(raw))
+    return str(tmp_path / "schema.yaml")
+
+
+def test_a_schema_naming_a_missing_column_says_which(tmp_path):
+    path = _write_schema(tmp_path, context={"categorical": ["page", "device"]})
+    with pytest.raises(DataError, match="column 'device' is declared in the schema but missing from the interactions"):
+        read_tables(DatasetSchema.from_yaml(path))
+
+
+def test_a_schema_with_an_unknown_key_or_value_says_which(tmp_path):
+    with pytest.raises(ConfigError, match=r"schema context: unknown key\(s\) \['categoricals'\]"):
+        DatasetSchema.from_yaml(_write_schema(tmp_path, context={"categoricals": ["page"]}))
+    with pytest.raises(ConfigError, match="timestamp_unit = 'minutes'"):
+        DatasetSchema.from_yaml(_write_schema(tmp_path, timestamp_unit="minutes"))
+    with pytest.raises(ConfigError, match="history = 'clicks'"):
+        DatasetSchema.from_yaml(_write_schema(tmp_path, history="clicks"))
+    with pytest.raises(ConfigError, match="declare each column under the group"):
+        DatasetSchema.from_yaml(_write_schema(tmp_path, categorical=["page"]))
+
+
+def test_a_schema_without_a_label_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="declare exactly one of 'rating'"):
+        DatasetSchema.from_yaml(_write_schema(tmp_path, label=None))
+
+
+def test_the_run_config_names_a_feature_the_schema_does_not_have(tmp_path):
+    from recsys.config import FeatureConfig, load_config
+    from recsys.train import Trainer
+
+    config = load_config(None, {"data.schema": _write_schema(tmp_path, context={"categorical": ["page"]})})
+    config.features = [FeatureConfig("user_id"), FeatureConfig("device")]
+    with pytest.raises(ConfigError, match="features.device: not a feature of the data set"):
+        Trainer(config)
+
+
+def test_replaced_config_keys_say_what_replaced_them():
+    from recsys.config import load_config
+
+    with pytest.raises(ConfigError, match="data.dataset is gone: data.schema names the data set"):
+        load_config(None, {"data.dataset": "ml100k"})
+
+
+def test_positive_history_holds_only_clicked_rows_and_counts_them():
+    frame = pd.DataFrame({"u": [1, 1, 1, 1], "i": [5, 6, 7, 8], "t": [1, 2, 3, 4], "click": [1, 0, 1, 0]})
+    schema = DatasetSchema(path="", user="u", item="i", timestamp="t", label="click", history="positive")
+    ex = build_examples(frame, schema, SplitRule(last_n=1))
+    assert [ex.history(i, 10).tolist() for i in range(4)] == [[], [5], [5], [5, 7]]
+    assert np.expm1(ex.dense[:, 0]).round().tolist() == [0, 1, 1, 2]  # prior behaviours, not impressions
+    every = build_examples(frame, DatasetSchema(path="", user="u", item="i", timestamp="t", label="click"),
+                           SplitRule(last_n=1))
+    assert every.history(3, 10).tolist() == [5, 6, 7]
+
+
+def test_time_split_is_one_cut_for_everyone():
+    frame = pd.DataFrame({"u": [1, 1, 1, 2, 2, 2, 2, 2, 2, 2], "i": range(10), "t": range(10), "click": [1, 0] * 5})
+    schema = DatasetSchema(path="", user="u", item="i", timestamp="t", label="click")
+    ex = build_examples(frame, schema, SplitRule(kind="time", valid_fraction=0.2, test_fraction=0.2))
+    by_time = dict(zip(ex.timestamp.tolist(), ex.split.tolist()))
+    assert [by_time[t] for t in range(10)] == [TRAIN] * 6 + [VALID] * 2 + [TEST] * 2
+    cut = build_examples(frame, schema, SplitRule(kind="time", valid_from=3, test_from=5))
+    assert dict(zip(cut.timestamp.tolist(), cut.split.tolist()))[4] == VALID
+
+
+def test_numeric_features_are_log_scaled_and_missing_is_zero():
+    frame = pd.DataFrame({"u": [1, 2, 3], "i": [1, 2, 3], "t": [1, 2, 3], "click": [1, 0, 1],
+                          "price": [np.e - 1, None, -(np.e - 1)]})
+    schema = DatasetSchema(path="", user="u", item="i", timestamp="t", label="click",
+                           items={"numeric": ["price"]})
+    ex = build_examples(frame, schema)
+    assert ex.dense_names[-1] == "price"
+    np.testing.assert_allclose(ex.dense[:, -1], [1.0, 0.0, -1.0], rtol=1e-6)
+
+
+def test_kuairand_loads_with_its_own_schema(kuairand_tables):
+    schema = kuairand_tables.schema
+    assert (schema.timestamp_unit, schema.history, schema.label) == ("ms", "positive", "is_click")
+    frame = kuairand_tables.joined()
+    assert len(frame) == 228_329 and frame.user_id.nunique() == 25_156 and frame.video_id.nunique() == 6_361
+    assert len(kuairand_tables.users) == 27_285 and len(kuairand_tables.items) == 7_583  # catalogues
+    ex = build_examples(frame, schema, SplitRule(kind="time"))
+    assert ex.label.mean() == pytest.approx(0.4419, abs=1e-4)
+    clicked = np.flatnonzero(ex.label == 1)
+    # a history holds clicked videos only: the sequences are exactly the clicked rows
+    assert len(ex.sequence_items) == len(clicked)
+    assert "tab" in ex.feature_names and "video_duration" in ex.dense_names
+    first_tag = ex.feature_values["tag"][ex.feature_offsets["tag"][:-1][np.diff(ex.feature_offsets["tag"]) > 0]]
+    assert np.isin(ex.feature_values["item_category"], np.append(first_tag, 0)).all()

@@ -1,21 +1,24 @@
-"""The Feast repository on a real local store: ML-100K loaded, joined point-in-time, served."""
+"""The Feast repository on a real local store: every shipped schema loaded, joined point-in-time, served."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from features.load import load_into_store, offline_tables, running_state
-from features.store import StoreError, open_store
+from features.store import StoreError, open_store, read_store_meta
 from features.training import examples_from_store
-from recsys.data.schema import DataError
+from recsys.data.examples import SplitRule, build_examples
+from recsys.data.schema import DataError, DatasetSchema
+from recsys.data.tables import read_tables, tables_from_frame
+
+from .conftest import SYNTHETIC_SCHEMA
 
 
 @pytest.fixture(scope="module")
-def loaded_store(ml100k, tmp_path_factory):
+def loaded_store(ml100k_tables, tmp_path_factory):
     directory = tmp_path_factory.mktemp("plexrec-data")
-    frame, schema = ml100k
     store = open_store("local", directory)
-    counts = load_into_store(store, frame, schema, directory, history_length=200)
+    counts = load_into_store(store, ml100k_tables, directory, history_length=200)
     return store, directory, counts
 
 
@@ -40,24 +43,69 @@ def test_load_writes_every_view_and_the_online_store(loaded_store):
     assert len(online["history_item_ids"][0]) == 200
 
 
-def test_point_in_time_examples_equal_the_direct_loader(loaded_store, ml100k_examples):
-    store, directory, _ = loaded_store
-    from_store = examples_from_store(store, directory)
-    direct = ml100k_examples
-    assert len(from_store) == len(direct) == 100_000
+def assert_same_examples(from_store, direct, history_length: int) -> None:
+    assert len(from_store) == len(direct)
     for name in direct.feature_names:
         assert np.array_equal(from_store.feature_values[name], direct.feature_values[name]), name
         assert np.array_equal(from_store.feature_offsets[name], direct.feature_offsets[name]), name
     assert np.array_equal(from_store.label, direct.label) and np.array_equal(from_store.split, direct.split)
-    np.testing.assert_array_equal(from_store.dense, direct.dense)
+    assert from_store.dense_names == direct.dense_names
+    np.testing.assert_allclose(from_store.dense, direct.dense, rtol=1e-6)  # numeric columns are stored as Float32
     for i in range(len(direct)):
-        assert np.array_equal(from_store.history(i, 200), direct.history(i, 200)), i
+        assert np.array_equal(from_store.history(i, history_length), direct.history(i, history_length)), i
+    if direct.sequence_categories is not None:
+        start, end, _ = from_store.history_ranges(np.arange(len(direct)), history_length)
+        d_start, d_end, _ = direct.history_ranges(np.arange(len(direct)), history_length)
+        for i in range(0, len(direct), 7):
+            assert np.array_equal(from_store.sequence_categories[start[i]:end[i]],
+                                  direct.sequence_categories[d_start[i]:d_end[i]]), i
+
+
+def test_point_in_time_examples_equal_the_direct_loader(loaded_store, ml100k_examples):
+    store, directory, _ = loaded_store
+    assert_same_examples(examples_from_store(store, directory), ml100k_examples, 200)
+
+
+def test_point_in_time_examples_equal_the_direct_loader_on_kuairand(kuairand_tables, tmp_path):
+    """Impressions, ms timestamps, clicked-only histories, user and video tables, a context column."""
+    interactions = kuairand_tables.interactions
+    tables = kuairand_tables.with_interactions(interactions[interactions.user_id < 3000])
+    load_into_store(open_store("local", tmp_path), tables, tmp_path, history_length=30)
+    split = SplitRule(kind="time")
+    direct = build_examples(tables.joined(), tables.schema, split)
+    assert_same_examples(examples_from_store(open_store("local", tmp_path), tmp_path, split=split), direct, 30)
+    assert (direct.history_length > 0).mean() > 0.5
+
+
+def test_point_in_time_examples_equal_the_direct_loader_on_synthetic(tmp_path):
+    """A split column with history-only ("context") rows, and long histories."""
+    schema = DatasetSchema.from_yaml(SYNTHETIC_SCHEMA)
+    tables = read_tables(schema, {"num_users": 12, "min_history": 600, "max_history": 700, "targets_per_user": 20})
+    load_into_store(open_store("local", tmp_path), tables, tmp_path, history_length=1000)
+    direct = build_examples(tables.joined(), schema)
+    assert_same_examples(examples_from_store(open_store("local", tmp_path), tmp_path), direct, 1000)
+
+
+def test_the_views_follow_the_schema(kuairand_small, tmp_path):
+    store = open_store("local", tmp_path)
+    load_into_store(store, kuairand_small, tmp_path, history_length=20)
+    meta = read_store_meta(tmp_path)
+    assert meta["schema_fingerprint"] == kuairand_small.schema.fingerprint() and meta["history_length"] == 20
+    assert meta["types"]["user_active_degree"] == "String" and meta["types"]["author_id"] == "Int64"
+    assert meta["types"]["video_duration"] == "Float32" and meta["types"]["tab"] == "Int64"
+    fields = {f.name: str(f.dtype) for f in store.get_feature_view("user_profile").features}
+    assert len(fields) == 30 and fields["follow_user_num"].startswith("Float32")
+    items = {f.name for f in store.get_feature_view("item_profile").features}
+    assert items == {"author_id", "video_type", "upload_type", "music_type", "tag", "video_duration", "item_category"}
+    online = store.get_online_features(features=["item_profile:tag", "item_profile:item_category"],
+                                       entity_rows=[{"item_id": 0}]).to_dict()
+    assert online["item_category"][0] == online["tag"][0].split(",")[0]  # a video's first tag
 
 
 def test_a_data_set_without_a_declared_column_is_named(ml100k):
     frame, schema = ml100k
-    with pytest.raises(DataError, match="column 'occupation' is required by the feature definitions"):
-        offline_tables(frame.drop(columns=["occupation"]), schema, 200)
+    with pytest.raises(DataError, match="column 'occupation' is declared in the schema but missing"):
+        tables_from_frame(frame.drop(columns=["occupation"]), schema)
 
 
 def test_unknown_profile_and_missing_redis_address_are_explained(tmp_path, monkeypatch):
@@ -94,7 +142,7 @@ def test_published_embeddings_read_back_as_the_model_has_them(loaded_store, smal
     model, manifest = load_model(result["model_dir"])
 
     items = pd.read_parquet(directory / "offline" / "item_profile.parquet")
-    categories = items["category"].map(value_to_id).to_numpy()
+    categories = items["item_category"].map(value_to_id).to_numpy()
     representation, attention = item_embeddings(model, items["item_id"].to_numpy(), categories)
     assert representation.shape == (1682, 3 * 8) and attention.shape == (1682, 16)
     publish_item_embeddings(store, items["item_id"].to_numpy(), representation, attention,
@@ -103,7 +151,7 @@ def test_published_embeddings_read_back_as_the_model_has_them(loaded_store, smal
     # R(item 50) by hand: its rows under the reference hash, straight from the table
     from recsys.hashing import hash_row_reference
     weight = model.embedding.ebc.embedding_bags["unified"].weight.detach()
-    category = value_to_id(items.loc[items["item_id"] == 50, "category"].iloc[0])
+    category = value_to_id(items.loc[items["item_id"] == 50, "item_category"].iloc[0])
     rows = [hash_row_reference(50, "item_id", p, len(weight)) for p in range(2)]
     rows.append(hash_row_reference(category, "item_category", 0, len(weight)))
     target = torch.cat([weight[r] for r in rows])
@@ -161,13 +209,13 @@ def redis_url():
         yield url
 
 
-def test_redis_profile_serves_what_sqlite_serves(ml100k, redis_url, tmp_path, loaded_store):
+def test_redis_profile_serves_what_sqlite_serves(ml100k_tables, redis_url, tmp_path, loaded_store):
     from features.online import OnlineFeatures
 
-    frame, schema = ml100k
-    small = frame[frame.user_id <= 40]
+    ratings = ml100k_tables.interactions
+    small = ratings[ratings.user_id <= 40]
     redis_store = open_store("redis", tmp_path, redis_url)
-    load_into_store(redis_store, small, schema, tmp_path, history_length=200)
+    load_into_store(redis_store, ml100k_tables.with_interactions(small), tmp_path, history_length=200)
     from_redis, from_sqlite = OnlineFeatures(redis_store), OnlineFeatures(loaded_store[0])
     for user_id in (1, 17, 40, 999_999):
         assert from_redis.user(user_id) == from_sqlite.user(user_id)
@@ -186,10 +234,10 @@ def test_an_unreachable_store_is_named_after_retries(loaded_store):
         OnlineFeatures(store).user(1)
 
 
-def test_profiles_can_come_from_a_catalogue_wider_than_the_interactions(ml100k):
-    frame, schema = ml100k
+def test_profiles_can_come_from_a_catalogue_wider_than_the_interactions(ml100k_tables):
+    frame = ml100k_tables.interactions
     past = frame[frame["timestamp"] < frame["timestamp"].quantile(0.5)]
-    tables = offline_tables(past, schema, 200, catalog=frame)
+    tables = offline_tables(ml100k_tables.with_interactions(past), 200)
     assert len(tables["user_profile"]) == 943 and len(tables["item_profile"]) == 1682  # everyone has a profile
     assert len(tables["interactions"]) == len(past) < len(frame)  # interactions only of the past
     assert tables["user_history"]["user_id"].nunique() == past["user_id"].nunique()
