@@ -95,7 +95,7 @@ def test_damaged_or_foreign_model_dirs_are_refused(small_examples, tmp_path):
 
 
 @pytest.mark.parametrize("features,message", [
-    ([{"name": "favourite_colour"}], "not in the data set"),
+    ([{"name": "favourite_colour"}], "features.favourite_colour: not a feature of the data set"),
     ([{"name": "user_id", "probes": 0}], "needs at least 1 probe"),
 ])
 def test_bad_feature_configs_say_what_to_fix(small_examples, tmp_path, features, message):
