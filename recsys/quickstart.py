@@ -1,14 +1,16 @@
 """The whole loop on one machine: `plexrec quickstart`.
 
-    plexrec quickstart [--data-dir .plexrec] [--epochs 4] [--serve]
+    plexrec quickstart [--schema data/ml-100k/schema.yaml] [--data-dir .plexrec] [--epochs 4] [--serve]
 
   1. start the embedded Kafka broker (tansu)
-  2. load the first 80% of ML-100K (by time) into a fresh local Feast store
-  3. train the unified-embedding + DARE ranker on it (configs/ml100k_sequence.yaml)
+  2. load the first 80% (by time) of the schema's data set into a fresh local Feast store
+     (profiles: the whole catalogue)
+  3. train the unified-embedding + DARE ranker on the store's point-in-time examples
+     (configs/ml100k_sequence.yaml for MovieLens, configs/quickstart.yaml for any other schema)
   4. publish the trained item embeddings into the store
   5. start `plexrec ingest` and `plexrec serve` as processes of their own
-  6. rank unseen movies for a known user with the most new ratings, replay the last 20% as events
-     through Kafka, wait until the ingester has applied them, and rank again
+  6. rank unseen items for a known user with the most new behaviours, replay the last 20% as
+     events through Kafka, wait until the ingester has applied them, and rank again
   7. write a report (metrics table, PNG plots) into <data-dir>/quickstart/
   8. stop every process it started, also on Ctrl-C or an error (--serve: keep the
      server and ingester running until Ctrl-C)
@@ -37,8 +39,9 @@ from recsys.config import PROJECT_ROOT
 
 log = logging.getLogger("plexrec.quickstart")
 
-CONFIG = PROJECT_ROOT / "configs" / "ml100k_sequence.yaml"
-DATA = PROJECT_ROOT / "data" / "ml-100k"
+MOVIELENS_SCHEMA = PROJECT_ROOT / "data" / "ml-100k" / "schema.yaml"
+MOVIELENS_CONFIG = PROJECT_ROOT / "configs" / "ml100k_sequence.yaml"
+GENERIC_CONFIG = PROJECT_ROOT / "configs" / "quickstart.yaml"
 TOPIC = "user-events"
 TOP = 10
 
@@ -74,17 +77,30 @@ def wait_for(condition, what: str, timeout: float, processes: dict[str, subproce
     return time.monotonic() - started
 
 
-def split_by_time(frame: pd.DataFrame, replay_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(the past: loaded and trained on, the future: replayed as events), cut at one second;
+def split_by_time(frame: pd.DataFrame, replay_fraction: float, timestamp: str = "timestamp"
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the past: loaded and trained on, the future: replayed as events), cut at one instant;
     both in time order."""
-    frame = frame.sort_values("timestamp", kind="stable")
-    cut = int(frame["timestamp"].iloc[int(len(frame) * (1 - replay_fraction))])
-    return frame[frame["timestamp"] < cut], frame[frame["timestamp"] >= cut]
+    frame = frame.sort_values(timestamp, kind="stable")
+    cut = frame[timestamp].iloc[int(len(frame) * (1 - replay_fraction))]
+    return frame[frame[timestamp] < cut], frame[frame[timestamp] >= cut]
 
 
-def titles() -> dict[int, str]:
-    table = pd.read_csv(DATA / "u.item", sep="|", header=None, encoding="latin-1", usecols=[0, 1])
-    return dict(zip(table[0], table[1]))
+def behaviour_mask(frame: pd.DataFrame, schema) -> np.ndarray:
+    """Rows that enter histories and counters under the schema's rule."""
+    from recsys.data.examples import labels_of
+
+    return np.ones(len(frame), dtype=bool) if schema.history == "all" else labels_of(frame, schema) == 1
+
+
+def run_config_for(schema_path: Path, config_path: str | None, overrides: dict):
+    """The run config: --config, or the shipped one for the schema, pointed at the schema."""
+    from recsys.config import load_config
+
+    if config_path is None:
+        same = schema_path.resolve() == MOVIELENS_SCHEMA.resolve()
+        config_path = MOVIELENS_CONFIG if same else GENERIC_CONFIG
+    return load_config(config_path, {"data.schema": str(schema_path), **overrides})
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -92,39 +108,53 @@ def run(args: argparse.Namespace) -> dict:
     from features.ingest import ensure_topics
     from features.load import load_into_store
     from features.store import open_store
-    from recsys.config import load_config
-    from recsys.data.examples import build_examples
-    from recsys.data.movielens import load_movielens
+    from features.training import examples_from_store
+    from recsys.config import ConfigError, resolve_path
+    from recsys.data.examples import SplitRule
+    from recsys.data.schema import DataError, DatasetSchema
+    from recsys.data.tables import read_tables
     from recsys.item_embeddings import publish_model_embeddings
     from recsys.train import Trainer
     from serving.client import ScoringClient
 
     home = Path(args.data_dir or ".plexrec").resolve() / "quickstart"
+    schema_path = resolve_path(args.schema)
+    try:  # a wrong schema fails here, before any process starts
+        schema = DatasetSchema.from_yaml(schema_path)
+        config = run_config_for(schema_path, args.config, {
+            "train.out_dir": str(home / "run"), **({"train.epochs": args.epochs} if args.epochs else {})})
+        tables = read_tables(schema, config.data.synthetic)
+    except (ConfigError, DataError) as exc:
+        raise RuntimeError(str(exc)) from None
     if home.exists():
         shutil.rmtree(home)
     (home / "logs").mkdir(parents=True)
-    report: dict = {"data_dir": str(home)}
+    report: dict = {"data_dir": str(home), "dataset": schema.name, "schema": str(schema_path)}
     started = time.monotonic()
 
-    frame, schema = load_movielens(DATA)
+    frame = tables.interactions
     if args.users:
-        frame = frame[frame["user_id"] <= args.users]
-    past, future = split_by_time(frame, args.replay_fraction)
-    log.info("ML-100K: %d ratings before the cut (store + training), %d after it (replayed as events)",
-             len(past), len(future))
+        users = np.sort(frame[schema.user].unique())[:args.users]
+        frame = frame[frame[schema.user].isin(users)]
+    past, future = split_by_time(frame, args.replay_fraction, schema.timestamp)
+    log.info("%s: %d interactions before the cut (store + training), %d after it (replayed as events)",
+             schema.name, len(past), len(future))
+    history_length = max(config.data.max_history, 1)
 
     with ExitStack() as stack:
         bootstrap = stack.enter_context(embedded_broker())
         store_dir = home / "store"
         store_dir.mkdir()
         store = open_store("local", store_dir)
-        # profiles of every user and movie (catalogue data), interactions of the past only
-        counts = load_into_store(store, past, schema, store_dir, history_length=200, catalog=frame)
+        # profiles of every user and item (the catalogue), interactions of the past only
+        counts = load_into_store(store, tables.with_interactions(past), store_dir, history_length=history_length)
         log.info("feature store at %s: %s", store_dir, ", ".join(f"{k} {v:,}" for k, v in counts.items()))
 
-        config = load_config(CONFIG, {"train.out_dir": str(home / "run"),
-                                      **({"train.epochs": args.epochs} if args.epochs else {})})
-        trainer = Trainer(config, examples=build_examples(past, schema))
+        loaded = time.monotonic()
+        examples = examples_from_store(store, store_dir, split=SplitRule.of(config.data))
+        log.info("training examples from the store's point-in-time joins: %d in %.1f s", len(examples),
+                 time.monotonic() - loaded)
+        trainer = Trainer(config, examples=examples)
         result = trainer.fit(progress=not args.no_progress)
         report["training"] = {"test": result["test"], "epochs": result["epochs"],
                               "embedding_parameters": result["embedding_parameters"],
@@ -147,36 +177,60 @@ def run(args: argparse.Namespace) -> dict:
         client = stack.enter_context(ScoringClient(target, timeout=30))
         wait_for(client.serving, "the scoring server", 180, children)
 
-        demo = _demo(past, future, client, children, bootstrap, store, args, report)
+        demo = _demo(tables, past, future, client, children, bootstrap, store, args, report)
         report["seconds"] = round(time.monotonic() - started, 1)
-        write_report(home, report, demo, trainer)
-        print_summary(report, demo, home)
+        write_report(home, report, demo, trainer, tables.title_of())
+        print_summary(report, demo, home, tables.title_of())
         if args.serve:
+            items = ",".join(str(i) for i in list(demo["before"])[:3])
             print(f"\nserving on {target} (metrics http://127.0.0.1:{metrics_port}/metrics), ingesting {TOPIC} "
                   f"from {bootstrap}. Try:\n  .venv/bin/plexrec score --target {target} --user {demo['user']} "
-                  f"--items 1,50,181 --rank 3\n  .venv/bin/plexrec replay --bootstrap-servers {bootstrap} "
-                  f"--limit 100\nCtrl-C stops everything.", flush=True)
+                  f"--items {items} --rank 3\n  .venv/bin/plexrec replay --schema {schema_path} "
+                  f"--bootstrap-servers {bootstrap} --limit 100\nCtrl-C stops everything.", flush=True)
             _wait_for_interrupt(children)
     return report
 
 
-def _demo(past, future, client, children, bootstrap, store, args, report) -> dict:
-    """Rank for the user with the most new ratings, replay the future, rank again."""
-    from features.events import EventProducer, rating_events
+def request_context(rows: pd.DataFrame, schema) -> dict[str, str]:
+    """The context a caller would send for these rows: each context column's most common value."""
+    from recsys.data.schema import value_text
+
+    context = {}
+    for column in schema.context.columns:
+        values = rows[column].dropna()
+        if len(values):
+            context[column] = value_text(values.mode().iloc[0])
+    return context
+
+
+def _demo(tables, past, future, client, children, bootstrap, store, args, report) -> dict:
+    """Rank for the user with the most new behaviours, replay the future, rank again."""
+    from features.events import EventProducer, schema_events
     from features.ingest import read_event_log
     from features.online import OnlineFeatures
+    from features.store import read_store_meta
 
-    # a user the model already knows (20+ earlier ratings) with the most new ones
-    known = past["user_id"].value_counts()
-    newcomers = future["user_id"].value_counts()
-    user = int(newcomers[newcomers.index.isin(known[known >= 20].index)].index[0])
-    # movies the user has not rated, before or after the cut: the ranking is about what to show next
-    seen = set(past.loc[past["user_id"] == user, "item_id"]) | set(future.loc[future["user_id"] == user, "item_id"])
-    popular = past["item_id"].value_counts().index
+    schema = tables.schema
+    user_column, item_column = schema.user, schema.item
+    past_behaviours = past[behaviour_mask(past, schema)]
+    future_behaviours = future[behaviour_mask(future, schema)]
+    # a user the model already knows (the most past behaviours among those with new ones), with the most new ones
+    known = past_behaviours[user_column].value_counts()
+    newcomers = future_behaviours[user_column].value_counts()
+    candidates_users = newcomers[newcomers.index.isin(known[known >= min(20, known.max())].index)]
+    if candidates_users.empty:
+        raise RuntimeError("no user has behaviours both before and after the cut; raise --users or "
+                           "--replay-fraction")
+    user = int(candidates_users.index[0])
+    # items the user has not interacted with, before or after the cut: what to show next
+    seen = set(past.loc[past[user_column] == user, item_column]) | set(future.loc[future[user_column] == user,
+                                                                                   item_column])
+    popular = past_behaviours[item_column].value_counts().index
     candidates = [int(i) for i in popular if i not in seen][:1000]
-    before = dict(zip(candidates, client.score(user, candidates)[0]))
+    context = request_context(future[future[user_column] == user], schema)
+    before = dict(zip(candidates, client.score(user, candidates, context=context)[0]))
 
-    events = rating_events(future)
+    events = schema_events(future, schema)
     producer = EventProducer(bootstrap, TOPIC)
     replay_started = time.monotonic()
     sent = producer.send_all(_progress(events, "replaying events", args.no_progress),
@@ -184,29 +238,30 @@ def _demo(past, future, client, children, bootstrap, store, args, report) -> dic
     producer.close()
     log.info("replayed %d events to %s in %.1f s", sent, TOPIC, time.monotonic() - replay_started)
 
-    online = OnlineFeatures(store)
-    expected = int((past["user_id"] == user).sum() + (future["user_id"] == user).sum())
+    online = OnlineFeatures(store, read_store_meta(Path(report["data_dir"]) / "store"))
+    expected = int((past_behaviours[user_column] == user).sum() + (future_behaviours[user_column] == user).sum())
     catch_up = wait_for(lambda: online.user(user).interaction_count >= expected,
                         f"the ingester to apply user {user}'s events", 300, children)
-    after = dict(zip(candidates, client.score(user, candidates)[0]))
+    after = dict(zip(candidates, client.score(user, candidates, context=context)[0]))
     directory = Path(report["data_dir"]) / "store"
     wait_for(lambda: len(read_event_log(directory)) >= sent, "every event in the offline log", 300, children)
     latencies = []
     for _ in range(20):
         call_started = time.perf_counter()
-        client.score(user, candidates[:100])
+        client.score(user, candidates[:100], context=context)
         latencies.append((time.perf_counter() - call_started) * 1000)
     ingested = read_event_log(directory)
     report["events"] = {"replayed": sent, "in_offline_log": len(ingested),
                         "seconds_from_replay_end_to_user_visible": round(catch_up, 2)}
-    report["demo"] = {"user": user, "new_ratings": int((future["user_id"] == user).sum()),
-                      "candidates": len(candidates),
+    report["demo"] = {"user": user, "new_behaviours": int((future_behaviours[user_column] == user).sum()),
+                      "candidates": len(candidates), "context": context,
                       "max_score_change": float(max(abs(after[i] - before[i]) for i in candidates))}
     report["serving"] = {"p50_ms_100_candidates": float(np.percentile(latencies, 50)),
                          "p99_ms_100_candidates": float(np.percentile(latencies, 99))}
-    new_ratings = future[future["user_id"] == user]
+    latest = future_behaviours[future_behaviours[user_column] == user]
+    label = schema.rating or schema.label
     return {"user": user, "before": before, "after": after,
-            "latest_ratings": list(zip(new_ratings["item_id"].tolist(), new_ratings["rating"].tolist()))[-5:]}
+            "latest": list(zip(latest[item_column].tolist(), latest[label].tolist()))[-5:]}
 
 
 def _progress(events, description: str, disable: bool):
@@ -229,29 +284,33 @@ def top(scores: dict[int, float], k: int = TOP) -> list[tuple[int, float]]:
     return sorted(scores.items(), key=lambda pair: -pair[1])[:k]
 
 
-def print_summary(report: dict, demo: dict, home: Path) -> None:
-    names = titles()
+def _name(names: dict, item) -> str:
+    return str(names.get(item, f"item {item}"))
+
+
+def print_summary(report: dict, demo: dict, home: Path, names: dict) -> None:
     test = report["training"]["test"]
-    print(f"\nplexrec quickstart: done in {report['seconds']:.0f} s", flush=True)
+    print(f"\nplexrec quickstart on {report['dataset']}: done in {report['seconds']:.0f} s", flush=True)
     print(f"  trained: test AUC {test['auc']:.4f}, GAUC {test['gauc']:.4f}, log loss {test['logloss']:.4f}")
     print(f"  published {report['published_embeddings']['items']} item embeddings "
           f"(model {report['published_embeddings']['model_version']})")
     print(f"  replayed {report['events']['replayed']:,} events through Kafka; "
           f"{report['events']['in_offline_log']:,} in the offline event log")
     print(f"  serving: p50 {report['serving']['p50_ms_100_candidates']:.1f} ms for 100 candidates")
-    print(f"\nuser {demo['user']}: top {TOP} of {report['demo']['candidates']} unseen popular movies, before and "
-          f"after their {report['demo']['new_ratings']} new ratings arrived through Kafka")
-    latest = ", ".join(f"{names.get(item, item)} ({rating:g}*)" for item, rating in demo["latest_ratings"])
-    print(f"  latest new ratings: {latest}")
+    context = "".join(f", context {k}={v}" for k, v in report["demo"]["context"].items())
+    print(f"\nuser {demo['user']}: top {TOP} of {report['demo']['candidates']} unseen popular items{context}, before "
+          f"and after their {report['demo']['new_behaviours']} new behaviours arrived through Kafka")
+    latest = ", ".join(f"{_name(names, item)} ({value:g})" for item, value in demo["latest"])
+    print(f"  latest new behaviours (label column value): {latest}")
     print(f"  the ingester made them visible {report['events']['seconds_from_replay_end_to_user_visible']:.1f} s "
           f"after the replay ended")
     print(f"  {'before':<46} {'after':<46}")
     for (b_item, b_score), (a_item, a_score) in zip(top(demo["before"]), top(demo["after"])):
-        print(f"  {b_score:.3f} {names.get(b_item, b_item)[:40]:<40} {a_score:.3f} {names.get(a_item, a_item)[:40]:<40}")
+        print(f"  {b_score:.3f} {_name(names, b_item)[:40]:<40} {a_score:.3f} {_name(names, a_item)[:40]:<40}")
     print(f"\nreport: {home / 'report.md'}")
 
 
-def write_report(home: Path, report: dict, demo: dict, trainer) -> None:
+def write_report(home: Path, report: dict, demo: dict, trainer, names: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -262,41 +321,45 @@ def write_report(home: Path, report: dict, demo: dict, trainer) -> None:
     ax.scatter([demo["before"][i] for i in items], [demo["after"][i] for i in items], s=6, alpha=0.5)
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
     ax.set_xlabel("score before the new events"), ax.set_ylabel("score after")
-    ax.set_title(f"user {demo['user']}: {len(items)} candidates")
+    ax.set_title(f"{report['dataset']}, user {demo['user']}: {len(items)} candidates")
     fig.tight_layout()
     fig.savefig(home / "scores_before_after.png", dpi=100)
     plt.close(fig)
 
     (home / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     test = report["training"]["test"]
-    names = titles()
-    lines = ["# plexrec quickstart", "",
+    lines = [f"# plexrec quickstart: {report['dataset']}", "", f"Schema: `{report['schema']}`", "",
              "| stage | result |", "|---|---|",
              f"| training | {report['training']['epochs']} epochs, {report['training']['train_examples']:,} train "
-             f"examples, test AUC {test['auc']:.4f}, GAUC {test['gauc']:.4f}, log loss {test['logloss']:.4f} |",
+             f"examples from the store, test AUC {test['auc']:.4f}, GAUC {test['gauc']:.4f}, "
+             f"log loss {test['logloss']:.4f} |",
              f"| published embeddings | {report['published_embeddings']['items']:,} items, model "
              f"{report['published_embeddings']['model_version']} |",
              f"| events | {report['events']['replayed']:,} replayed through Kafka, "
              f"{report['events']['in_offline_log']:,} in the offline log |",
              f"| serving | p50 {report['serving']['p50_ms_100_candidates']:.1f} ms, p99 "
              f"{report['serving']['p99_ms_100_candidates']:.1f} ms (100 candidates) |",
-             f"| freshness demo | user {demo['user']}, {report['demo']['new_ratings']} new ratings, largest score "
-             f"change {report['demo']['max_score_change']:.3f} |", "",
+             f"| freshness demo | user {demo['user']}, {report['demo']['new_behaviours']} new behaviours, largest "
+             f"score change {report['demo']['max_score_change']:.3f} |", "",
              "![training](training.png) ![scores](scores_before_after.png)", "",
              f"## User {demo['user']}: top {TOP} before and after", "",
              "| before | score | after | score |", "|---|---|---|---|"]
     for (b_item, b_score), (a_item, a_score) in zip(top(demo["before"]), top(demo["after"])):
-        lines.append(f"| {names.get(b_item, b_item)} | {b_score:.3f} | {names.get(a_item, a_item)} | {a_score:.3f} |")
+        lines.append(f"| {_name(names, b_item)} | {b_score:.3f} | {_name(names, a_item)} | {a_score:.3f} |")
     (home / "report.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="plexrec quickstart", description=__doc__.splitlines()[0])
+    parser.add_argument("--schema", default=str(MOVIELENS_SCHEMA),
+                        help="the data set's schema file (default: MovieLens 100K, data/ml-100k/schema.yaml)")
+    parser.add_argument("-c", "--config", help="run config (default: configs/ml100k_sequence.yaml for MovieLens, "
+                                               "configs/quickstart.yaml for any other schema)")
     parser.add_argument("--data-dir", help="where to work (default: $PLEXREC_DATA_DIR or .plexrec); "
                                            "its quickstart/ folder is emptied first")
-    parser.add_argument("--epochs", type=int, help="training epochs (default: the config's, 4)")
-    parser.add_argument("--users", type=int, help="only users with ids up to this (a quick, smaller run)")
-    parser.add_argument("--replay-fraction", type=float, default=0.2, help="the latest share of ratings "
+    parser.add_argument("--epochs", type=int, help="training epochs (default: the config's)")
+    parser.add_argument("--users", type=int, help="only the first N users by id (a quick, smaller run)")
+    parser.add_argument("--replay-fraction", type=float, default=0.2, help="the latest share of interactions "
                                                                            "replayed as events")
     parser.add_argument("--rate", type=float, default=0.0, help="replay rate in events/s (0: as fast as possible)")
     parser.add_argument("--serve", action="store_true", help="keep the server and the ingester running")
