@@ -86,10 +86,16 @@ def test_point_in_time_examples_equal_the_direct_loader_on_synthetic(tmp_path):
     assert_same_examples(examples_from_store(open_store("local", tmp_path), tmp_path), direct, 1000)
 
 
-def test_the_views_follow_the_schema(kuairand_small, tmp_path):
-    store = open_store("local", tmp_path)
-    load_into_store(store, kuairand_small, tmp_path, history_length=20)
-    meta = read_store_meta(tmp_path)
+@pytest.fixture(scope="module")
+def kuairand_store(kuairand_small, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("kuairand-store")
+    load_into_store(open_store("local", directory), kuairand_small, directory, history_length=20)
+    return directory
+
+
+def test_the_views_follow_the_schema(kuairand_store, kuairand_small):
+    store = open_store("local", kuairand_store)
+    meta = read_store_meta(kuairand_store)
     assert meta["schema_fingerprint"] == kuairand_small.schema.fingerprint() and meta["history_length"] == 20
     assert meta["types"]["user_active_degree"] == "String" and meta["types"]["author_id"] == "Int64"
     assert meta["types"]["video_duration"] == "Float32" and meta["types"]["tab"] == "Int64"
@@ -241,3 +247,41 @@ def test_profiles_can_come_from_a_catalogue_wider_than_the_interactions(ml100k_t
     assert len(tables["user_profile"]) == 943 and len(tables["item_profile"]) == 1682  # everyone has a profile
     assert len(tables["interactions"]) == len(past) < len(frame)  # interactions only of the past
     assert tables["user_history"]["user_id"].nunique() == past["user_id"].nunique()
+
+
+def _plexrec(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "recsys.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_train_from_the_store_and_publish_on_any_schema(kuairand_store, tmp_path):
+    """`plexrec train --set data.source=feast` and `plexrec features publish` on KuaiRand's store."""
+    import json
+
+    done = _plexrec("train", "-c", "configs/kuairand.yaml", "--set", "data.source=feast", "--set",
+                    f"data.store_dir={kuairand_store}", "--set", "sequence.mode=dare", "--epochs", "1",
+                    "-o", str(tmp_path), "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    model_dir = json.loads(done.stdout[done.stdout.index("{"):])["model_dir"]
+    manifest = json.loads((tmp_path / "models" / model_dir.rsplit("/", 1)[1] / "manifest.json").read_text())
+    assert manifest["schema"]["name"] == "kuairand-pure"
+    assert manifest["schema_fingerprint"] == read_store_meta(kuairand_store)["schema_fingerprint"]
+    assert "tab" in [f["name"] for f in manifest["features"]]  # every schema feature, context included
+
+    published = _plexrec("features", "publish", "--model-dir", str(tmp_path / "models"), "--data-dir",
+                         str(kuairand_store))
+    assert published.returncode == 0, published.stderr[-3000:]
+    online = open_store("local", kuairand_store).get_online_features(
+        features=["item_embeddings:model_version", "item_embeddings:attention_embedding"],
+        entity_rows=[{"item_id": 0}, {"item_id": 7582}]).to_dict()
+    assert online["model_version"] == [manifest["model_version"]] * 2  # the whole catalogue
+    assert len(online["attention_embedding"][0]) == 16
+
+
+def test_training_from_a_store_of_another_schema_says_so(kuairand_store):
+    done = _plexrec("train", "--set", "data.source=feast", "--set", f"data.store_dir={kuairand_store}")
+    assert done.returncode != 0
+    assert "is not the schema the store" in done.stderr and "kuairand-pure" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -335,6 +335,12 @@ def load_dataset(data_config) -> tuple[Examples, DatasetSchema]:
         from features.training import examples_from_store
 
         schema = stored_schema(data_config.store_dir)
+        differences = load_schema(data_config).differences(schema)
+        if differences:
+            raise DataError(f"data.schema {data_config.schema} is not the schema the store in "
+                            f"{data_config.store_dir or 'the default data directory'} was loaded with "
+                            f"({schema.name}): {'; '.join(differences[:5])}; set data.schema to that data set's "
+                            "schema (or load the store again)")
         store = open_store("local", data_config.store_dir)
         return examples_from_store(store, data_config.store_dir, split=split), schema
     from recsys.data.tables import read_tables
