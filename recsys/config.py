@@ -49,6 +49,9 @@ class DataConfig:
     valid_from: int | None = None
     test_from: int | None = None
     max_history: int = 200  # most recent previous items kept per example
+    # dense features the tower reads: None = the two derived counters (log prior counts of the
+    # user and the item) and every numeric column of the schema; a list = exactly those; [] = none
+    dense: list[str] | None = None
     synthetic: dict = field(default_factory=dict)  # generator overrides for a synthetic schema
     # "direct": read the files; "feast": point-in-time joins from the feature store in
     # store_dir (after `plexrec features load`), the same examples
@@ -107,6 +110,10 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/ml100k"
     checkpoint_every_epoch: bool = True
+    # the model kept (exported, reported) is the epoch with the best validation `early_stopping_metric`;
+    # training stops after `early_stopping_patience` epochs without a better one (0: never stops early)
+    early_stopping_patience: int = 0
+    early_stopping_metric: str = "auc"  # a validation metric: auc, gauc (higher is better) or logloss
 
 
 ID_PROBES = 2  # ids carry the most information per value: by default they read two rows
@@ -120,6 +127,7 @@ def default_features(available: list[str]) -> list[FeatureConfig]:
 
 
 EMBEDDING_KINDS = ("unified", "hashed", "full")
+STOPPING_METRICS = {"auc": 1, "gauc": 1, "logloss": -1}  # +1: higher is better
 
 
 @dataclass
@@ -151,6 +159,12 @@ class RunConfig:
         _positive("embedding.num_rows", self.embedding.num_rows)
         _positive("train.batch_size", self.train.batch_size)
         _positive("train.epochs", self.train.epochs)
+        if self.train.early_stopping_patience < 0:
+            raise ConfigError(f"train.early_stopping_patience = {self.train.early_stopping_patience}: use 0 (off) "
+                              "or more epochs")
+        if self.train.early_stopping_metric not in STOPPING_METRICS:
+            raise ConfigError(f"train.early_stopping_metric = {self.train.early_stopping_metric!r}: choose one of "
+                              f"{', '.join(STOPPING_METRICS)}")
         _positive("data.eval_last_n", self.data.eval_last_n)
         if self.data.max_history < 0:
             raise ConfigError(f"data.max_history = {self.data.max_history}: use 0 or more")
@@ -236,17 +250,41 @@ def _section(cls: type, raw: Any, name: str) -> Any:
     for key in raw:
         if f"{name}.{key}" in REPLACED_KEYS:
             raise ConfigError(f"{name}.{key} is gone: {REPLACED_KEYS[f'{name}.{key}']}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(raw) - known
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(raw) - set(fields)
     if unknown:
-        raise ConfigError(f"{name}: unknown key(s) {sorted(unknown)}; known keys: {sorted(known)}")
+        raise ConfigError(f"{name}: unknown key(s) {sorted(unknown)}; known keys: {sorted(fields)}")
+    for key, value in raw.items():
+        _check_type(f"{name}.{key}", value, str(fields[key].type))
     return cls(**raw)
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Load a run config from YAML (``None``: the embedded ml100k defaults).
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "None": (type(None),)}
 
-    ``overrides`` maps dotted keys to values, e.g. ``{"train.epochs": 2}``.
+
+def _check_type(key: str, value: Any, annotation: str) -> None:
+    """A value of the annotated kind (``int``, ``str | None``, ``list[int]``, ...), or ConfigError naming the key."""
+    allowed: list[type] = []
+    for part in (p.strip() for p in annotation.split("|")):
+        allowed += _TYPES.get(part, (list,) if part.startswith("list") else (dict,) if part.startswith("dict") else ())
+    if not allowed:
+        return
+    if isinstance(value, bool) and bool not in allowed:
+        raise ConfigError(f"{key} = {value!r}: expected {annotation}")
+    if not isinstance(value, tuple(allowed)):
+        raise ConfigError(f"{key} = {value!r}: expected {annotation}")
+
+
+SECTIONS = ("data", "features", "embedding", "model", "sequence", "train")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a run config from YAML (``None``: the embedded defaults, MovieLens 100K).
+
+    ``overrides`` maps dotted keys to values, e.g. ``{"train.epochs": 2}``,
+    ``{"features.user_id.probes": 3}``, ``{"features": ["user_id", "item_id"]}`` or
+    ``{"data.synthetic.num_users": 500}``; a key that names nothing fails naming it. An empty
+    ``features`` list becomes every feature the schema declares (``default_features``).
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -256,10 +294,60 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    probes: dict[str, Any] = {}
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
-        raw.setdefault(section, {})[key] = value
-    return RunConfig.from_dict(raw)
+        if section not in SECTIONS:
+            raise ConfigError(f"{dotted}: unknown section {section!r}; sections: {', '.join(SECTIONS)}")
+        if section == "features":
+            name, _, attribute = key.rpartition(".")
+            if not key:
+                raw["features"] = value
+            elif attribute == "probes" and name:
+                probes[name] = value
+            else:
+                raise ConfigError(f"{dotted}: set a feature's probes with features.<name>.probes=<n>, or the "
+                                  "whole list with features=[...]")
+            continue
+        if not key:
+            raise ConfigError(f"{dotted}: use section.key=value, e.g. train.epochs=3")
+        target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys")
+        head, _, rest = key.partition(".")
+        if rest:  # into a mapping field, e.g. data.synthetic.num_users
+            inner = target.setdefault(head, {})
+            if not isinstance(inner, dict) or not _is_mapping_field(section, head):
+                raise ConfigError(f"{dotted}: {section}.{head} is not a mapping; set it as {section}.{head}=<value>")
+            inner[rest] = value
+        else:
+            target[key] = value
+    config = RunConfig.from_dict(raw)
+    if not config.features:
+        config.features = _schema_features(config.data.schema)
+    names = [f.name for f in config.features]
+    for name, value in probes.items():
+        if name not in names:
+            raise ConfigError(f"features.{name}.probes: no feature {name!r} in the features list "
+                              f"({', '.join(names)})")
+        config.features[names.index(name)].probes = value
+    return config.validate()
+
+
+def _is_mapping_field(section: str, key: str) -> bool:
+    cls = {"data": DataConfig, "embedding": EmbeddingConfig, "model": ModelConfig, "sequence": SequenceConfig,
+           "train": TrainConfig}[section]
+    return any(f.name == key and str(f.type).startswith("dict") for f in dataclasses.fields(cls))
+
+
+def _schema_features(schema_path: str | None) -> list[FeatureConfig]:
+    """Every feature the schema declares (an empty ``features`` list); [] when it cannot be read
+    here (the run that loads the data resolves it then, from the examples)."""
+    from recsys.data.schema import DatasetSchema
+
+    if not schema_path or not resolve_path(schema_path).is_file():
+        return []
+    return default_features(DatasetSchema.from_yaml(resolve_path(schema_path)).categorical_features)
 
 
 def resolve_path(path: str | Path) -> Path:

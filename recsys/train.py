@@ -8,8 +8,8 @@ are several ranks) and updated by fbgemm's fused row-wise Adagrad inside the
 backward pass; the dense tower is data-parallel (DDP) and uses Adam. Each rank
 takes a contiguous slice of every global batch, so any number of ranks sees
 the batches one process would. Checkpoints use torch.distributed.checkpoint and
-reshard on load (2 ranks -> 1 works). The last step exports a versioned model
-directory (recsys/export.py).
+reshard on load (2 ranks -> 1 works). The epoch with the best validation metric is kept:
+evaluated on test, exported as a versioned model directory (recsys/export.py).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
-from recsys.config import ConfigError, RunConfig, default_features, load_config
+from recsys.config import STOPPING_METRICS, ConfigError, RunConfig, default_features, load_config
 from recsys.data.batching import iterate_batches, model_inputs, num_steps
 from recsys.data.examples import TEST, TRAIN, VALID, Examples, load_dataset
 from recsys.embeddings import UNIFIED_TABLE
@@ -169,6 +169,7 @@ class Trainer:
         self.out_dir = Path(out_dir or config.train.out_dir)
         if examples is None:
             examples, _ = load_dataset(config.data)
+        examples = examples.keep_dense(config.data.dense)
         if not config.features:  # every feature the data set offers
             config = dataclasses.replace(config, features=default_features(examples.feature_names))
             self.config = config
@@ -302,12 +303,15 @@ class Trainer:
         path = Path(path or self.out_dir / "checkpoints" / f"step-{self.global_step:08d}")
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         dcp.save(state, checkpoint_id=str(path))
+        self._write_checkpoint_meta(path)
+        dist.barrier()
+        return path
+
+    def _write_checkpoint_meta(self, path: Path) -> None:
         if self.ctx.is_main:
             meta = {"fingerprint": self.fingerprint, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                     "global_step": self.global_step, "world_size": self.ctx.world_size, "epoch_log": self.epoch_log}
             (path / CHECKPOINT_META).write_text(json.dumps(meta, indent=2))
-        dist.barrier()
-        return path
 
     def load_checkpoint(self, path: str | Path) -> None:
         path = Path(path)
@@ -336,11 +340,15 @@ class Trainer:
         found = sorted(p for p in root.glob("step-*") if (p / CHECKPOINT_META).is_file()) if root.is_dir() else []
         return found[-1] if found else None
 
-    def _prune_checkpoints(self, keep: int = 2) -> None:
+    def _prune_checkpoints(self) -> None:
+        """Keep the latest checkpoint (to resume) and the best epoch's (to export)."""
         if self.ctx.is_main:
             root = self.out_dir / "checkpoints"
-            for old in sorted(root.glob("step-*"))[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            best = self.best_epoch()
+            keep = {p.name for p in sorted(root.glob("step-*"))[-1:]} | ({best["checkpoint"]} if best else set())
+            for old in root.glob("step-*"):
+                if old.name not in keep:
+                    shutil.rmtree(old, ignore_errors=True)
 
     # --- the whole run ---
 
@@ -355,7 +363,11 @@ class Trainer:
                      self.ctx.world_size, self.ctx.device)
         epochs = tqdm(total=self.config.train.epochs, initial=self.epoch, desc="training", unit="epoch",
                       disable=not (progress and self.ctx.is_main), file=sys.stderr)
+        stopped_early = False
         while self.epoch < self.config.train.epochs:
+            if self._epochs_without_improvement() >= self.config.train.early_stopping_patience > 0:
+                stopped_early = True
+                break
             started = time.perf_counter()
             train_loss = self.train_epoch(progress)
             valid = self.evaluate("valid")
@@ -364,35 +376,78 @@ class Trainer:
                       **{f"valid_{k}": v for k, v in valid.items()},
                       "truncated_histories": truncated,
                       "seconds": round(time.perf_counter() - started, 2)}
+            best = self.best_epoch()
+            improved = best is None or self._better(record, best)
+            if improved or self.config.train.checkpoint_every_epoch:  # the best is always kept
+                record["checkpoint"] = self.save_checkpoint().name
             self.epoch_log.append(record)
+            if "checkpoint" in record:  # rewrite the checkpoint's meta: it holds its own record now
+                self._write_checkpoint_meta(self.out_dir / "checkpoints" / record["checkpoint"])
+            self._prune_checkpoints()
             if self.ctx.is_main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 epochs.set_postfix(loss=f"{train_loss:.4f}", valid_auc=f"{valid['auc']:.4f}")
-                log.info("epoch %d: train loss %.4f, valid AUC %.4f GAUC %.4f log loss %.4f%s", self.epoch,
-                         train_loss, valid["auc"], valid["gauc"], valid["logloss"],
-                         f" ({truncated} histories truncated to {self.history_length} so far)"
-                         if truncated else "")
+                log.info("epoch %d: train loss %.4f, valid AUC %.4f GAUC %.4f log loss %.4f%s%s (%.0f s)", self.epoch,
+                         train_loss, valid["auc"], valid["gauc"], valid["logloss"], " - best so far" if improved else "",
+                         f", {truncated} histories truncated to {self.history_length} so far" if truncated else "",
+                         record["seconds"])
             epochs.update(1)
-            if self.config.train.checkpoint_every_epoch:
-                self.save_checkpoint()
-                self._prune_checkpoints()
         epochs.close()
+        best = self.best_epoch()
+        if stopped_early and self.ctx.is_main:
+            log.info("stopped early after epoch %d: no better validation %s for %d epochs", self.epoch,
+                     self.config.train.early_stopping_metric, self.config.train.early_stopping_patience)
+        # the latest state stays resumable; the best one is evaluated, reported and exported
+        latest = self.latest_checkpoint()
+        if latest is None or json.loads((latest / CHECKPOINT_META).read_text())["global_step"] != self.global_step:
+            self.save_checkpoint()
+        best_checkpoint = self.out_dir / "checkpoints" / best["checkpoint"] if best else self.latest_checkpoint()
+        self.load_model_weights(best_checkpoint)
         test = self.evaluate("test")
-        final = {"test": test, "valid": self.epoch_log[-1] if self.epoch_log else None,
-                 "embedding_parameters": self.embedding_parameters, "epochs": self.epoch}
-        checkpoint = self.latest_checkpoint()
-        if checkpoint is None or json.loads((checkpoint / CHECKPOINT_META).read_text())["global_step"] != self.global_step:
-            checkpoint = self.save_checkpoint()
+        final = {"test": test, "valid": best, "best_epoch": best["epoch"] if best else self.epoch,
+                 "embedding_parameters": self.embedding_parameters, "epochs": self.epoch,
+                 "stopped_early": stopped_early}
         if self.ctx.is_main:
             with metrics_path.open("a") as f:
-                f.write(json.dumps({"final": True, **{f"test_{k}": v for k, v in test.items()}}) + "\n")
-            log.info("test AUC %.4f GAUC %.4f log loss %.4f (%d examples)", test["auc"], test["gauc"],
-                     test["logloss"], test["examples"])
-            final["model_dir"] = str(self.export(checkpoint, final))
-            plot_training(self.epoch_log, self.out_dir / "training.png")
+                f.write(json.dumps({"final": True, "best_epoch": final["best_epoch"], "epochs": self.epoch,
+                                    **{k: v for k, v in (best or {}).items() if k.startswith("valid_")},
+                                    **{f"test_{k}": v for k, v in test.items()}}) + "\n")
+            final["model_dir"] = str(self.export(best_checkpoint, final))
+            plot_training(self.epoch_log, self.out_dir / "training.png", final["best_epoch"])
+            log.info("best epoch %d of %d (valid %s %.4f): test AUC %.4f GAUC %.4f log loss %.4f (%d examples); "
+                     "model %s", final["best_epoch"], self.epoch, self.config.train.early_stopping_metric,
+                     (best or {}).get(f"valid_{self.config.train.early_stopping_metric}", float("nan")),
+                     test["auc"], test["gauc"], test["logloss"], test["examples"], final["model_dir"])
         dist.barrier()
         return final
+
+    # --- model selection ---
+
+    def _better(self, record: dict[str, Any], than: dict[str, Any]) -> bool:
+        metric = self.config.train.early_stopping_metric
+        new, old = record[f"valid_{metric}"], than[f"valid_{metric}"]
+        if not math.isfinite(new):
+            return False
+        return not math.isfinite(old) or (new - old) * STOPPING_METRICS[metric] > 0
+
+    def best_epoch(self) -> dict[str, Any] | None:
+        """The epoch record with the best validation metric (the earliest among equals)."""
+        best = None
+        for record in self.epoch_log:
+            if "checkpoint" in record and (best is None or self._better(record, best)):
+                best = record
+        return best
+
+    def _epochs_without_improvement(self) -> int:
+        best = self.best_epoch()
+        return 0 if best is None else self.epoch_log[-1]["epoch"] - best["epoch"]
+
+    def load_model_weights(self, checkpoint: Path) -> None:
+        """Only the model's weights from a checkpoint (any sharding), e.g. the best epoch's."""
+        state = {"model": self.model.state_dict()}
+        dcp.load(state, checkpoint_id=str(checkpoint))
+        self.model.load_state_dict(state["model"])
 
     def export(self, checkpoint: Path, metrics: dict[str, Any]) -> Path:
         """Rebuild the plain model from a checkpoint (any sharding) and export it."""
@@ -404,8 +459,8 @@ class Trainer:
                             schema=self.schema)
 
 
-def plot_training(history: list[dict[str, Any]], path: Path) -> None:
-    """Train loss and validation AUC / GAUC per epoch, side by side."""
+def plot_training(history: list[dict[str, Any]], path: Path, best_epoch: int | None = None) -> None:
+    """Train loss and validation AUC / GAUC per epoch, side by side; the kept (best) epoch marked."""
     if not history:
         return
     import matplotlib
@@ -419,6 +474,9 @@ def plot_training(history: list[dict[str, Any]], path: Path) -> None:
     left.set_xlabel("epoch"), left.set_ylabel("log loss"), left.legend(), left.grid(alpha=0.3)
     right.plot(epochs, [h["valid_auc"] for h in history], marker="o", label="valid AUC")
     right.plot(epochs, [h["valid_gauc"] for h in history], marker="o", label="valid GAUC")
+    if best_epoch is not None:
+        for axis in (left, right):
+            axis.axvline(best_epoch, color="grey", linestyle="--", linewidth=0.8, label=f"kept: epoch {best_epoch}")
     right.set_xlabel("epoch"), right.set_ylabel("AUC"), right.legend(), right.grid(alpha=0.3)
     fig.suptitle("plexrec training")
     fig.tight_layout()
@@ -469,7 +527,8 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         (trainer.out_dir / "metrics.jsonl").unlink()
     result = trainer.fit(progress=not args.no_progress)
     if trainer.ctx.is_main:
-        print(json.dumps({"test": result["test"], "model_dir": result.get("model_dir"),
+        print(json.dumps({"best_epoch": result["best_epoch"], "epochs": result["epochs"], "test": result["test"],
+                          "model_dir": result.get("model_dir"),
                           "plot": str(trainer.out_dir / "training.png")}, indent=2))
     return result
 

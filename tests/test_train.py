@@ -124,3 +124,89 @@ def test_cli_stops_with_the_reason_not_a_traceback(tmp_path):
     assert done.returncode != 0
     assert "plexrec train: features.user_id.probes = 0: a feature needs at least 1 probe" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# --- the best epoch is the model: selection, early stopping, checkpoints ---
+
+def _overfitting_config(epochs: int = 4, **train):
+    """Learning rates high enough that later epochs overfit the small slice: the last epoch is not the best."""
+    return small_config(epochs=epochs, embedding_lr=1.0, dense_lr=0.02, **train)
+
+
+def test_the_exported_model_is_the_best_validation_epoch(small_examples, tmp_path):
+    from recsys.metrics import ranking_metrics
+
+    trainer = Trainer(_overfitting_config(), examples=small_examples, out_dir=tmp_path)
+    result = trainer.fit(progress=False)
+    aucs = [record["valid_auc"] for record in trainer.epoch_log]
+    best = int(np.argmax(aucs)) + 1
+    assert best != len(aucs), "the config no longer overfits: the test would not tell best from last"
+    assert result["best_epoch"] == best and result["valid"]["epoch"] == best
+
+    model, _ = load_model(result["model_dir"])
+    valid = trainer.eval_examples["valid"]
+    batch = make_batch(valid, np.arange(len(valid)), trainer.batch_features, trainer.history_length)
+    with torch.no_grad():
+        exported = torch.sigmoid(model(batch.dense, batch.sparse)).numpy()
+    assert ranking_metrics(valid.user_id, valid.label, exported)["auc"] == pytest.approx(aucs[best - 1], abs=1e-6)
+
+    final = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["final"] and final["best_epoch"] == best and final["valid_auc"] == pytest.approx(aucs[best - 1])
+    assert final["test_auc"] == pytest.approx(result["test"]["auc"])
+    # checkpoints: the best (to export) and the latest (to resume), nothing else
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == sorted({trainer.epoch_log[best - 1]["checkpoint"], trainer.latest_checkpoint().name})
+
+
+def test_early_stopping_ends_after_patience_epochs_without_a_better_one(small_examples, tmp_path):
+    trainer = Trainer(_overfitting_config(epochs=8, early_stopping_patience=1), examples=small_examples,
+                      out_dir=tmp_path)
+    result = trainer.fit(progress=False)
+    aucs = [record["valid_auc"] for record in trainer.epoch_log]
+    best = int(np.argmax(aucs)) + 1
+    assert result["stopped_early"] and result["epochs"] == best + 1 < 8
+    assert result["best_epoch"] == best
+
+
+def test_early_stopping_metric_can_be_log_loss(small_examples, tmp_path):
+    config = _overfitting_config()
+    config.train.early_stopping_metric = "logloss"
+    trainer = Trainer(config, examples=small_examples, out_dir=tmp_path)
+    result = trainer.fit(progress=False)
+    losses = [record["valid_logloss"] for record in trainer.epoch_log]
+    assert result["best_epoch"] == int(np.argmin(losses)) + 1
+    with pytest.raises(ConfigError, match="train.early_stopping_metric = 'recall'"):
+        load_config(None, {"train.early_stopping_metric": "recall"})
+
+
+def test_set_reaches_feature_probes_and_names_what_it_cannot_apply():
+    config = load_config("configs/ml100k.yaml", {"features.user_id.probes": 3})
+    assert [(f.name, f.probes) for f in config.features][:3] == [("user_id", 3), ("item_id", 2), ("age_bucket", 1)]
+    assert len(config.features) == 8  # the others are untouched
+    with pytest.raises(ConfigError, match="features.user_id: set a feature's probes with features.<name>.probes"):
+        load_config(None, {"features.user_id": 2})  # once silently replaced all eight features
+    with pytest.raises(ConfigError, match=r"features.colour.probes: no feature 'colour' in the features list"):
+        load_config(None, {"features.colour.probes": 2})
+    with pytest.raises(ConfigError, match="data.max_history = 'long': expected int"):
+        load_config(None, {"data.max_history": "long"})
+    with pytest.raises(ConfigError, match="train.epochs is not a mapping"):
+        load_config(None, {"train.epochs.first": 1})
+    assert load_config(None, {"data.synthetic.num_users": 50}).data.synthetic == {"num_users": 50}
+    assert [f.name for f in load_config(None, {"features": ["user_id", "item_id"]}).features] == ["user_id", "item_id"]
+
+
+def test_dense_features_can_be_switched_off(small_examples, tmp_path):
+    config = small_config()
+    config.data.dense = []
+    trainer = Trainer(config, examples=small_examples, out_dir=tmp_path)
+    assert trainer.dense_names == [] and trainer.train_examples.dense.shape == (len(trainer.train_examples), 0)
+    result = trainer.fit(progress=False)
+    model, manifest = load_model(result["model_dir"])
+    assert manifest["dense_features"] == [] and result["test"]["auc"] > 0.5
+    config.data.dense = ["log_item_prior_count"]
+    assert Trainer(config, examples=small_examples, out_dir=tmp_path / "one").dense_names == ["log_item_prior_count"]
+    config.data.dense = ["price"]
+    from recsys.data.schema import DataError
+
+    with pytest.raises(DataError, match="data.dense: 'price' is not a dense feature"):
+        Trainer(config, examples=small_examples, out_dir=tmp_path / "two")

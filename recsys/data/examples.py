@@ -18,6 +18,7 @@ declared numeric columns as sign(x) * log(1 + |x|) (missing: 0).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,18 @@ class Examples:
             sequence_categories=self.sequence_categories,
             sequence_start=self.sequence_start[index], position=self.position[index],
             history_length=self.history_length[index], schema=self.schema)
+
+    def keep_dense(self, names: list[str] | None) -> Examples:
+        """The same examples with only the dense features ``names`` (None: all), in that order."""
+        if names is None:
+            return self
+        unknown = [n for n in names if n not in self.dense_names]
+        if unknown:
+            raise DataError(f"data.dense: {unknown[0]!r} is not a dense feature of the data set "
+                            f"({', '.join(self.dense_names)})")
+        columns = [self.dense_names.index(n) for n in names]
+        return dataclasses.replace(self, dense=np.ascontiguousarray(self.dense[:, columns], dtype=np.float32)
+                                   .reshape(len(self), len(columns)), dense_names=list(names))
 
     def split_part(self, part: int) -> Examples:
         return self.subset(np.flatnonzero(self.split == part))
