@@ -18,6 +18,9 @@ Hashing happens inside ``forward`` so an exported model takes raw ids.
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
@@ -163,16 +166,10 @@ class FullVocabEmbedding(_LookupEmbedding):
         return torch.where(vocabulary[position] == values, position + 1, torch.zeros_like(position))
 
 
-def hashed_rows_for_budget(features: list[FeatureConfig], vocab_sizes: dict[str, int], dim: int,
-                           budget_rows: int) -> dict[str, int]:
-    """Share a budget of ``budget_rows * dim`` parameters over per-feature hashed tables.
-
-    Every feature gets the same row count r, except that none gets more rows
-    than it has values (+1); r is the largest that fits the budget. This keeps
-    the hashing baseline from wasting its budget on tiny vocabularies.
-    """
-    budget = budget_rows * dim
-
+def _equal_hashed_rows(features: list[FeatureConfig], vocab_sizes: dict[str, int], dim: int,
+                       budget: int) -> dict[str, int]:
+    """The floor of ``hashed_rows_for_budget``: the same row count r for every feature, capped
+    at its vocabulary + 1, r the largest whose parameters fit ``budget``."""
     def cost(r: int) -> int:
         return sum(min(vocab_sizes[f.name] + 1, r) * f.probes * dim for f in features)
 
@@ -183,6 +180,75 @@ def hashed_rows_for_budget(features: list[FeatureConfig], vocab_sizes: dict[str,
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
     return {f.name: min(vocab_sizes[f.name] + 1, lo) for f in features}
+
+
+def hashed_rows_for_budget(features: list[FeatureConfig], vocab_sizes: dict[str, int], dim: int,
+                           budget_rows: int) -> dict[str, int]:
+    """Share a budget of ``budget_rows * dim`` parameters over per-feature hashed tables.
+
+    Feature f's row costs ``probes_f * dim`` parameters. The rule:
+
+    1. Floor: every feature first gets the same row count r, capped at its
+       vocabulary + 1, r the largest that fits (so a tiny vocabulary such as
+       gender does not take rows it cannot use). ValueError when the budget
+       cannot give every feature one row.
+    2. Proportional share: rows_f = max(floor_f, s * (vocab_f + 1)) with one
+       scale s for all features, the largest that fits: a feature above its
+       floor gets a share of the budget proportional to
+       ``(vocab_f + 1) * probes_f * dim`` (as the per-feature tables of TFRS
+       peers are sized). s may exceed 1: a budget larger than
+       ``sum((vocab_f + 1) * probes_f * dim)`` is spent too, the leftover going
+       to the tables in proportion to their vocabularies, since a hashed table
+       with more rows than values still collides (birthday bound) and more rows
+       collide less.
+    3. Integer rows: the real rows are rounded down, then features take one more
+       row in order of their dropped fraction (largest first, larger vocabulary
+       on ties) until the next one does not fit.
+
+    So no feature gets fewer rows than the equal split gives, a larger
+    vocabulary never gets fewer rows (equal ones may differ by the rounding
+    row), the parameters never exceed the budget, and less than
+    ``max probes * dim`` parameters (one row of the widest table) is left
+    unspent. Below ``sum((vocab_f + 1) * probes_f * dim)`` the floor binds for
+    the large tables and this is the equal split plus its rounding slack; the
+    proportional share shows above it.
+    """
+    budget = budget_rows * dim
+    floor = _equal_hashed_rows(features, vocab_sizes, dim, budget)
+    cost = {f.name: f.probes * dim for f in features}
+    size = {f.name: vocab_sizes[f.name] + 1 for f in features}
+    # water-filling for s: features whose floor exceeds s * size stay at the floor
+    free = {f.name for f in features}
+    scale = Fraction(0)
+    while free:
+        fixed = sum(floor[n] * cost[n] for n in cost if n not in free)
+        scale = Fraction(budget - fixed, sum(size[n] * cost[n] for n in free))
+        held = {n for n in free if scale * size[n] < floor[n]}
+        if not held:
+            break
+        free -= held
+    exact = {n: max(Fraction(floor[n]), scale * size[n]) for n in cost}
+    rows = {n: math.floor(exact[n]) for n in cost}
+    left = budget - sum(rows[n] * cost[n] for n in cost)
+    for n in sorted(cost, key=lambda n: (exact[n] - rows[n], size[n]), reverse=True):
+        if exact[n] == rows[n] or cost[n] > left:
+            break
+        rows[n] += 1
+        left -= cost[n]
+    return rows
+
+
+def hashed_budget_report(features: list[FeatureConfig], rows: dict[str, int], dim: int,
+                         budget_rows: int | None = None) -> dict:
+    """How hashed tables spend their parameters: rows and parameters per feature, the total,
+    and, given the budget (in rows of ``dim``), the budget and what is left of it."""
+    parameters = {f.name: rows[f.name] * f.probes * dim for f in features}
+    report = {"rows": {f.name: rows[f.name] for f in features}, "parameters": parameters,
+              "total_parameters": sum(parameters.values())}
+    if budget_rows is not None:
+        report["budget_parameters"] = budget_rows * dim
+        report["unspent_parameters"] = budget_rows * dim - report["total_parameters"]
+    return report
 
 
 def build_embedding(kind: str, features: list[FeatureConfig], dim: int, num_rows: int,

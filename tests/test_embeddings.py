@@ -6,7 +6,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys.config import FeatureConfig
 from recsys.data.batching import make_batch
 from recsys.embeddings import (FullVocabEmbedding, HashedEmbedding, UnifiedEmbedding, build_embedding,
-                               hashed_rows_for_budget, unified_lookup_reference)
+                               hashed_budget_report, hashed_rows_for_budget,
+                               unified_lookup_reference)
 from recsys.hashing import hash_row_reference
 
 FEATURES = [FeatureConfig("user_id", 2), FeatureConfig("item_id", 3), FeatureConfig("genres", 1)]
@@ -75,14 +76,116 @@ def test_full_vocabulary_baseline_has_no_collisions_and_an_unknown_row():
     assert rows["genres"].values().tolist() == [1, 2, 2, 1, 2, 3, 0]
 
 
+def hashed_rows_equal_reference(features, vocab_sizes, dim, budget_rows):
+    """The former ``hashed_rows_for_budget``: one row count r for all, capped at vocabulary + 1."""
+    budget = budget_rows * dim
+
+    def cost(r):
+        return sum(min(vocab_sizes[f.name] + 1, r) * f.probes * dim for f in features)
+
+    lo, hi = 1, max(vocab_sizes[f.name] + 1 for f in features)
+    if cost(lo) > budget:
+        raise ValueError(f"a budget of {budget} parameters cannot give every feature one row")
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
+    return {f.name: min(vocab_sizes[f.name] + 1, lo) for f in features}
+
+
+ML100K_SIZES = {"user_id": 943, "item_id": 1682, "age_bucket": 7, "gender": 2, "occupation": 21, "zip_prefix": 100,
+                "genres": 19, "release_year": 70}
+ML100K_FEATURES = [FeatureConfig(name, 2 if name.endswith("_id") else 1) for name in ML100K_SIZES]
+ML100K_FULL = sum((ML100K_SIZES[f.name] + 1) * f.probes * 8 for f in ML100K_FEATURES)  # 43,832
+
+
+def parameters(features, rows, dim):
+    return sum(rows[f.name] * f.probes * dim for f in features)
+
+
 def test_budget_split_for_hashing_trick():
     features = [FeatureConfig("user_id", 2), FeatureConfig("item_id", 2), FeatureConfig("gender", 1)]
     sizes = {"user_id": 943, "item_id": 1682, "gender": 2}
     rows = hashed_rows_for_budget(features, sizes, dim=8, budget_rows=1250)
-    assert rows["gender"] == 3  # never more rows than values + 1
-    assert rows["user_id"] == rows["item_id"]
-    used = sum(rows[f.name] * f.probes * 8 for f in features)
-    assert used <= 1250 * 8 and used + 2 * 2 * 8 > 1250 * 8  # one more row each would not fit
+    assert rows["gender"] == 3  # the small vocabulary gets its values + 1, not a share of the budget
+    assert rows["item_id"] >= rows["user_id"] >= 1
+    used = parameters(features, rows, 8)
+    assert 1250 * 8 - 2 * 8 < used <= 1250 * 8
+
+
+def test_hashed_budget_spent_on_movielens_sizes():
+    rows = hashed_rows_for_budget(ML100K_FEATURES, ML100K_SIZES, dim=8, budget_rows=43_000 // 8)
+    used = parameters(ML100K_FEATURES, rows, 8)
+    assert 43_000 - len(ML100K_FEATURES) * 2 * 8 <= used <= 43_000
+    report = hashed_budget_report(ML100K_FEATURES, rows, 8, budget_rows=43_000 // 8)
+    assert report["total_parameters"] == used == sum(report["parameters"].values())
+    assert report["parameters"]["user_id"] == rows["user_id"] * 16 and report["rows"] == rows
+    assert report["budget_parameters"] - report["unspent_parameters"] == used
+
+
+@pytest.mark.parametrize("budget", [ML100K_FULL, 50_000, 100_000, 250_008])
+def test_a_budget_above_the_vocabularies_is_spent_in_proportion_to_them(budget):
+    rows = hashed_rows_for_budget(ML100K_FEATURES, ML100K_SIZES, dim=8, budget_rows=budget // 8)
+    used = parameters(ML100K_FEATURES, rows, 8)
+    assert budget - 2 * 8 < used <= budget  # one row of the widest table at most is left
+    scale = budget / ML100K_FULL  # >= 1: rows = scale * (vocab + 1), rounded
+    for name, size in ML100K_SIZES.items():
+        assert rows[name] >= size + 1
+        assert abs(rows[name] - scale * (size + 1)) < 1
+    if budget == ML100K_FULL:
+        assert rows == {name: size + 1 for name, size in ML100K_SIZES.items()}
+    old = hashed_rows_equal_reference(ML100K_FEATURES, ML100K_SIZES, 8, budget // 8)
+    assert parameters(ML100K_FEATURES, old, 8) == ML100K_FULL  # the old split left the rest unspent
+
+
+SWEEP_CASES = [
+    (ML100K_FEATURES, ML100K_SIZES, 8, range(10, 15_000, 37)),
+    ([FeatureConfig("a", 3), FeatureConfig("b", 1), FeatureConfig("c", 2), FeatureConfig("d", 1),
+      FeatureConfig("e", 2)], {"a": 50, "b": 5000, "c": 0, "d": 311, "e": 311}, 4, range(9, 9000, 13)),
+]
+
+
+@pytest.mark.parametrize("features,sizes,dim,budgets", SWEEP_CASES)
+def test_hashed_split_sweep_never_below_the_equal_split(features, sizes, dim, budgets):
+    max_probes = max(f.probes for f in features)
+    larger = [(a.name, b.name) for a in features for b in features if sizes[a.name] < sizes[b.name]]
+    for budget_rows in budgets:
+        rows = hashed_rows_for_budget(features, sizes, dim, budget_rows)
+        old = hashed_rows_equal_reference(features, sizes, dim, budget_rows)
+        assert all(rows[f.name] >= old[f.name] for f in features), budget_rows
+        used = parameters(features, rows, dim)
+        assert budget_rows * dim - max_probes * dim < used <= budget_rows * dim, budget_rows
+        assert used >= parameters(features, old, dim)
+        # rows grow with the vocabulary (two features of one vocabulary size may differ by the rounding row)
+        assert all(rows[a] <= rows[b] for a, b in larger), (budget_rows, rows)
+
+
+def test_hashed_split_too_small_a_budget_raises():
+    smallest = sum(f.probes for f in ML100K_FEATURES)  # one row each: 10 rows of 8
+    assert hashed_rows_for_budget(ML100K_FEATURES, ML100K_SIZES, 8, smallest) == {n: 1 for n in ML100K_SIZES}
+    for budget_rows in (0, 1, smallest - 1):
+        with pytest.raises(ValueError, match="cannot give every feature one row"):
+            hashed_rows_for_budget(ML100K_FEATURES, ML100K_SIZES, 8, budget_rows)
+        with pytest.raises(ValueError):
+            hashed_rows_equal_reference(ML100K_FEATURES, ML100K_SIZES, 8, budget_rows)
+
+
+def test_hashed_rows_grow_with_vocabulary_size():
+    features = [FeatureConfig(f"f{i}", 1 + i % 2) for i in range(6)]
+    sizes = {f"f{i}": size for i, size in enumerate([3, 40, 400, 900, 2000, 2001])}
+    for budget_rows in (2_000, 6_000, 20_000):
+        rows = hashed_rows_for_budget(features, sizes, 8, budget_rows)
+        ordered = [rows[f"f{i}"] for i in range(6)]
+        assert ordered == sorted(ordered)
+    rows = hashed_rows_for_budget(ML100K_FEATURES, ML100K_SIZES, 8, 100_000 // 8)
+    ordered = [rows[name] for name in sorted(ML100K_SIZES, key=ML100K_SIZES.get)]
+    assert ordered == sorted(ordered) and len(set(ordered)) == len(ordered)  # strictly, above the vocabularies
+
+
+def test_hashed_embedding_from_the_split_spends_the_budget():
+    vocab = {"user_id": torch.arange(50), "item_id": torch.arange(80), "genres": torch.arange(19)}
+    emb = build_embedding("hashed", FEATURES, 4, 2000, vocab)  # 8,000 parameters, > the vocabularies' 1,444
+    assert 2000 * 4 - 3 * 4 < emb.num_parameters() <= 2000 * 4
+    assert emb(kjt(RAW)).shape == (4, 24)
 
 
 @pytest.mark.parametrize("kind", ["unified", "hashed", "full"])
