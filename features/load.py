@@ -34,6 +34,7 @@ import pandas as pd
 
 from recsys.data.schema import DataError, DatasetSchema, first_value, value_text
 from recsys.data.tables import DatasetTables
+from recsys.known_warnings import feast_calls
 
 log = logging.getLogger("plexrec.features")
 
@@ -178,5 +179,6 @@ def load_into_store(store, tables: DatasetTables, directory: Path, history_lengt
     last = int(offline_data["interactions"]["timestamp"].max())
     end = datetime.fromtimestamp(last / tables.schema.units_per_second + 1, tz=timezone.utc)
     views = (["user_profile"] if tables.schema.users.columns else []) + ["item_profile", "user_history", "item_counters"]
-    store.materialize(start_date=EPOCH.to_pydatetime(), end_date=end, feature_views=views)
+    with feast_calls():
+        store.materialize(start_date=EPOCH.to_pydatetime(), end_date=end, feature_views=views)
     return {name: len(table) for name, table in offline_data.items()}

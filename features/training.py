@@ -18,6 +18,7 @@ import pandas as pd
 from features.examples import examples_from_feature_rows
 from features.store import data_dir, stored_schema
 from recsys.data.examples import Examples, SplitRule
+from recsys.known_warnings import feast_calls
 
 STRICTLY_BEFORE = pd.Timedelta(microseconds=1)
 
@@ -29,8 +30,9 @@ def historical_frame(store, directory=None) -> pd.DataFrame:
     entity_rows = events.assign(
         event_timestamp=pd.to_datetime(events["timestamp"], unit=schema.timestamp_unit, utc=True) - STRICTLY_BEFORE,
         row=np.arange(len(events)))
-    joined = store.get_historical_features(entity_df=entity_rows, full_feature_names=True,
-                                           features=store.get_feature_service("ranker")).to_df()
+    with feast_calls():
+        joined = store.get_historical_features(entity_df=entity_rows, full_feature_names=True,
+                                               features=store.get_feature_service("ranker")).to_df()
     # "view__feature" -> "feature"; the two counters keep their view in the name
     joined = joined.rename(columns={"user_history__interaction_count": "user_interaction_count",
                                     "item_counters__interaction_count": "item_interaction_count"})

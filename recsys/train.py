@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -49,6 +50,7 @@ from recsys.data.batching import iterate_batches, model_inputs, num_steps
 from recsys.data.examples import TEST, TRAIN, VALID, Examples, load_dataset
 from recsys.embeddings import UNIFIED_TABLE
 from recsys.export import export_model, model_fingerprint
+from recsys.known_warnings import torchrec_calls
 from recsys.metrics import ranking_metrics
 from recsys.model import Ranker, build_ranker
 
@@ -159,9 +161,19 @@ def initialize_tables(model: DistributedModelParallel, seed: int) -> None:
                     tensor[lo - row0:hi - row0].copy_(chunk[lo - first:hi - first, col0:col0 + cols])
 
 
+def _torchrec_call(method):
+    """Run a Trainer method with TorchRec's known-harmless warnings silenced (recsys/known_warnings.py)."""
+    @functools.wraps(method)
+    def quiet(*args, **kwargs):
+        with torchrec_calls():
+            return method(*args, **kwargs)
+    return quiet
+
+
 class Trainer:
     """One training run: data, sharded model, optimizers, checkpoints, evaluation, export."""
 
+    @_torchrec_call
     def __init__(self, config: RunConfig, *, examples: Examples | None = None,
                  ctx: DistributedContext | None = None, out_dir: str | Path | None = None) -> None:
         self.config = config
@@ -260,6 +272,7 @@ class Trainer:
         dist.all_reduce(total)
         return int(total)
 
+    @_torchrec_call
     def train_epoch(self, progress: bool = True) -> float:
         epoch = self.epoch
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch + 1}",
@@ -276,6 +289,7 @@ class Trainer:
     # --- evaluation ---
 
     @torch.no_grad()
+    @_torchrec_call
     def predict(self, examples: Examples) -> np.ndarray:
         """Click probabilities for ``examples`` (all ranks call it; every rank gets all of them)."""
         self.model.eval()
@@ -299,6 +313,7 @@ class Trainer:
 
     # --- checkpoints ---
 
+    @_torchrec_call
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         path = Path(path or self.out_dir / "checkpoints" / f"step-{self.global_step:08d}")
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -313,6 +328,7 @@ class Trainer:
                     "global_step": self.global_step, "world_size": self.ctx.world_size, "epoch_log": self.epoch_log}
             (path / CHECKPOINT_META).write_text(json.dumps(meta, indent=2))
 
+    @_torchrec_call
     def load_checkpoint(self, path: str | Path) -> None:
         path = Path(path)
         meta_path = path / CHECKPOINT_META
@@ -352,6 +368,7 @@ class Trainer:
 
     # --- the whole run ---
 
+    @_torchrec_call
     def fit(self, progress: bool = True) -> dict[str, Any]:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out_dir / "metrics.jsonl"
@@ -443,12 +460,14 @@ class Trainer:
         best = self.best_epoch()
         return 0 if best is None else self.epoch_log[-1]["epoch"] - best["epoch"]
 
+    @_torchrec_call
     def load_model_weights(self, checkpoint: Path) -> None:
         """Only the model's weights from a checkpoint (any sharding), e.g. the best epoch's."""
         state = {"model": self.model.state_dict()}
         dcp.load(state, checkpoint_id=str(checkpoint))
         self.model.load_state_dict(state["model"])
 
+    @_torchrec_call
     def export(self, checkpoint: Path, metrics: dict[str, Any]) -> Path:
         """Rebuild the plain model from a checkpoint (any sharding) and export it."""
         plain = build_ranker(self.config, self.vocabularies, len(self.dense_names))

@@ -210,3 +210,28 @@ def test_dense_features_can_be_switched_off(small_examples, tmp_path):
 
     with pytest.raises(DataError, match="data.dense: 'price' is not a dense feature"):
         Trainer(config, examples=small_examples, out_dir=tmp_path / "two")
+
+
+def test_known_library_warnings_are_silenced_at_the_call_and_others_still_show(small_examples, tmp_path, caplog):
+    import logging
+    import warnings
+
+    from recsys.known_warnings import torchrec_calls
+
+    caplog.set_level(logging.WARNING)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = small_config()
+        config.sequence.mode, config.data.max_history = "dare", 20
+        Trainer(config, examples=small_examples, out_dir=tmp_path).fit(progress=False)
+    torchrec_records = [r for r in caplog.records if r.name.startswith(("torchrec", "torch."))]
+    assert torchrec_records == [], [r.getMessage()[:80] for r in torchrec_records]
+    assert not [w for w in caught if "DTensor" in str(w.message) or "broadcast_buffers" in str(w.message)]
+
+    caplog.clear()
+    with torchrec_calls(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logging.getLogger("torchrec.distributed.planner.types").warning("a table does not fit in memory")
+        warnings.warn("something new", FutureWarning)
+    assert [r.getMessage() for r in caplog.records] == ["a table does not fit in memory"]
+    assert [str(w.message) for w in caught] == ["something new"]
