@@ -12,7 +12,7 @@ unified share the same budget. Splits: ``last_n`` (per user, the last 5 test and
 5 before them validation) and ``time`` (one cut: the latest 10% of rows test, the
 10% before validation; per-user last-n lets training rows be later than test
 rows). Each run reports the test metrics of the epoch with the best validation
-AUC (early stopping on validation, chosen per run). Mean and standard deviation
+AUC, as the trainer selects and exports it (``Trainer.fit``). Mean and standard deviation
 over seeds go to JSON and a Markdown table.
 """
 
@@ -33,14 +33,11 @@ SPLITS = {"last_n": "per user: last 5 test, 5 before valid", "time": "one time c
 
 
 def run_one(config, examples, out_dir) -> dict:
+    """The trainer's own selection: the best validation epoch, as ``plexrec train`` exports it."""
     trainer = Trainer(config, examples=examples, out_dir=out_dir)
-    best = None
-    for _ in range(config.train.epochs):
-        trainer.train_epoch(progress=False)
-        valid, test = trainer.evaluate("valid"), trainer.evaluate("test")
-        if best is None or valid["auc"] > best["valid_auc"]:
-            best = {"epoch": trainer.epoch, "valid_auc": valid["auc"], **{f"test_{k}": v for k, v in test.items()}}
-    return {"embedding_parameters": trainer.embedding_parameters, **best}
+    result = trainer.fit(progress=False)
+    return {"embedding_parameters": trainer.embedding_parameters, "epoch": result["best_epoch"],
+            "valid_auc": result["valid"]["valid_auc"], **{f"test_{k}": v for k, v in result["test"].items()}}
 
 
 def main() -> None:
@@ -86,11 +83,14 @@ def main() -> None:
         "measured_at": now(), "machine": machine(), "epochs": args.epochs,
         "seconds": round(time.perf_counter() - started, 1), "summary": summary, "runs": runs,
     })
-    print(f"\n{schema.name}\n\n| split | embedding | budget | parameters | test AUC | test GAUC | test log loss |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n{schema.name}\n\n| split | embedding | budget | parameters used | test AUC | test GAUC | test log loss "
+          "| best epoch |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in summary:
-        print(f"| {row['split']} | {row['kind']} | {row['budget']:,} | {row['embedding_parameters']['mean']:,.0f} | "
-              f"{cell(row, 'test_auc')} | {cell(row, 'test_gauc')} | {cell(row, 'test_logloss')} |")
+        used = row["embedding_parameters"]["mean"]
+        print(f"| {row['split']} | {row['kind']} | {row['budget']:,} | {used:,.0f} ({used / row['budget']:.0%}) | "
+              f"{cell(row, 'test_auc')} | {cell(row, 'test_gauc')} | {cell(row, 'test_logloss')} | "
+              f"{row['epoch']['mean']:.1f} |")
 
 
 if __name__ == "__main__":
