@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
     parser.add_argument("--small-budget", type=int, default=10_000,
                         help="a second, smaller parameter budget for hashed and unified (0: none)")
+    parser.add_argument("--patience", type=int, default=2, help="train.early_stopping_patience (0: every epoch)")
     parser.add_argument("--out", default="bench/results/quality.json")
     args = parser.parse_args()
     configure_logging()
@@ -55,7 +56,8 @@ def main() -> None:
 
     runs, started = [], time.perf_counter()
     for split in args.splits:
-        common = {"train.epochs": args.epochs, "train.checkpoint_every_epoch": False, "data.split": split}
+        common = {"train.epochs": args.epochs, "train.checkpoint_every_epoch": False, "data.split": split,
+                  "train.early_stopping_patience": args.patience}
         base = load_config(args.config, common)
         examples, schema = load_dataset(base.data)
         full_size = Trainer(load_config(args.config, {**common, "embedding.kind": "full"}), examples=examples,
@@ -80,7 +82,7 @@ def main() -> None:
     write_json(args.out, {
         "benchmark": "quality", "dataset": schema.name, "config": args.config,
         "splits": {split: SPLITS[split] for split in args.splits},
-        "measured_at": now(), "machine": machine(), "epochs": args.epochs,
+        "measured_at": now(), "machine": machine(), "epochs": args.epochs, "patience": args.patience,
         "seconds": round(time.perf_counter() - started, 1), "summary": summary, "runs": runs,
     })
     print(f"\n{schema.name}\n\n| split | embedding | budget | parameters used | test AUC | test GAUC | test log loss "
