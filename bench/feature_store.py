@@ -26,8 +26,7 @@ from features.redis_server import local_redis_server  # noqa: E402
 from features.store import open_store  # noqa: E402
 from features.training import historical_frame  # noqa: E402
 from recsys.cli import configure_logging  # noqa: E402
-from recsys.config import PROJECT_ROOT  # noqa: E402
-from recsys.data.movielens import load_movielens  # noqa: E402
+from recsys.data.movielens import movielens_schema, movielens_tables  # noqa: E402
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -43,9 +42,9 @@ def timed(call, repeats: int) -> list[float]:
     return samples
 
 
-def measure_profile(profile: str, directory: Path, redis_url: str | None, frame, schema, reads: int) -> dict:
+def measure_profile(profile: str, directory: Path, redis_url: str | None, tables, reads: int) -> dict:
     store = open_store(profile, directory, redis_url)
-    load_into_store(store, frame, schema, directory, history_length=200)
+    load_into_store(store, tables, directory, history_length=200)
     rng = np.random.default_rng(0)
     users = rng.integers(1, 944, reads)
     items = [rng.choice(np.arange(1, 1683), 100, replace=False).tolist() for _ in range(reads)]
@@ -76,12 +75,12 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/feature_store.json")
     args = parser.parse_args()
     configure_logging()
-    frame, schema = load_movielens(PROJECT_ROOT / "data" / "ml-100k")
+    tables = movielens_tables(movielens_schema())
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        results["sqlite"] = measure_profile("local", Path(tmp) / "sqlite", None, frame, schema, args.reads)
+        results["sqlite"] = measure_profile("local", Path(tmp) / "sqlite", None, tables, args.reads)
         with local_redis_server() as url:
-            results["redis"] = measure_profile("redis", Path(tmp) / "redis", url, frame, schema, args.reads)
+            results["redis"] = measure_profile("redis", Path(tmp) / "redis", url, tables, args.reads)
         store = open_store("local", Path(tmp) / "sqlite")
         started = time.perf_counter()
         rows = len(historical_frame(store, Path(tmp) / "sqlite"))

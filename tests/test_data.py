@@ -7,8 +7,6 @@ from recsys.data.batching import iterate_batches, make_batch
 from recsys.data.examples import TEST, TRAIN, VALID, SplitRule, build_examples, load_dataset, take_jagged
 from recsys.data.schema import DataError, DatasetSchema
 from recsys.data.tables import read_tables
-
-from .conftest import KUAIRAND_SCHEMA
 from recsys.hashing import string_to_id
 
 

@@ -214,8 +214,6 @@ class DatasetSchema:
         missing = [k for k in ("user", "item", "timestamp") if not raw.get(k)]
         if missing:
             raise ConfigError(f"{where}: missing key(s) {missing}")
-        if raw.get("format", "table") != "synthetic" and not raw.get("path"):
-            raise ConfigError(f"{where}: missing key 'path' (the interactions file(s))")
         try:
             return cls(**raw)
         except TypeError as exc:
@@ -253,6 +251,8 @@ class DatasetSchema:
         if not isinstance(raw, dict):
             raise ConfigError(f"schema {path}: expected a mapping of keys at the top level")
         raw.setdefault("name", path.parent.name if path.stem == "schema" else path.stem)
+        if raw.get("format", "table") != "synthetic" and not raw.get("path"):
+            raise ConfigError(f"schema {path}: missing key 'path' (the interactions file(s))")
         schema = cls.from_dict(raw, where=f"schema {path}")
         schema.path = _relative_to(schema.path, path.parent)
         for group in (schema.users, schema.items):
