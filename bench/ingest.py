@@ -3,7 +3,8 @@
     .venv/bin/python bench/ingest.py [--events 20000] [--rate 200] [--seconds 15]
 
 For SQLite and Redis, with one and with two `plexrec ingest` processes in a group
-(a 4-partition topic on the embedded broker):
+(a 4-partition topic on the embedded broker), into a MovieLens-schema store (its
+catalogue; the only interaction a placeholder) fed clicks labelled 1:
   throughput  N events produced up front, then the ingesters started: events/s from
               the first batch logged to the last (user histories), and to the last item
               delta committed (item counters too)
@@ -28,11 +29,29 @@ from common import ROOT, machine, now, write_json
 
 from features.broker import embedded_broker  # noqa: E402
 from features.events import EventProducer, make_event  # noqa: E402
+from features.load import load_into_store  # noqa: E402
 from features.redis_server import local_redis_server  # noqa: E402
-from features.store import apply_definitions, open_store  # noqa: E402
+from features.store import open_store  # noqa: E402
 from protos.plexrec.v1.events_pb2 import EventType  # noqa: E402
+from recsys.data.movielens import movielens_schema, movielens_tables  # noqa: E402
 
 PARTITIONS = 4
+PLACEHOLDER_ID = 10 ** 9  # a store loads at least one interaction: a user and an item the bench never sends
+
+
+def load_catalogue_store(profile: str, directory: Path, redis_url: str | None):
+    """A store the ingester accepts (store.json: the schema decides what events mean) whose users
+    start without history, so the freshness probe sees only what it sent."""
+    placeholder = pd.DataFrame({"user_id": [PLACEHOLDER_ID], "item_id": [PLACEHOLDER_ID], "rating": [5],
+                                "timestamp": [1]})
+    store = open_store(profile, directory, redis_url)
+    load_into_store(store, movielens_tables(movielens_schema()).with_interactions(placeholder), directory, 200)
+    return store
+
+
+def click(user: int, item: int):
+    # a rating schema labels events by their value unless they carry a label: a click carries 1
+    return make_event(user, item, EventType.EVENT_TYPE_CLICK, label=1)
 
 
 def create_topic(bootstrap: str) -> str:
@@ -87,13 +106,12 @@ def measure(bootstrap: str, profile: str, redis_url: str | None, ingesters: int,
             seconds: float, rng: np.random.Generator) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        store = open_store(profile, directory, redis_url)
-        apply_definitions(store, directory)
+        store = load_catalogue_store(profile, directory, redis_url)
 
         topic = create_topic(bootstrap)
         producer = EventProducer(bootstrap, topic)
-        producer.send_all(make_event(int(u), int(i), EventType.EVENT_TYPE_CLICK)
-                          for u, i in zip(rng.integers(1, 5000, events), rng.integers(1, 50_000, events)))
+        producer.send_all(click(int(u), int(i)) for u, i in zip(rng.integers(1, 5000, events),
+                                                                rng.integers(1, 50_000, events)))
         processes = start_ingesters(ingesters, bootstrap, topic, directory, profile, redis_url)
         while sum(n for _, n in log_files(directory)) < events:
             time.sleep(0.05)
@@ -131,7 +149,7 @@ def measure(bootstrap: str, profile: str, redis_url: str | None, ingesters: int,
         started, count = time.monotonic(), 0
         while time.monotonic() - started < seconds:
             user, item = int(rng.integers(5000, 10_000)), 1_000_000 + count  # unique items: easy to spot
-            producer.send(make_event(user, item, EventType.EVENT_TYPE_CLICK))
+            producer.send(click(user, item))
             if count % 10 == 0:
                 producer.producer.flush()
                 with lock:

@@ -5,15 +5,21 @@
 One loop, a batch at a time:
 
   1. poll a batch of messages (a consumer group: run more ingesters to scale out)
-  2. decode and validate each; a bad one goes to ``<topic>.dead-letter`` with its
-     reason, partition and offset in the headers, and is counted
-  3. group the valid events by user (Kafka key = user id, so one partition owns a user),
+  2. decode and validate each, also against the store's schema (store.json, read at
+     start: the event's label, its numeric context values, its item attributes; see
+     features/events.py); a bad one goes to ``<topic>.dead-letter`` with its reason,
+     partition and offset in the headers, and is counted
+  3. group the behaviours by user (Kafka key = user id, so one partition owns a user),
      read those users' rows from the online store, apply the events, write the changed
-     rows back in one batch
+     rows back in one batch. What is a behaviour is the schema's history rule, as the
+     loader applies it to rows: every event (history: all) or those labelled 1 (history:
+     positive). History timestamps are in the schema's unit, like the loaded ones
   4. append the events to the offline event log (Parquet, one file per batch)
-  5. re-key every behaviour onto ``<topic>.item-deltas`` with the item id as key, so
-     that one partition owns an item too; the same consumer reads that topic and
-     applies item deltas to the item counters exactly as user events to users
+  5. re-key every behaviour, and every event that carries item attributes, onto
+     ``<topic>.item-deltas`` with the item id as key, so that one partition owns an item
+     too; the same consumer reads that topic, applies behaviours to the item counters
+     exactly as user events to users, and writes the item_profile row of an item whose
+     attributes a delta carries (over the row's other values; the latest event time wins)
   6. only then commit the offsets (of both topics, once the deltas are acknowledged)
 
 Exactly-once effect. A crash anywhere before step 6 re-delivers the batch. Every
@@ -23,9 +29,12 @@ to it, and every item row the last offset applied per partition of the source to
 watermark is skipped. Item rows are written only by the owner of the item's delta
 partition, so ingesters in a group never read-modify-write one row at once. So a
 user's history and every count change exactly once per event, however often and
-however many ingesters die. The offline log is at-least-once: a re-delivered batch
-is logged again, and readers drop duplicate event ids. A produce that is not
-acknowledged stops the ingester before the commit (IngestError).
+however many ingesters die. Item attributes are not counted but overwritten: a
+re-delivered delta writes the same values again, and one whose event is older than the
+row's (to the second: the online store keeps seconds) is skipped. The offline log
+is at-least-once: a re-delivered batch is logged again, and readers drop duplicate
+event ids. A produce that is not acknowledged stops the ingester before the commit
+(IngestError).
 
 The limit: there is no fencing token. An ingester that stalls past the session timeout
 or max_poll_interval loses its partitions but does not know it until its next poll, and
@@ -47,6 +56,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, NamedTuple
 
 log = logging.getLogger("plexrec.ingest")
 
@@ -59,23 +69,46 @@ def without_torch() -> None:
 
 
 class IngestError(RuntimeError):
-    """The ingester cannot go on safely (its uncommitted batch is re-delivered on restart)."""
+    """The ingester cannot go on safely (its uncommitted batch is re-delivered on restart), or cannot
+    start with the options given; the message says what to do."""
 
 
 @dataclass
 class IngestStats:
     batches: int = 0
     events: int = 0
-    applied: int = 0
+    applied: int = 0  # behaviours applied to user histories
     item_deltas: int = 0
     skipped_duplicates: int = 0
     dead_letters: int = 0
     failed_commits: int = 0
+    not_behaviours: int = 0  # valid events the history rule keeps out (e.g. unclicked impressions)
+    item_profiles: int = 0  # item_profile rows written from item attributes
     reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class Received(NamedTuple):
+    """A valid event from the event topic, with what the store's schema makes of it."""
+    partition: int
+    offset: int
+    event: Any  # UserEvent
+    label: int
+    behaviour: bool
+
+
+class ItemDelta(NamedTuple):
+    """An event re-keyed by item: where it came from, whether it counts, what it says about the item."""
+    partition: int  # of the source event
+    offset: int
+    event: Any  # UserEvent
+    behaviour: bool
+    attributes: dict  # item_profile columns as the store keeps them ({} when the event carries none)
+    category: Any  # item_category text, or features.events.NOT_CARRIED
 
 
 ITEM_DELTAS_SUFFIX = ".item-deltas"
 DEFAULT_PARTITIONS = 4
+MAX_REPORTED_CONTEXT_KEYS = 1000  # free-form context keys are logged once each, up to this many
 
 
 def ensure_topics(bootstrap_servers: str, topic: str, partitions: int = DEFAULT_PARTITIONS) -> int:
@@ -114,18 +147,49 @@ def source_position(message) -> tuple[int, int]:
         raise InvalidEvent("item delta without source_partition/source_offset headers") from None
 
 
+def delta_is_behaviour(message) -> bool:
+    """Whether an item delta counts. Deltas sent before the header existed were all behaviours."""
+    return dict(message.headers or []).get("behaviour", b"1") == b"1"
+
+
+def history_length_of(meta: dict, requested: int | None) -> int:
+    """The history length to keep: the store's (store.json), or a shorter one asked for."""
+    stored = int(meta["history_length"])
+    if requested is None:
+        return stored
+    if requested < 1:
+        raise IngestError(f"--history-length {requested}: keep at least 1 behaviour per user")
+    if requested > stored:
+        raise IngestError(f"--history-length {requested} is longer than the store's {stored} (store.json): the "
+                          f"loaded histories, the model and the server hold at most {stored}. Pass at most "
+                          f"{stored}, or reload the store with `plexrec features load --history-length {requested}`")
+    return requested
+
+
 class Ingester:
     def __init__(self, bootstrap_servers: str, store, directory: Path, *, topic: str = "user-events",
-                 group: str = "plexrec-ingest", history_length: int = 200, max_batch: int = 2000,
+                 group: str = "plexrec-ingest", history_length: int | None = None, max_batch: int = 2000,
                  poll_timeout_ms: int = 500, partitions: int = DEFAULT_PARTITIONS) -> None:
-        from kafka import KafkaConsumer, KafkaProducer
-
+        """``history_length`` None: the store's. Raises StoreError without a loaded store (store.json)."""
         from features.events import DEAD_LETTER_SUFFIX
+        from features.store import StoreError, read_store_meta, stored_schema
+
+        # the store decides what an event means: its schema (labels, history rule, timestamp unit,
+        # item attributes) and its column types; read before connecting, so a bad start fails fast
+        meta = read_store_meta(directory)
+        if not meta.get("schema") or "history_length" not in meta:
+            raise StoreError(f"{directory}/store.json holds no schema: it was written by an older plexrec; reload "
+                             "the store (`plexrec features load --schema ...`)")
+        self.schema, self.types = stored_schema(directory), dict(meta["types"])
+        self.history_length = history_length_of(meta, history_length)
+        self.item_profile_columns = [*self.schema.items.columns, "item_category"]
+
+        from kafka import KafkaConsumer, KafkaProducer
 
         self.store, self.directory, self.topic = store, directory, topic
         self.dead_letter_topic = topic + DEAD_LETTER_SUFFIX
         self.item_deltas_topic = topic + ITEM_DELTAS_SUFFIX
-        self.history_length, self.max_batch, self.poll_timeout_ms = history_length, max_batch, poll_timeout_ms
+        self.max_batch, self.poll_timeout_ms = max_batch, poll_timeout_ms
         ensure_topics(bootstrap_servers, topic, partitions)
         # a short session timeout: the first group assignment waits about half of it (measured on tansu)
         self.consumer = KafkaConsumer(
@@ -138,6 +202,7 @@ class Ingester:
                                       max_in_flight_requests_per_connection=1)
         self.stats = IngestStats()
         self.sent: list = []  # this batch's produce futures
+        self.reported_context_keys: set[str] = set()
         self.log_dir = directory / "offline" / "events"
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -147,7 +212,7 @@ class Ingester:
         """Poll, apply and commit one batch; returns how many messages it held."""
         from kafka.errors import CommitFailedError
 
-        from features.events import InvalidEvent, decode_event
+        from features.events import InvalidEvent
 
         polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=self.max_batch)
         messages = [m for records in polled.values() for m in records]
@@ -158,9 +223,9 @@ class Ingester:
         for message in messages:
             try:
                 if message.topic == self.item_deltas_topic:
-                    deltas.append((*source_position(message), decode_event(None, message.value)))
+                    deltas.append(self._item_delta(message))
                 else:
-                    events.append((message.partition, message.offset, decode_event(message.key, message.value)))
+                    events.append(self._received(message))
             except InvalidEvent as reason:
                 self._dead_letter(message, str(reason))
         if events:
@@ -169,6 +234,7 @@ class Ingester:
             self._send_item_deltas(events)
         if deltas:
             self._apply_to_items(deltas)
+            self._apply_item_attributes(deltas)
         self.producer.flush()  # dead letters and deltas are safe before their offsets are committed
         failed = [f for f in self.sent if f.failed()]
         if failed:  # flush() waits but does not raise: without this the commit would lose them
@@ -187,6 +253,32 @@ class Ingester:
         self.stats.item_deltas += from_deltas
         return len(messages)
 
+    def _received(self, message) -> Received:
+        """A message of the event topic, judged against the store's schema (InvalidEvent if it does not fit)."""
+        from features.events import check_against_schema, decode_event, is_behaviour, unknown_context_keys
+
+        event = decode_event(message.key, message.value)
+        label = check_against_schema(event, self.schema, self.types)
+        behaviour = is_behaviour(label, self.schema)
+        self.stats.not_behaviours += not behaviour
+        for key in unknown_context_keys(event, self.schema):
+            if key not in self.reported_context_keys and len(self.reported_context_keys) < MAX_REPORTED_CONTEXT_KEYS:
+                self.reported_context_keys.add(key)
+                log.info("context key %r is not a context column of schema '%s': kept in the event log only",
+                         key, self.schema.name)
+        return Received(message.partition, message.offset, event, label, behaviour)
+
+    def _item_delta(self, message) -> ItemDelta:
+        from features.events import decode_event, item_category_of, stored_item_attributes
+
+        partition, offset = source_position(message)
+        event = decode_event(None, message.value)
+        # checked when the event arrived; converted again here, where the row is written (InvalidEvent
+        # if the store was reloaded with another schema since)
+        attributes = stored_item_attributes(event, self.schema, self.types) if event.item_attributes else {}
+        return ItemDelta(partition, offset, event, delta_is_behaviour(message), attributes,
+                         item_category_of(event, self.schema))
+
     def _dead_letter(self, message, reason: str) -> None:
         headers = [("reason", reason.encode()), ("source_topic", message.topic.encode()),
                    ("source_partition", str(message.partition).encode()),
@@ -197,18 +289,17 @@ class Ingester:
         self.stats.reasons[reason.split(":")[0].split(" ")[0]] += 1
         log.warning("dead letter (partition %d offset %d): %s", message.partition, message.offset, reason)
 
-    def _apply_to_users(self, events: list[tuple[int, int, object]]) -> None:
+    def _apply_to_users(self, events: list[Received]) -> None:
         import pandas as pd
 
-        from features.events import BEHAVIOURS
-
-        by_user: dict[int, list] = defaultdict(list)
-        for partition, offset, event in events:
-            if event.event_type in BEHAVIOURS:
-                by_user[event.user_id].append((partition, offset, event))
+        by_user: dict[int, list[Received]] = defaultdict(list)
+        for received in events:
+            if received.behaviour:
+                by_user[received.event.user_id].append(received)
         if not by_user:
             return
         now = pd.Timestamp(datetime.now(timezone.utc))
+        units_per_second = self.schema.units_per_second  # history timestamps in the schema's unit, as loaded
 
         users = list(by_user)
         current = self.store.get_online_features(
@@ -223,40 +314,45 @@ class Ingester:
             count = current["interaction_count"][i] or 0
             mark_source = current["ingest_source"][i]
             mark_offset = current["ingest_offset"][i] if current["ingest_offset"][i] is not None else -1
-            fresh = [(p, o, e) for p, o, e in sorted(by_user[user], key=lambda x: x[1])
-                     if not (f"{self.topic}/{p}" == mark_source and o <= mark_offset)]
+            fresh = [r for r in sorted(by_user[user], key=lambda r: r.offset)
+                     if not (f"{self.topic}/{r.partition}" == mark_source and r.offset <= mark_offset)]
             self.stats.skipped_duplicates += len(by_user[user]) - len(fresh)
             if not fresh:
                 continue
             self.stats.applied += len(fresh)
-            merged = list(zip(stamps, items)) + [(e.event_time_ms // 1000, e.item_id) for _, _, e in fresh]
+            merged = list(zip(stamps, items)) + [(r.event.event_time_ms * units_per_second // 1000, r.event.item_id)
+                                                 for r in fresh]
             merged.sort(key=lambda pair: pair[0])  # stable: among equal times, arrival order
             merged = merged[-self.history_length:]
             rows.append({"user_id": user, "history_item_ids": [item for _, item in merged],
                          "history_timestamps": [t for t, _ in merged], "interaction_count": count + len(fresh),
-                         "ingest_source": f"{self.topic}/{fresh[-1][0]}", "ingest_offset": fresh[-1][1],
+                         "ingest_source": f"{self.topic}/{fresh[-1].partition}", "ingest_offset": fresh[-1].offset,
                          "event_timestamp": now})
         if rows:
             self.store.write_to_online_store("user_history", pd.DataFrame(rows))
 
-    def _send_item_deltas(self, events: list[tuple[int, int, object]]) -> None:
-        """Every behaviour, re-delivered ones included (the item side has its own watermarks),
-        in offset order per partition, keyed by item id."""
-        from features.events import BEHAVIOURS
+    def _send_item_deltas(self, events: list[Received]) -> None:
+        """Every behaviour and every event with item attributes, re-delivered ones included (the item
+        side has its own watermarks), in offset order per partition, keyed by item id."""
+        for received in sorted(events, key=lambda r: (r.partition, r.offset)):
+            if received.behaviour or received.event.item_attributes:
+                headers = [("source_partition", str(received.partition).encode()),
+                           ("source_offset", str(received.offset).encode()),
+                           ("behaviour", b"1" if received.behaviour else b"0")]
+                self.sent.append(self.producer.send(
+                    self.item_deltas_topic, key=str(received.event.item_id).encode(),
+                    value=received.event.SerializeToString(), headers=headers))
 
-        for partition, offset, event in sorted(events, key=lambda x: (x[0], x[1])):
-            if event.event_type in BEHAVIOURS:
-                headers = [("source_partition", str(partition).encode()), ("source_offset", str(offset).encode())]
-                self.sent.append(self.producer.send(self.item_deltas_topic, key=str(event.item_id).encode(),
-                                                    value=event.SerializeToString(), headers=headers))
-
-    def _apply_to_items(self, deltas: list[tuple[int, int, object]]) -> None:
-        """Deltas as (source partition, source offset, event); this ingester owns these items."""
+    def _apply_to_items(self, deltas: list[ItemDelta]) -> None:
+        """The behaviours among the deltas, counted once each; this ingester owns these items."""
         import pandas as pd
 
-        by_item: dict[int, list] = defaultdict(list)
-        for partition, offset, event in deltas:
-            by_item[event.item_id].append((partition, offset, event))
+        by_item: dict[int, list[ItemDelta]] = defaultdict(list)
+        for delta in deltas:
+            if delta.behaviour:  # a delta sent only for its item attributes does not count
+                by_item[delta.event.item_id].append(delta)
+        if not by_item:
+            return
         now = pd.Timestamp(datetime.now(timezone.utc))
         items = list(by_item)
         current = self.store.get_online_features(
@@ -269,31 +365,75 @@ class Ingester:
             same_topic = current["ingest_topic"][i] == self.topic
             marks = list(current["ingest_offsets"][i] or []) if same_topic else []
             count, changed = current["interaction_count"][i] or 0, False
-            for partition, offset, _ in sorted(by_item[item], key=lambda x: (x[0], x[1])):
-                marks += [-1] * (partition + 1 - len(marks))
-                if offset > marks[partition]:
-                    marks[partition], count, changed = offset, count + 1, True
+            for delta in sorted(by_item[item], key=lambda d: (d.partition, d.offset)):
+                marks += [-1] * (delta.partition + 1 - len(marks))
+                if delta.offset > marks[delta.partition]:
+                    marks[delta.partition], count, changed = delta.offset, count + 1, True
             if changed:
                 rows.append({"item_id": item, "interaction_count": count, "ingest_topic": self.topic,
                              "ingest_offsets": marks, "event_timestamp": now})
         if rows:
             self.store.write_to_online_store("item_counters", pd.DataFrame(rows))
 
-    def _log(self, events: list[tuple[int, int, object]]) -> None:
+    def _apply_item_attributes(self, deltas: list[ItemDelta]) -> None:
+        """item_profile rows from the deltas' item attributes, over each row's current values (a delta
+        may carry some columns only), in event-time order; the row is stamped with its latest event's
+        time, so an older event arriving later changes nothing."""
+        import pandas as pd
+
+        from features.events import NOT_CARRIED
+
+        by_item: dict[int, list[ItemDelta]] = defaultdict(list)
+        for delta in deltas:
+            if delta.event.item_attributes:
+                by_item[delta.event.item_id].append(delta)
+        if not by_item:
+            return
+        items = list(by_item)
+        current = self.store.get_online_features(
+            features=[f"item_profile:{c}" for c in self.item_profile_columns],
+            entity_rows=[{"item_id": i} for i in items]).to_dict(include_event_timestamps=True)
+        rows = []
+        for i, item in enumerate(items):
+            row = {c: current[c][i] for c in self.item_profile_columns}
+            stored_seconds = current["item_category__ts"][i] or 0  # the row's time (0: no row yet)
+            latest_ms = None
+            for delta in sorted(by_item[item], key=lambda d: d.event.event_time_ms):  # stable: arrival order
+                if delta.event.event_time_ms // 1000 < stored_seconds:
+                    continue  # the row holds a later event's attributes
+                row.update(delta.attributes)
+                if delta.category is not NOT_CARRIED:
+                    row["item_category"] = delta.category
+                latest_ms = delta.event.event_time_ms
+            if latest_ms is not None:
+                rows.append({"item_id": item, **row,
+                             "event_timestamp": pd.Timestamp(latest_ms, unit="ms", tz="UTC")})
+        if rows:
+            frame = pd.DataFrame(rows, dtype=object)  # object: a missing Int64 / Float32 value stays None
+            frame["event_timestamp"] = pd.to_datetime(frame["event_timestamp"], utc=True)
+            self.store.write_to_online_store("item_profile", frame)
+            self.stats.item_profiles += len(rows)
+
+    def _log(self, events: list[Received]) -> None:
         """Append the batch to the offline event log (at-least-once; dedupe by event_id)."""
+        import json
+
         import pandas as pd
 
         frame = pd.DataFrame({
-            "event_id": [e.event_id for _, _, e in events],
-            "user_id": [e.user_id for _, _, e in events],
-            "item_id": [e.item_id for _, _, e in events],
-            "event_type": [int(e.event_type) for _, _, e in events],
-            "event_timestamp": pd.to_datetime([e.event_time_ms for _, _, e in events], unit="ms", utc=True),
-            "value": [e.value if e.HasField("value") else None for _, _, e in events],
-            "partition": [p for p, _, _ in events],
-            "offset": [o for _, o, _ in events],
+            "event_id": [r.event.event_id for r in events],
+            "user_id": [r.event.user_id for r in events],
+            "item_id": [r.event.item_id for r in events],
+            "event_type": [int(r.event.event_type) for r in events],
+            "event_timestamp": pd.to_datetime([r.event.event_time_ms for r in events], unit="ms", utc=True),
+            "value": [r.event.value if r.event.HasField("value") else None for r in events],
+            "label": [r.label for r in events],  # as the store's schema labelled it
+            "context": [json.dumps(dict(r.event.context), sort_keys=True) for r in events],
+            "item_attributes": [json.dumps(dict(r.event.item_attributes), sort_keys=True) for r in events],
+            "partition": [r.partition for r in events],
+            "offset": [r.offset for r in events],
         })
-        first = min((p, o) for p, o, _ in events)
+        first = min((r.partition, r.offset) for r in events)
         path = self.log_dir / f"batch-{time.time_ns()}-p{first[0]}-o{first[1]}.parquet"
         staging = path.with_suffix(".parquet.tmp")  # a kill mid-write leaves only a .tmp behind
         frame.to_parquet(staging, index=False)
@@ -341,6 +481,7 @@ def read_event_log(directory: Path):
 def main(argv: list[str] | None = None) -> None:
     without_torch()
     from features.store import StoreError, data_dir, open_store
+    from recsys.config import ConfigError
 
     parser = argparse.ArgumentParser(prog="plexrec ingest", description=__doc__.splitlines()[0])
     parser.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers, host:port[,...]")
@@ -349,7 +490,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", help="the store's data directory (default: $PLEXREC_DATA_DIR or .plexrec)")
     parser.add_argument("--profile", default="local", choices=["local", "redis"])
     parser.add_argument("--redis-url", help="host:port of Redis for --profile redis")
-    parser.add_argument("--history-length", type=int, default=200)
+    parser.add_argument("--history-length", type=int,
+                        help="behaviours kept per user (default: the store's, from store.json; at most that)")
     parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS,
                         help="partitions of the topics the ingester creates when they are missing")
     parser.add_argument("--stop-after-idle", type=float, help="exit after this many idle seconds (default: never)")
@@ -367,9 +509,11 @@ def main(argv: list[str] | None = None) -> None:
         ingester = Ingester(args.bootstrap_servers, open_store(args.profile, directory, args.redis_url), directory,
                             topic=args.topic, group=args.group, history_length=args.history_length,
                             partitions=args.partitions)
-    except StoreError as exc:
+    except (StoreError, IngestError, ConfigError) as exc:
         sys.exit(f"plexrec ingest: {exc}")
-    log.info("ingesting %s from %s into %s (group %s)", args.topic, args.bootstrap_servers, directory, args.group)
+    log.info("ingesting %s from %s into %s (group %s; schema '%s', history: %s, %d behaviours per user)", args.topic,
+             args.bootstrap_servers, directory, args.group, ingester.schema.name, ingester.schema.history,
+             ingester.history_length)
     failure = None
     try:
         stats = ingester.run(args.stop_after_idle, args.progress_seconds)
@@ -381,9 +525,10 @@ def main(argv: list[str] | None = None) -> None:
         ingester.close()
     if failure is not None:
         sys.exit(f"plexrec ingest: {failure}; restart it (a supervisor should)")
-    log.info("stopped: %d batches, %d events, %d applied, %d duplicates skipped, %d dead letters, %d item deltas",
-             stats.batches, stats.events, stats.applied, stats.skipped_duplicates, stats.dead_letters,
-             stats.item_deltas)
+    log.info("stopped: %d batches, %d events, %d applied, %d duplicates skipped, %d dead letters, %d item deltas, "
+             "%d not behaviours, %d item profiles written", stats.batches, stats.events, stats.applied,
+             stats.skipped_duplicates, stats.dead_letters, stats.item_deltas, stats.not_behaviours,
+             stats.item_profiles)
 
 
 if __name__ == "__main__":

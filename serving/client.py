@@ -5,7 +5,8 @@
         scores, version = client.score(user_id=42, item_ids=[1, 2, 3])
         best = client.rank(user_id=42, item_ids=[1, 2, 3], k=2)   # [(item, score), ...]
 
-    plexrec score --user 42 --items 1,2,3 [--rank 2] [--target HOST:PORT] [--tls-ca ca.pem] [--token-file F]
+    plexrec score --user 42 --items 1,2,3 [--context tab=1 ...] [--rank 2] [--target HOST:PORT]
+                  [--tls-ca ca.pem] [--token-file F]
 
 No torch: a client process needs grpcio and the generated code only.
 """
@@ -76,12 +77,22 @@ def parse_items(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--items must be comma-separated integer ids, got {text!r}") from None
 
 
+def parse_context_entry(text: str) -> tuple[str, str]:
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"--context takes key=value (e.g. tab=1), got {text!r}")
+    return key, value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="plexrec score", description="Score items for a user on a running "
                                                                        "plexrec serve.")
     parser.add_argument("--target", default="127.0.0.1:50051", help="the server, host:port")
     parser.add_argument("--user", type=int, required=True, help="user id")
     parser.add_argument("--items", type=parse_items, required=True, help="candidate item ids, e.g. 1,2,3")
+    parser.add_argument("--context", type=parse_context_entry, action="append", default=[], metavar="KEY=VALUE",
+                        help="a context feature of the call, e.g. tab=1 (repeat for several); the data set's "
+                             "schema declares which the model reads")
     parser.add_argument("--rank", type=int, metavar="K", help="return the K best, best first, instead of scores")
     parser.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate (TLS)")
     parser.add_argument("--token-file", help="bearer token file (or set $PLEXREC_TOKEN)")
@@ -89,13 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("PLEXREC_TOKEN")
     ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    context = dict(args.context)
     with ScoringClient(args.target, token=token, root_certificates=ca, timeout=args.timeout) as client:
         try:
             if args.rank is not None:
-                rows = client.rank(args.user, args.items, args.rank)
+                rows = client.rank(args.user, args.items, args.rank, context=context)
                 version = None
             else:
-                scores, version = client.score(args.user, args.items)
+                scores, version = client.score(args.user, args.items, context=context)
                 rows = list(zip(args.items, scores))
         except grpc.RpcError as exc:
             hint = (f" (is `plexrec serve` running at {args.target}? set --target)"

@@ -1,38 +1,78 @@
-"""Online features of one user and their candidates -> the model's input batch.
+"""Online features of users and their candidates, and the call's context -> the model's input batch.
 
-The online store's rows are laid out as the point-in-time join's rows and go
-through ``features.examples.examples_from_feature_rows`` and
+The online store's rows are laid out as the point-in-time join's rows, with the
+columns the data set's schema declares (features/examples.py describes them), and
+go through ``features.examples.examples_from_feature_rows`` and
 ``recsys.data.batching.make_batch``, the code training uses: serving has no
 second feature pipeline that could drift from training's.
+
+Cold-start defaults are the values training gives a missing cell: an unknown user
+or item has no profile values (categorical and multi-valued features: an empty
+bag; numeric ones: missing, i.e. 0 after ``numeric_values``; the category:
+NO_CATEGORY), an empty history and zero counts; a context feature the call does
+not send is missing in the same way.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from features.examples import ITEM_PROFILE_COLUMNS, USER_PROFILE_COLUMNS, examples_from_feature_rows
+from features.examples import category_id, examples_from_feature_rows
 from features.online import ItemFeatures, UserFeatures
 from recsys.data.batching import Batch, make_batch
-from recsys.data.examples import DERIVED_DENSE, value_to_id
+from recsys.data.schema import CATEGORY_FEATURE, DatasetSchema
 from recsys.sequence import SharedHistories
 
-# an item the store has never seen still needs a category (its first genre); ML-100K's own word for none
-COLD_START_CATEGORY = "unknown"
-# what the online store can supply; a model trained on anything else cannot be served from it
-SERVABLE_FEATURES = {"user_id", "item_id", "item_category", *USER_PROFILE_COLUMNS, *ITEM_PROFILE_COLUMNS} - {"category"}
-SERVABLE_DENSE = list(DERIVED_DENSE)
+SERVING_SPLIT = "test"  # a schema with a split column needs a value in every row; the model never reads it
 
 
-def item_category(item: ItemFeatures) -> str:
-    return item.profile.get("category") or COLD_START_CATEGORY
+class InvalidContext(ValueError):
+    """A context value that is not what its feature declares; ``field`` names it (context.<key>)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem = field, problem
 
 
-def feature_rows(user: UserFeatures, items: list[ItemFeatures], now_seconds: int | None = None,
-                 history_length: int = 0) -> pd.DataFrame:
+def request_context(schema: DatasetSchema, context: Mapping[str, str]) -> dict[str, Any]:
+    """The schema's context features of one call (ScoreRequest.context): categorical and
+    multi-valued ones as the text given (training's raw ids come from the same text), numeric
+    ones as numbers. Keys the schema does not declare are not model inputs and are left out;
+    so are empty values (a proto3 string cannot be null: "" means no value)."""
+    group = schema.context
+    values: dict[str, Any] = {name: context[name] for name in [*group.categorical, *group.multi_valued]
+                              if context.get(name)}
+    for name in group.numeric:
+        text = context.get(name)
+        if not text:
+            continue
+        try:
+            number = float(text)
+        except ValueError:
+            raise InvalidContext(f"context.{name}", f"is a numeric feature; {text!r} is not a number") from None
+        if not math.isfinite(number):
+            raise InvalidContext(f"context.{name}", f"is a numeric feature; {text!r} is not a finite number")
+        values[name] = number
+    return values
+
+
+def _typed(schema: DatasetSchema, column: str, values: list) -> pd.Series:
+    """One feature's cells as the point-in-time join types them: numeric as float (missing: NaN),
+    the others as objects (ids stay exact int64, lists stay lists, missing stays None)."""
+    if column in schema.numeric:
+        return pd.Series([np.nan if v is None else v for v in values], dtype="float64")
+    return pd.Series(values, dtype=object)
+
+
+def feature_rows(schema: DatasetSchema, user: UserFeatures, items: list[ItemFeatures],
+                 now_seconds: int | None = None, history_length: int = 0) -> pd.DataFrame:
     """One feature row per candidate, as the ``ranker`` feature service's join returns it, with
     the user's ``history_length`` most recent items (what the model reads: make_batch would cut
     a longer one to that anyway; 0 for a model without history or given shared histories)."""
@@ -40,41 +80,48 @@ def feature_rows(user: UserFeatures, items: list[ItemFeatures], now_seconds: int
     n = len(items)
     history = user.history_item_ids[-history_length:] if history_length else []
     stamps = user.history_timestamps[-history_length:] if history_length else []
-    columns = {
+    columns: dict[str, Any] = {
         "user_id": np.full(n, user.user_id, dtype=np.int64),
         "item_id": np.array([i.item_id for i in items], dtype=np.int64),
-        "timestamp": np.full(n, now_seconds, dtype=np.int64),
-        "rating": np.zeros(n),  # no label at serving time
+        "timestamp": np.full(n, now_seconds * schema.units_per_second, dtype=np.int64),
+        schema.rating or schema.label: np.zeros(n),  # no label at serving time
         "user_interaction_count": np.full(n, user.interaction_count, dtype=np.int64),
         "item_interaction_count": np.array([i.interaction_count for i in items], dtype=np.int64),
         "history_item_ids": [history] * n,
         "history_timestamps": [stamps] * n,
     }
-    for column in USER_PROFILE_COLUMNS:
-        columns[column] = [user.profile.get(column)] * n
-    columns["genres"] = [list(i.profile.get("genres") or [COLD_START_CATEGORY]) for i in items]
-    columns["release_year"] = pd.array([i.profile.get("release_year") for i in items], dtype="Int64")
-    columns["category"] = [item_category(i) for i in items]
+    if schema.split:
+        columns[schema.split] = [SERVING_SPLIT] * n
+    for column in schema.users.columns:
+        columns[column] = _typed(schema, column, [user.profile.get(column)] * n)
+    for column in schema.items.columns:
+        columns[column] = _typed(schema, column, [i.profile.get(column) for i in items])
+    for column in schema.context.columns:
+        columns[column] = _typed(schema, column, [user.context.get(column)] * n)
+    if schema.category:
+        columns[CATEGORY_FEATURE] = pd.Series([i.category for i in items], dtype=object)
     return pd.DataFrame(columns)
 
 
-def model_batch(requests: list[tuple[UserFeatures, list[ItemFeatures]]], history_items: dict[int, ItemFeatures],
-                feature_names: list[str], history_length: int, share_histories: bool = False,
-                now_seconds: int | None = None) -> tuple[Batch, SharedHistories | None]:
+def model_batch(schema: DatasetSchema, requests: list[tuple[UserFeatures, list[ItemFeatures]]],
+                history_items: dict[int, ItemFeatures], feature_names: list[str], history_length: int,
+                share_histories: bool = False, now_seconds: int | None = None,
+                dense_names: list[str] | None = None) -> tuple[Batch, SharedHistories | None]:
     """One batch for several (user, candidates) requests, rows in request order then candidate
     order; ``history_items`` gives the categories of the users' history items (a sequence
     model reads them).
 
     ``share_histories``: each user's history goes into SharedHistories once instead of into
     every candidate row (same model output, tested; the search then reads G x L behaviours,
-    not B x L). The batch's history keys are left out then.
+    not B x L). The batch's history keys are left out then. ``dense_names``: the dense features
+    the model reads (its manifest's; None: all the schema gives).
     """
     now_seconds = int(time.time()) if now_seconds is None else now_seconds
     share = share_histories and history_length > 0
-    rows = pd.concat([feature_rows(user, items, now_seconds, 0 if share else history_length)
+    rows = pd.concat([feature_rows(schema, user, items, now_seconds, 0 if share else history_length)
                       for user, items in requests], ignore_index=True)
-    categories = {item_id: item_category(item) for item_id, item in history_items.items()}
-    examples = examples_from_feature_rows(rows, item_categories=categories)
+    categories = {item_id: item.category for item_id, item in history_items.items()}
+    examples = examples_from_feature_rows(rows, schema, item_categories=categories).keep_dense(dense_names)
     # examples come sorted by user (stable, one timestamp): find each request row's place
     order = np.argsort(rows["user_id"].to_numpy(), kind="stable")
     place = np.empty_like(order)
@@ -84,12 +131,14 @@ def model_batch(requests: list[tuple[UserFeatures, list[ItemFeatures]]], history
         return batch, None
     # the most recent history_length items, oldest first, and their categories: what make_batch
     # and examples_from_feature_rows give each row
-    histories = [user.history_item_ids[-history_length:] if history_length else [] for user, _ in requests]
+    histories = [user.history_item_ids[-history_length:] for user, _ in requests]
     items = np.array([i for history in histories for i in history], dtype=np.int64)
-    category_ids = {i: value_to_id(categories.get(i, COLD_START_CATEGORY)) for i in set(items.tolist())}
+    shared_categories = None
+    if schema.category:
+        category_ids = {i: category_id(categories.get(i)) for i in set(items.tolist())}
+        shared_categories = torch.tensor([category_ids[i] for i in items.tolist()], dtype=torch.int64)
     shared = SharedHistories(
-        items=torch.from_numpy(items),
-        categories=torch.tensor([category_ids[i] for i in items.tolist()], dtype=torch.int64),
+        items=torch.from_numpy(items), categories=shared_categories,
         lengths=torch.tensor([len(history) for history in histories], dtype=torch.int64),
         row_group=torch.from_numpy(np.repeat(np.arange(len(requests)), [len(items) for _, items in requests])))
     return batch, shared

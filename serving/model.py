@@ -1,9 +1,19 @@
-"""The model serving runs: an exported artifact, checked, plus the newest-version watcher.
+"""The model serving runs: an exported artifact, checked against the store, plus the newest-version watcher.
 
 Loading goes through ``recsys.export.load_model`` (safetensors + JSON manifest,
-never pickle). An artifact is refused unless its manifest names only features
-the online store supplies and a cold-start batch scores to finite numbers, so a
-broken or incompatible model never replaces one that works.
+never pickle). An artifact is refused (``ModelArtifactError`` saying why) unless
+it fits the feature store it would be served from (``store_meta``: the store's
+store.json):
+
+- it was trained on the schema the store holds (equal fingerprints; else the
+  differences are listed), and its manifest records one at all;
+- it reads no longer a history than the store keeps (a longer one would be cut
+  silently, and the model would see shorter histories than in training);
+- its features are the schema's, and its dense inputs are among the ones serving
+  computes from the schema (DERIVED_DENSE + the schema's numeric features);
+- a cold-start batch scores to finite numbers.
+
+So a broken or incompatible model never replaces one that works.
 """
 
 from __future__ import annotations
@@ -20,9 +30,11 @@ import torch
 from features.online import ItemFeatures, UserFeatures
 from recsys.config import RunConfig
 from recsys.data.batching import Batch, model_inputs
+from recsys.data.examples import DERIVED_DENSE
+from recsys.data.schema import DatasetSchema
 from recsys.export import MANIFEST_FILE, ModelArtifactError, latest_model_dir, load_model
 from recsys.sequence import SharedHistories
-from serving.inputs import SERVABLE_DENSE, SERVABLE_FEATURES, model_batch
+from serving.inputs import model_batch
 
 log = logging.getLogger("plexrec.serving.model")
 
@@ -32,6 +44,7 @@ class ServingModel:
     model: torch.nn.Module
     manifest: dict[str, Any]
     directory: Path
+    schema: DatasetSchema  # the data set's (the model's and the store's: they are checked to agree)
     input_features: list[str]  # the KJT keys it reads, as training decided them
     history_length: int
     shares_histories: bool  # its sequence block takes one history per user (dare, coupled)
@@ -42,7 +55,8 @@ class ServingModel:
 
     def batch(self, requests: list[tuple[UserFeatures, list[ItemFeatures]]],
               history_items: dict[int, ItemFeatures]) -> tuple[Batch, SharedHistories | None]:
-        return model_batch(requests, history_items, self.input_features, self.history_length, self.shares_histories)
+        return model_batch(self.schema, requests, history_items, self.input_features, self.history_length,
+                           self.shares_histories, dense_names=self.manifest["dense_features"])
 
     def probabilities(self, inputs: tuple[Batch, SharedHistories | None]) -> np.ndarray:
         batch, shared = inputs
@@ -50,8 +64,9 @@ class ServingModel:
             return torch.sigmoid(self.model(batch.dense, batch.sparse, shared)).numpy()
 
 
-def load_serving_model(directory: str | Path) -> ServingModel:
-    """The model in ``directory``, or ModelArtifactError saying why it cannot serve."""
+def load_serving_model(directory: str | Path, store_meta: dict[str, Any]) -> ServingModel:
+    """The model in ``directory``, or ModelArtifactError saying why it cannot serve from the store
+    that ``store_meta`` (its store.json) describes."""
     directory = Path(directory)
     try:
         model, manifest = load_model(directory)
@@ -59,20 +74,46 @@ def load_serving_model(directory: str | Path) -> ServingModel:
         raise
     except Exception as exc:  # a damaged artifact can fail anywhere in construction
         raise ModelArtifactError(f"{directory}: cannot be loaded ({type(exc).__name__}: {exc})") from exc
-    unknown = sorted(set(f["name"] for f in manifest["features"]) - SERVABLE_FEATURES)
-    if unknown:
-        raise ModelArtifactError(f"{directory}: trained on features the online store does not hold: {unknown}")
-    if manifest["dense_features"] != SERVABLE_DENSE:
-        raise ModelArtifactError(f"{directory}: dense features {manifest['dense_features']} are not "
-                                 f"{SERVABLE_DENSE}, which serving computes")
+    schema = check_schema(directory, manifest, store_meta)
     config = RunConfig.from_dict(manifest["config"])
-    input_features, history_length = model_inputs(config, sorted(SERVABLE_FEATURES))
-    serving = ServingModel(model, manifest, directory, input_features, history_length,
+    input_features, history_length = model_inputs(config, schema.categorical_features)
+    stored_history = int(store_meta["history_length"])
+    if history_length > stored_history:
+        raise ModelArtifactError(
+            f"{directory}: reads the last {history_length} behaviours (data.max_history) but the store keeps "
+            f"{stored_history} per user (store.json history_length); train with data.max_history <= "
+            f"{stored_history}, or load the store with a longer history")
+    unknown = sorted(set(f["name"] for f in manifest["features"]) - set(schema.categorical_features))
+    if unknown:
+        raise ModelArtifactError(f"{directory}: reads features {unknown} that schema {schema.name} does not "
+                                 f"declare (it has {schema.categorical_features})")
+    dense = DERIVED_DENSE + list(schema.numeric)
+    if not set(manifest["dense_features"]) <= set(dense):
+        raise ModelArtifactError(f"{directory}: dense features {manifest['dense_features']} are not among {dense}, "
+                                 f"which serving computes for schema {schema.name}")
+    serving = ServingModel(model, manifest, directory, schema, input_features, history_length,
                            shares_histories=config.sequence.mode in ("dare", "coupled"))
-    cold = serving.probabilities(serving.batch([(UserFeatures(user_id=1), [ItemFeatures(item_id=1)])], {}))
+    cold = serving.probabilities(serving.batch([(UserFeatures(user_id=0), [ItemFeatures(item_id=0)])], {}))
     if not np.isfinite(cold).all():
         raise ModelArtifactError(f"{directory}: scores a cold-start request as {cold.tolist()}; weights damaged?")
     return serving
+
+
+def check_schema(directory: Path, manifest: dict[str, Any], store_meta: dict[str, Any]) -> DatasetSchema:
+    """The schema a model was trained on, if it is the one the store holds (else ModelArtifactError)."""
+    if not manifest.get("schema"):
+        raise ModelArtifactError(f"{directory}: its manifest records no data set schema (exported by an older "
+                                 "plexrec); export it again (train it again) with this version")
+    try:
+        trained_on = DatasetSchema.from_dict(manifest["schema"], where=f"{directory} manifest schema")
+    except ValueError as exc:  # ConfigError: a schema this code cannot read
+        raise ModelArtifactError(f"{directory}: {exc}") from None
+    stored = DatasetSchema.from_dict(store_meta["schema"], where="store.json schema")
+    # fingerprints recomputed on both sides: what counts is the contract, not a digest written earlier
+    if trained_on.fingerprint() != stored.fingerprint():
+        raise ModelArtifactError(f"{directory}: trained on schema {trained_on.name}, the store holds "
+                                 f"{stored.name}: {'; '.join(trained_on.differences(stored))}")
+    return stored
 
 
 def _file_signature(directory: Path) -> tuple:
@@ -87,8 +128,8 @@ class ModelWatcher:
     attribute, so a request reads either the old or the new model, never a mix.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path, store_meta: dict[str, Any]) -> None:
+        self.path, self.store_meta = Path(path), store_meta
         if not self.path.is_dir():
             raise ModelArtifactError(f"{self.path}: no such model directory; `plexrec train` exports models to "
                                      "<out_dir>/models (e.g. runs/ml100k/models)")
@@ -97,7 +138,7 @@ class ModelWatcher:
         # files change (a version copied in non-atomically is loaded once the copy completes)
         self.refused: dict[str, tuple[tuple, str]] = {}
         self._lock = threading.Lock()
-        self.current = load_serving_model(latest_model_dir(self.path) if self.watching else self.path)
+        self.current = load_serving_model(latest_model_dir(self.path) if self.watching else self.path, store_meta)
         log.info("serving model %s from %s", self.current.version, self.current.directory)
 
     def check(self) -> bool:
@@ -116,7 +157,7 @@ class ModelWatcher:
             if newest.name in self.refused and self.refused[newest.name][0] == files:
                 return False
             try:
-                candidate = load_serving_model(newest)
+                candidate = load_serving_model(newest, self.store_meta)
             except ModelArtifactError as exc:
                 self.refused[newest.name] = (files, str(exc))
                 log.error("refused model %s, still serving %s: %s", newest.name, self.current.version, exc)

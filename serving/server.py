@@ -4,11 +4,14 @@
 
 Per call: validate the request (``INVALID_ARGUMENT`` naming the field), read the
 user's profile and history from the online store and the candidates' features
-through the item cache (features/online.py), build the model inputs with
-training's code (serving/inputs.py), run the exported model under
-``torch.inference_mode``, return click probabilities. Store reads run on a
-thread pool; forwards on one model thread that scores concurrent calls together
-(serving/batcher.py), so the event loop keeps accepting calls.
+through the item cache (features/online.py), take the schema's context features
+from the request's ``context``, build the model inputs with training's code
+(serving/inputs.py), run the exported model under ``torch.inference_mode``,
+return click probabilities. What is read follows the data set's schema (the
+store's store.json); a model trained on another schema is refused at load.
+Store reads run on a thread pool; forwards on one model thread that scores
+concurrent calls together (serving/batcher.py), so the event loop keeps
+accepting calls.
 
 Also served: standard gRPC health checking (``grpc.health.v1.Health``) and
 server reflection. Optional TLS (``--tls-cert/--tls-key``) and bearer-token
@@ -42,6 +45,7 @@ from features.events import MAX_CONTEXT_ENTRIES, MAX_CONTEXT_TEXT  # one limit f
 from features.online import OnlineFeatures
 from protos.plexrec.v1 import scoring_pb2, scoring_pb2_grpc
 from serving.batcher import ModelBatcher
+from serving.inputs import InvalidContext, request_context
 from serving.metrics import ServingMetrics
 from serving.model import ModelWatcher
 
@@ -77,15 +81,18 @@ class InvalidRequest(ValueError):
 
 def validate(request, max_candidates: int) -> None:
     """Raise InvalidRequest naming the first bad field of a Score or Rank request."""
-    if request.user_id <= 0:
-        raise InvalidRequest("user_id", f"must be a positive id, got {request.user_id}")
+    # optional in the proto: id 0 is a real user in some data sets, so "not sent" must be told apart
+    if not request.HasField("user_id"):
+        raise InvalidRequest("user_id", "is missing; send the user's id (>= 0)")
+    if request.user_id < 0:
+        raise InvalidRequest("user_id", f"must be an id >= 0, got {request.user_id}")
     if not request.item_ids:
         raise InvalidRequest("item_ids", "is empty; send at least one candidate")
     if len(request.item_ids) > max_candidates:
         raise InvalidRequest("item_ids", f"has {len(request.item_ids)} candidates; at most {max_candidates}")
-    bad = next((i for i in request.item_ids if i <= 0), None)
+    bad = next((i for i in request.item_ids if i < 0), None)
     if bad is not None:
-        raise InvalidRequest("item_ids", f"must be positive ids, got {bad}")
+        raise InvalidRequest("item_ids", f"must be ids >= 0, got {bad}")
     seen: set[int] = set()
     for item in request.item_ids:
         if item in seen:
@@ -123,15 +130,17 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
         self.metrics.calls.labels(method).inc()
         try:
             validate(request, self.config.max_candidates)
+            call_context = request_context(self.online.schema, request.context)
             loop = asyncio.get_running_loop()
             model = self.watcher.current  # one read: this call uses one model from start to end
             user, items, history = await loop.run_in_executor(self.pool, self._fetch, model, request)
+            user.context = call_context  # a per-call value, like the profile the same in every candidate row
             self.metrics.latency.labels("feature_fetch").observe(time.perf_counter() - started)
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise DeadlineExpired()
             scores, timing = await asyncio.wrap_future(self.batcher.submit(model, user, items, history))
-        except InvalidRequest as exc:
+        except (InvalidRequest, InvalidContext) as exc:
             await self._fail(method, request, context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except DeadlineExpired:
             await self._fail(method, request, context, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -158,7 +167,8 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
     async def _fail(self, method: str, request, context, code: grpc.StatusCode, message: str) -> None:
         self.metrics.errors.labels(method, code.name).inc()
         log.warning(json.dumps({"event": "call_failed", "method": method, "code": code.name, "message": message,
-                                "request_id": request.request_id, "user_id": request.user_id,
+                                "request_id": request.request_id,
+                                "user_id": request.user_id if request.HasField("user_id") else None,
                                 "candidates": len(request.item_ids)}))
         await context.abort(code, message)
 
@@ -202,10 +212,11 @@ class ScoringServer:
 
     def __init__(self, config: ServeConfig, store) -> None:
         self.config = config
-        self.watcher = ModelWatcher(config.model_dir)
+        # the store's store.json (schema, history length): what every model is checked against
+        self.online = OnlineFeatures(store, ttl_seconds=config.item_cache_seconds)
+        self.watcher = ModelWatcher(config.model_dir, self.online.meta)
         self.metrics = ServingMetrics()
         self.metrics.model_version(self.watcher.current.version)
-        self.online = OnlineFeatures(store, ttl_seconds=config.item_cache_seconds)
         self.service = ScoringService(self.watcher, self.online, config, self.metrics)
         self.health = health.aio.HealthServicer()
         self.port = self.metrics_port = None

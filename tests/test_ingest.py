@@ -1,5 +1,8 @@
-"""The stream ingester against the real embedded broker and a real local Feast store."""
+"""The stream ingester against the real embedded broker and real local Feast stores: a MovieLens one
+(ratings, every rating a behaviour, timestamps in seconds) and a KuaiRand one (click labels, clicks
+only enter histories, timestamps in milliseconds, ids from 0)."""
 
+import json
 import os
 import re
 import signal
@@ -14,19 +17,51 @@ import pandas as pd
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from features.events import EventProducer, decode_event, InvalidEvent, make_event
-from features.ingest import Ingester, read_event_log
-from features.store import apply_definitions, open_store
-from protos.plexrec.v1.events_pb2 import EventType
+from features.events import (EventProducer, InvalidEvent, check_against_schema, decode_event, is_behaviour,
+                             make_event, replay_events, schema_events, stored_item_attributes,
+                             unknown_context_keys)
+from features.ingest import IngestError, Ingester, history_length_of, read_event_log
+from features.load import load_into_store
+from features.store import StoreError, open_store, read_store_meta
+from protos.plexrec.v1.events_pb2 import EventType, UserEvent
+from recsys.config import PROJECT_ROOT
+from recsys.data.movielens import movielens_schema, movielens_tables
+from recsys.data.schema import DatasetSchema
+from recsys.data.tables import DatasetTables, read_tables
 
-RATING = EventType.EVENT_TYPE_RATING
+RATING, IMPRESSION, CLICK = EventType.EVENT_TYPE_RATING, EventType.EVENT_TYPE_IMPRESSION, EventType.EVENT_TYPE_CLICK
+KUAIRAND_SCHEMA = PROJECT_ROOT / "data" / "kuairand-pure" / "schema.yaml"
+PLACEHOLDER_ID = 10 ** 9  # a store loads at least one interaction: this user and item, which no test uses
+KUAIRAND_HISTORY = 20  # shorter than the ingester's former default (200): the store's length must win
+
+
+@pytest.fixture(scope="module")
+def movielens_catalogue():
+    return movielens_tables(movielens_schema())
 
 
 @pytest.fixture
-def empty_store(tmp_path):
+def empty_store(tmp_path, movielens_catalogue):
+    """A MovieLens store (its users and movies) without interactions of the ids the tests use."""
+    placeholder = pd.DataFrame({"user_id": [PLACEHOLDER_ID], "item_id": [PLACEHOLDER_ID], "rating": [5],
+                                "timestamp": [1]})
     store = open_store("local", tmp_path)
-    apply_definitions(store, tmp_path)
+    load_into_store(store, movielens_catalogue.with_interactions(placeholder), tmp_path, history_length=200)
     return store, tmp_path
+
+
+@pytest.fixture(scope="module")
+def kuairand_store(tmp_path_factory):
+    """A KuaiRand-Pure store of its users with id < 300 (their impressions and profiles) and every video.
+    Shared by the KuaiRand tests: each uses users and items of its own, or reads the state first."""
+    schema = DatasetSchema.from_yaml(KUAIRAND_SCHEMA)
+    tables = read_tables(schema)
+    few = DatasetTables(schema, tables.interactions[tables.interactions.user_id < 300].reset_index(drop=True),
+                        tables.users[tables.users.user_id < 300].reset_index(drop=True), tables.items)
+    directory = tmp_path_factory.mktemp("kuairand")
+    store = open_store("local", directory)
+    load_into_store(store, few, directory, history_length=KUAIRAND_HISTORY)
+    return store, directory, few
 
 
 def topic() -> str:
@@ -37,7 +72,8 @@ def publish_random_events(broker, name, count, users, items, seed):
     """``count`` rating events of random users and items at random times, published to ``name``."""
     rng = np.random.default_rng(seed)
     events = [make_event(user_id=int(rng.integers(1, users)), item_id=int(rng.integers(1, items)), event_type=RATING,
-                         event_time_ms=1_700_000_000_000 + int(rng.integers(0, 10 ** 8))) for _ in range(count)]
+                         event_time_ms=1_700_000_000_000 + int(rng.integers(0, 10 ** 8)),
+                         value=float(rng.integers(1, 6))) for _ in range(count)]
     producer = EventProducer(broker, name)
     producer.send_all(events)
     producer.close()
@@ -79,36 +115,47 @@ def item_counts_match(store, events) -> bool:
 
 
 def test_events_become_histories_and_counts(broker, empty_store, caplog):
+    """MovieLens (history: all): every rating is a behaviour, low ones too, and so is an impression
+    that carries a label; an event the schema cannot label (no rating) is a dead letter."""
     store, directory = empty_store
     name = topic()
     base = 1_700_000_000_000
-    events = [make_event(user_id=1 + i % 3, item_id=100 + i, event_type=RATING, event_time_ms=base + 1000 * (i % 7))
-              for i in range(60)]
-    events.append(make_event(user_id=1, item_id=5, event_type=EventType.EVENT_TYPE_IMPRESSION,
-                             event_time_ms=base))  # impressions are not behaviours
+    events = [make_event(user_id=1 + i % 3, item_id=100 + i, event_type=RATING, event_time_ms=base + 1000 * (i % 7),
+                         value=float(1 + i % 5)) for i in range(60)]
+    events.append(make_event(user_id=1, item_id=5, event_type=IMPRESSION, event_time_ms=base, label=0))
+    unlabelled = make_event(user_id=1, item_id=6, event_type=IMPRESSION, event_time_ms=base)  # no rating, no label
     producer = EventProducer(broker, name)
-    producer.send_all(events)
+    producer.send_all([*events, unlabelled])
     producer.close()
     ingester = Ingester(broker, store, directory, topic=name, group=name)
     with caplog.at_level("INFO", logger="plexrec.ingest"):
         stats = ingester.run(stop_after_idle_seconds=3, progress_seconds=0.5)
     ingester.close()
     assert re.search(r"last \d+ s: \d+ events \(\d+/s\), \d+ applied", caplog.text)  # progress was logged
-    behaviours = [e for e in events if e.event_type == RATING]
-    assert online_state(store, [1, 2, 3]) == expected_state(behaviours)
-    assert stats.events == 61 and stats.applied == 60 and stats.item_deltas == 60 and stats.dead_letters == 0
+    assert online_state(store, [1, 2, 3]) == expected_state(events)
+    assert stats.events == 62 and stats.applied == 61 and stats.item_deltas == 61 and stats.dead_letters == 1
+    assert stats.reasons == {"value": 1}
     counts = store.get_online_features(features=["item_counters:interaction_count"],
-                                       entity_rows=[{"item_id": 100}, {"item_id": 5}]).to_dict()
-    assert counts["interaction_count"] == [1, None]
-    assert len(read_event_log(directory)) == 61
+                                       entity_rows=[{"item_id": 100}, {"item_id": 5}, {"item_id": 6}]).to_dict()
+    assert counts["interaction_count"] == [1, 1, None]
+    logged = read_event_log(directory)
+    assert len(logged) == 61
+    assert logged.set_index("event_id")["label"].to_dict() == {
+        e.event_id: int(e.label if e.HasField("label") else e.value >= 4) for e in events}
 
 
 def test_validation_names_what_is_wrong():
     good = make_event(user_id=7, item_id=3)
     assert decode_event(b"7", good.SerializeToString()).item_id == 3
+    zero = decode_event(b"0", make_event(user_id=0, item_id=0).SerializeToString())  # KuaiRand's ids start at 0
+    assert zero.HasField("user_id") and zero.user_id == 0 and zero.item_id == 0
     for key, value, reason in [
         (b"7", b"\xff\xff\xff", "not a plexrec.v1.UserEvent"),
-        (b"7", make_event(user_id=7, item_id=-3).SerializeToString(), "item_id must be a positive id"),
+        (b"7", make_event(user_id=7, item_id=-3).SerializeToString(), r"item_id must be an id >= 0, got -3"),
+        (b"0", make_event(user_id=None, item_id=3).SerializeToString(), "user_id is missing"),
+        (b"7", make_event(user_id=7, item_id=None).SerializeToString(), "item_id is missing"),
+        (b"7", make_event(user_id=7, item_id=3, label=2).SerializeToString(), "label must be 0 or 1, got 2"),
+        (b"7", make_event(user_id=7, item_id=3, value=float("nan")).SerializeToString(), "value must be a finite"),
         (b"8", good.SerializeToString(), "is not the user_id 7"),
         (b"7", make_event(user_id=7, item_id=3, event_time_ms=int(time.time() * 1000) + 10 ** 10)
          .SerializeToString(), "in the future"),
@@ -129,7 +176,7 @@ def test_fuzzed_messages_land_in_the_dead_letter_topic_and_the_stream_goes_on(br
         if kind == 0:
             key, value = b"9", bytes(rng.integers(0, 256, 30, dtype=np.uint8))
         elif kind == 1:
-            key, value = b"9", make_event(user_id=9, item_id=0).SerializeToString()  # missing item id
+            key, value = b"9", make_event(user_id=9, item_id=None).SerializeToString()  # missing item id
         elif kind == 2:
             key, value = b"-4", make_event(user_id=-4, item_id=2).SerializeToString()
         elif kind == 3:
@@ -142,7 +189,7 @@ def test_fuzzed_messages_land_in_the_dead_letter_topic_and_the_stream_goes_on(br
         except InvalidEvent:
             bad.append(value)
         raw.send(name, key=key, value=value)
-    good = [make_event(user_id=9, item_id=1000 + i, event_type=RATING) for i in range(5)]
+    good = [make_event(user_id=9, item_id=1000 + i, event_type=RATING, value=3.0) for i in range(5)]
     for event in good:
         raw.send(name, key=b"9", value=event.SerializeToString())
     raw.flush()
@@ -206,12 +253,16 @@ def test_replay_publishes_movielens_in_time_order(broker):
     assert len(events) == 300
     times = sorted(e.event_time_ms for e in events)
     assert times[0] >= 1_000 * 880_000_000 and all(e.HasField("value") for e in events)
-    assert len({e.event_id for e in events}) == 300
+    assert len({e.event_id for e in events}) == 300 and all(e.event_id.startswith("ml-100k-") for e in events)
 
 
 def test_the_ingester_runs_without_torch():
     code = ("from features.ingest import without_torch; without_torch(); "
             "import features.ingest, features.store, features.events, feast, kafka, sys; "
+            "import recsys.data.schema, recsys.data.tables, recsys.data.movielens; "
+            "from features.events import check_against_schema, make_event, schema_events; "
+            "schema = recsys.data.movielens.movielens_schema(); "
+            "check_against_schema(make_event(1, 2, item_attributes={'genres': 'Drama|War'}, value=4.0), schema); "
             "print(sys.modules.get('torch'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "None"
@@ -248,7 +299,7 @@ def test_a_recreated_topic_is_not_mistaken_for_re_delivery(broker, empty_store):
     seen = []
     for round_ in range(2):
         name = topic()
-        events = [make_event(user_id=77, item_id=1 + 10 * round_ + i, event_type=RATING,
+        events = [make_event(user_id=77, item_id=1 + 10 * round_ + i, event_type=RATING, value=5.0,
                              event_time_ms=1_700_000_000_000 + 1000 * (10 * round_ + i)) for i in range(5)]
         seen += events
         producer = EventProducer(broker, name)
@@ -261,3 +312,216 @@ def test_a_recreated_topic_is_not_mistaken_for_re_delivery(broker, empty_store):
     counts = store.get_online_features(features=["item_counters:interaction_count"],
                                        entity_rows=[{"item_id": 11}]).to_dict()["interaction_count"]
     assert counts == [1]
+
+
+# --- events judged against the store's schema ---
+
+def run_ingester(broker, store, directory, name, **options):
+    ingester = Ingester(broker, store, directory, topic=name, group=name, **options)
+    try:
+        return ingester.run(stop_after_idle_seconds=3)
+    finally:
+        ingester.close()
+
+
+def publish(broker, name, events):
+    producer = EventProducer(broker, name)
+    producer.send_all(events)
+    producer.close()
+
+
+def history_of(store, user):
+    row = store.get_online_features(
+        features=["user_history:history_item_ids", "user_history:history_timestamps",
+                  "user_history:interaction_count"], entity_rows=[{"user_id": user}]).to_dict()
+    return list(row["history_item_ids"][0] or []), list(row["history_timestamps"][0] or []), \
+        row["interaction_count"][0] or 0
+
+
+def item_counts(store, items):
+    return store.get_online_features(features=["item_counters:interaction_count"],
+                                     entity_rows=[{"item_id": i} for i in items]).to_dict()["interaction_count"]
+
+
+def test_labels_follow_the_schemas_rule():
+    movielens, kuairand = movielens_schema(), DatasetSchema.from_yaml(KUAIRAND_SCHEMA)
+    assert check_against_schema(make_event(1, 2, RATING, value=4.0), movielens) == 1
+    assert check_against_schema(make_event(1, 2, RATING, value=3.5), movielens) == 0
+    assert check_against_schema(make_event(1, 2, IMPRESSION, label=1), movielens) == 1  # a label wins
+    with pytest.raises(InvalidEvent, match="value is missing: .* labels events by rating"):
+        check_against_schema(make_event(1, 2, CLICK), movielens)  # a rating schema labels by value only
+    assert check_against_schema(make_event(0, 0, IMPRESSION), kuairand) == 0
+    assert check_against_schema(make_event(0, 0, CLICK), kuairand) == 1
+    assert check_against_schema(make_event(0, 0, EventType.EVENT_TYPE_PURCHASE), kuairand) == 1
+    assert check_against_schema(make_event(0, 0, CLICK, label=0), kuairand) == 0
+    with pytest.raises(InvalidEvent, match="value is missing: .* 0/1 column 'is_click'"):
+        check_against_schema(make_event(0, 0, RATING), kuairand)
+    # history: all keeps every labelled event, history: positive the clicks
+    assert is_behaviour(0, movielens) and is_behaviour(1, movielens)
+    assert not is_behaviour(0, kuairand) and is_behaviour(1, kuairand)
+
+
+def test_context_and_item_attributes_must_fit_the_schema():
+    schema = DatasetSchema(user="u", item="i", timestamp="t", path="x.parquet", label="y", name="shop",
+                           items={"categorical": ["brand"], "multi_valued": {"colours": None}, "numeric": ["price"]},
+                           context={"categorical": ["page"], "numeric": ["position"]})
+    fine = make_event(1, 2, CLICK, context={"position": "3", "page": "home", "device": "tv"},
+                      item_attributes={"brand": "7", "colours": "red|blue", "price": "9.5"})
+    assert check_against_schema(fine, schema) == 1
+    assert unknown_context_keys(fine, schema) == ["device"]  # free-form: allowed, logged
+    assert stored_item_attributes(fine, schema, {"brand": "Int64", "colours": "Array(String)", "price": "Float32"}) \
+        == {"brand": 7, "colours": ["red", "blue"], "price": 9.5}
+    for event, reason in [
+        (make_event(1, 2, CLICK, context={"position": "top"}), r"context\['position'\] = 'top' is not a number"),
+        (make_event(1, 2, CLICK, item_attributes={"price": "cheap"}), r"item_attributes\['price'\] = 'cheap' is not a"),
+        (make_event(1, 2, CLICK, item_attributes={"size": "XL"}), r"item_attributes\['size'\] is not a column .*"
+                                                                   r"brand, colours, price"),
+    ]:
+        with pytest.raises(InvalidEvent, match=reason):
+            check_against_schema(event, schema)
+    with pytest.raises(InvalidEvent, match=r"item_attributes\['brand'\] = 'acme' is not an integer.*Int64"):
+        check_against_schema(make_event(1, 2, CLICK, item_attributes={"brand": "acme"}), schema, {"brand": "Int64"})
+
+
+def test_kuairand_clicks_enter_the_history_and_counts_impressions_do_not(broker, kuairand_store):
+    """history: positive. Unclicked impressions change neither the history nor any count; clicks
+    (a label 1, or a CLICK without label) do, stamped in milliseconds; user and video 0 are ids."""
+    store, directory, tables = kuairand_store
+    assert read_store_meta(directory)["schema"]["timestamp_unit"] == "ms"
+    user, busy = 0, 5  # user 5: more clicks than the store's history length
+    before, busy_before = history_of(store, user), history_of(store, busy)
+    counts_before = item_counts(store, [0, 1, 2, 3])
+    base = int(tables.interactions.time_ms.max()) + 60_000  # after everything loaded
+    events = [make_event(user, 0, IMPRESSION, base + 1, label=0, context={"tab": "1"}),
+              make_event(user, 1, IMPRESSION, base + 2, label=1, context={"tab": "1", "device": "tv"}),
+              make_event(user, 2, CLICK, base + 3),  # no label: a click is positive
+              make_event(user, 3, IMPRESSION, base + 4),  # no label: an impression is not
+              make_event(user, 0, IMPRESSION, base + 5, label=1)]
+    clicks = [make_event(busy, 100 + i, IMPRESSION, base + 10 + i, label=1) for i in range(25)]
+    name = topic()
+    publish(broker, name, events + clicks)
+    stats = run_ingester(broker, store, directory, name)
+
+    items, stamps, count = history_of(store, user)
+    assert (items, stamps, count) == ((before[0] + [1, 2, 0])[-KUAIRAND_HISTORY:],
+                                      (before[1] + [base + 2, base + 3, base + 5])[-KUAIRAND_HISTORY:], before[2] + 3)
+    # the store's history length (20), not a default of the ingester's
+    assert history_of(store, busy) == ([100 + i for i in range(5, 25)], [base + 10 + i for i in range(5, 25)],
+                                       busy_before[2] + 25)
+    clicked = [1, 1, 1, 0]  # videos 0 (clicked on its second impression), 1, 2; video 3 only impressed
+    assert item_counts(store, [0, 1, 2, 3]) == [c if n == 0 else (c or 0) + n for c, n in zip(counts_before, clicked)]
+    assert stats.dead_letters == 0 and stats.not_behaviours == 2 and stats.applied == 3 + 25
+    logged = read_event_log(directory).set_index("event_id")
+    assert [logged.loc[e.event_id, "label"] for e in events] == [0, 1, 1, 0, 1]
+    assert json.loads(logged.loc[events[1].event_id, "context"]) == {"tab": "1", "device": "tv"}
+
+
+def test_events_that_do_not_fit_the_kuairand_schema_are_dead_letters(broker, kuairand_store):
+    store, directory, _ = kuairand_store
+    user = 299
+    bad = {"value is missing: the store's schema 'kuairand-pure' is labelled by the 0/1 column 'is_click'":
+           make_event(user, 4, RATING),  # nothing to label it by
+           "item_attributes['video_duration'] = 'long' is not a number":
+           make_event(user, 4, CLICK, item_attributes={"video_duration": "long"}),
+           "item_attributes['title'] is not a column":
+           make_event(user, 4, CLICK, item_attributes={"title": "cats"}),
+           "item_attributes['author_id'] = 'anna' is not an integer":
+           make_event(user, 4, CLICK, item_attributes={"author_id": "anna"}),  # the store keeps Int64
+           "label must be 0 or 1": make_event(user, 4, IMPRESSION, label=3)}
+    before = history_of(store, user)
+    name = topic()
+    publish(broker, name, [*bad.values(), make_event(user, 4, CLICK, int(time.time() * 1000))])
+    stats = run_ingester(broker, store, directory, name)
+    assert stats.dead_letters == len(bad) and stats.applied == 1
+    assert history_of(store, user)[2] == before[2] + 1  # only the valid click counted
+    consumer = KafkaConsumer(name + ".dead-letter", bootstrap_servers=broker, auto_offset_reset="earliest",
+                             consumer_timeout_ms=3000)
+    reasons = {UserEvent.FromString(m.value).event_id: dict(m.headers)["reason"].decode() for m in consumer}
+    consumer.close()
+    assert set(reasons) == {e.event_id for e in bad.values()}
+    for reason, event in bad.items():
+        assert reasons[event.event_id].startswith(reason), (reason, reasons[event.event_id])
+
+
+def test_item_attributes_create_and_update_an_items_profile(broker, kuairand_store):
+    """A video the store has never seen: its profile comes from the events' attributes (unclicked
+    impressions: no count changes), typed as store.json says; the latest event time wins."""
+    store, directory, _ = kuairand_store
+    item, user, t = 10 ** 7, 298, int(time.time() * 1000) - 600_000
+    profile = ["item_profile:author_id", "item_profile:video_type", "item_profile:upload_type",
+               "item_profile:music_type", "item_profile:tag", "item_profile:video_duration",
+               "item_profile:item_category"]
+
+    def read_profile():
+        row = store.get_online_features(features=profile, entity_rows=[{"item_id": item}]).to_dict()
+        return {name.split(":")[1]: row[name.split(":")[1]][0] for name in profile}
+
+    assert set(read_profile().values()) == {None}
+    history_before = history_of(store, user)
+    attributes = {"author_id": "4242", "video_type": "AD", "upload_type": "ShortImport", "music_type": "9",
+                  "tag": "17,28", "video_duration": "12500.5"}
+    name = topic()
+    publish(broker, name, [make_event(user, item, IMPRESSION, t, label=0, item_attributes=attributes),
+                           # later, and only one attribute: the others stay
+                           make_event(user, item, IMPRESSION, t + 10_000, label=0,
+                                      item_attributes={"video_type": "NORMAL", "tag": "5"})])
+    stats = run_ingester(broker, store, directory, name)
+    assert stats.item_profiles in (1, 2) and stats.dead_letters == 0  # the two deltas in one batch or two
+    expected = {"author_id": 4242, "video_type": "NORMAL", "upload_type": "ShortImport", "music_type": 9,
+                "tag": "5", "video_duration": 12500.5, "item_category": "5"}
+    assert read_profile() == expected
+    assert item_counts(store, [item]) == [None]  # impressions: attributes written, nothing counted
+    assert history_of(store, user) == history_before
+
+    # an older event arriving later changes nothing; a click without attributes counts, profile kept
+    publish(broker, name, [make_event(user, item, IMPRESSION, t - 60_000, label=0,
+                                      item_attributes={"video_type": "STALE"}),
+                           make_event(user, item, CLICK, t + 20_000)])
+    run_ingester(broker, store, directory, name)
+    assert read_profile() == expected
+    assert item_counts(store, [item]) == [1]
+
+
+def test_the_history_length_is_the_stores_unless_shorter(empty_store):
+    assert history_length_of({"history_length": 50}, None) == 50
+    assert history_length_of({"history_length": 50}, 10) == 10
+    with pytest.raises(IngestError, match="--history-length 60 is longer than the store's 50"):
+        history_length_of({"history_length": 50}, 60)
+    store, directory = empty_store
+    with pytest.raises(IngestError, match="longer than the store's 200"):  # refused before touching Kafka
+        Ingester("127.0.0.1:1", store, directory, history_length=201)
+    with pytest.raises(StoreError, match="load a data set first"):
+        Ingester("127.0.0.1:1", store, directory / "nowhere")
+
+
+def test_schema_events_name_their_rows_in_the_schemas_terms(kuairand_store):
+    _, _, tables = kuairand_store
+    frame = tables.interactions.head(3)
+    events = schema_events(frame, tables.schema)
+    row = frame.iloc[0]
+    assert events[0].event_id == f"kuairand-pure-{row.user_id}-{row.video_id}-{row.time_ms}"
+    assert events[0].event_time_ms == row.time_ms and events[0].event_type == IMPRESSION  # already in ms
+    assert [e.label for e in events] == frame.is_click.tolist() and events[0].context == {"tab": str(row.tab)}
+    ratings = movielens_tables(movielens_schema()).interactions.head(2)
+    rated = schema_events(ratings, movielens_schema())
+    assert rated[0].event_time_ms == ratings.timestamp.iloc[0] * 1000 and rated[0].value == ratings.rating.iloc[0]
+    assert not rated[0].HasField("label") and rated[0].event_type == RATING
+
+
+def test_replay_publishes_any_schemas_rows(broker):
+    name = topic()
+    done = subprocess.run([sys.executable, "-m", "recsys.cli", "replay", "--bootstrap-servers", broker,
+                           "--topic", name, "--schema", str(KUAIRAND_SCHEMA), "--rate", "0",
+                           "--after-fraction", "0.99", "--limit", "50"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    consumer = KafkaConsumer(name, bootstrap_servers=broker, auto_offset_reset="earliest", consumer_timeout_ms=3000)
+    events = [decode_event(m.key, m.value) for m in consumer]
+    consumer.close()
+    assert len(events) == 50 and all(e.HasField("label") and "tab" in e.context for e in events)
+    expected = replay_events(DatasetSchema.from_yaml(KUAIRAND_SCHEMA), after_fraction=0.99, limit=50)
+    assert sorted(e.event_id for e in events) == sorted(e.event_id for e in expected)
+    assert min(e.event_time_ms for e in events) > 1_600_000_000_000  # milliseconds
+    per_user = defaultdict(list)  # one partition per user: each user's events arrive in time order
+    for event in events:
+        per_user[event.user_id].append(event.event_time_ms)
+    assert all(times == sorted(times) for times in per_user.values())

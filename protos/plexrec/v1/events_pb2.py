@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17plexrec/v1/events.proto\x12\nplexrec.v1\"\x84\x02\n\tUserEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\x03\x12\x0f\n\x07item_id\x18\x03 \x01(\x03\x12)\n\nevent_type\x18\x04 \x01(\x0e\x32\x15.plexrec.v1.EventType\x12\x15\n\revent_time_ms\x18\x05 \x01(\x03\x12\x12\n\x05value\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x33\n\x07\x63ontext\x18\x07 \x03(\x0b\x32\".plexrec.v1.UserEvent.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_value*\xa4\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_TYPE_IMPRESSION\x10\x01\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x02\x12\x15\n\x11\x45VENT_TYPE_RATING\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x04\x12\x1a\n\x16\x45VENT_TYPE_ADD_TO_CART\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17plexrec/v1/events.proto\x12\nplexrec.v1\"\xbf\x03\n\tUserEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x14\n\x07user_id\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x14\n\x07item_id\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12)\n\nevent_type\x18\x04 \x01(\x0e\x32\x15.plexrec.v1.EventType\x12\x15\n\revent_time_ms\x18\x05 \x01(\x03\x12\x12\n\x05value\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x33\n\x07\x63ontext\x18\x07 \x03(\x0b\x32\".plexrec.v1.UserEvent.ContextEntry\x12\x12\n\x05label\x18\x08 \x01(\x05H\x03\x88\x01\x01\x12\x42\n\x0fitem_attributes\x18\t \x03(\x0b\x32).plexrec.v1.UserEvent.ItemAttributesEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x35\n\x13ItemAttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08_user_idB\n\n\x08_item_idB\x08\n\x06_valueB\x08\n\x06_label*\xa4\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_TYPE_IMPRESSION\x10\x01\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x02\x12\x15\n\x11\x45VENT_TYPE_RATING\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x04\x12\x1a\n\x16\x45VENT_TYPE_ADD_TO_CART\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_USEREVENT_CONTEXTENTRY']._loaded_options = None
   _globals['_USEREVENT_CONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_EVENTTYPE']._serialized_start=303
-  _globals['_EVENTTYPE']._serialized_end=467
+  _globals['_USEREVENT_ITEMATTRIBUTESENTRY']._loaded_options = None
+  _globals['_USEREVENT_ITEMATTRIBUTESENTRY']._serialized_options = b'8\001'
+  _globals['_EVENTTYPE']._serialized_start=490
+  _globals['_EVENTTYPE']._serialized_end=654
   _globals['_USEREVENT']._serialized_start=40
-  _globals['_USEREVENT']._serialized_end=300
-  _globals['_USEREVENT_CONTEXTENTRY']._serialized_start=244
-  _globals['_USEREVENT_CONTEXTENTRY']._serialized_end=290
+  _globals['_USEREVENT']._serialized_end=487
+  _globals['_USEREVENT_CONTEXTENTRY']._serialized_start=342
+  _globals['_USEREVENT_CONTEXTENTRY']._serialized_end=388
+  _globals['_USEREVENT_ITEMATTRIBUTESENTRY']._serialized_start=390
+  _globals['_USEREVENT_ITEMATTRIBUTESENTRY']._serialized_end=443
 # @@protoc_insertion_point(module_scope)

@@ -23,8 +23,15 @@ EVENT_TYPE_PURCHASE: EventType
 EVENT_TYPE_ADD_TO_CART: EventType
 
 class UserEvent(_message.Message):
-    __slots__ = ("event_id", "user_id", "item_id", "event_type", "event_time_ms", "value", "context")
+    __slots__ = ("event_id", "user_id", "item_id", "event_type", "event_time_ms", "value", "context", "label", "item_attributes")
     class ContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class ItemAttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +45,8 @@ class UserEvent(_message.Message):
     EVENT_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     user_id: int
     item_id: int
@@ -45,4 +54,6 @@ class UserEvent(_message.Message):
     event_time_ms: int
     value: float
     context: _containers.ScalarMap[str, str]
-    def __init__(self, event_id: _Optional[str] = ..., user_id: _Optional[int] = ..., item_id: _Optional[int] = ..., event_type: _Optional[_Union[EventType, str]] = ..., event_time_ms: _Optional[int] = ..., value: _Optional[float] = ..., context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    label: int
+    item_attributes: _containers.ScalarMap[str, str]
+    def __init__(self, event_id: _Optional[str] = ..., user_id: _Optional[int] = ..., item_id: _Optional[int] = ..., event_type: _Optional[_Union[EventType, str]] = ..., event_time_ms: _Optional[int] = ..., value: _Optional[float] = ..., context: _Optional[_Mapping[str, str]] = ..., label: _Optional[int] = ..., item_attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...

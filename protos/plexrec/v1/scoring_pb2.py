@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18plexrec/v1/scoring.proto\x12\nplexrec.v1\"\xad\x01\n\x0cScoreRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x10\n\x08item_ids\x18\x02 \x03(\x03\x12\x36\n\x07\x63ontext\x18\x03 \x03(\x0b\x32%.plexrec.v1.ScoreRequest.ContextEntry\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xb6\x01\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x10\n\x08item_ids\x18\x02 \x03(\x03\x12\t\n\x01k\x18\x03 \x01(\r\x12\x35\n\x07\x63ontext\x18\x04 \x03(\x0b\x32$.plexrec.v1.RankRequest.ContextEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\"`\n\x0cRankResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.plexrec.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t2\x82\x01\n\x07Scoring\x12<\n\x05Score\x12\x18.plexrec.v1.ScoreRequest\x1a\x19.plexrec.v1.ScoreResponse\x12\x39\n\x04Rank\x12\x17.plexrec.v1.RankRequest\x1a\x18.plexrec.v1.RankResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18plexrec/v1/scoring.proto\x12\nplexrec.v1\"\xbe\x01\n\x0cScoreRequest\x12\x14\n\x07user_id\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x08item_ids\x18\x02 \x03(\x03\x12\x36\n\x07\x63ontext\x18\x03 \x03(\x0b\x32%.plexrec.v1.ScoreRequest.ContextEntry\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08_user_id\"J\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xc7\x01\n\x0bRankRequest\x12\x14\n\x07user_id\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x08item_ids\x18\x02 \x03(\x03\x12\t\n\x01k\x18\x03 \x01(\r\x12\x35\n\x07\x63ontext\x18\x04 \x03(\x0b\x32$.plexrec.v1.RankRequest.ContextEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08_user_id\",\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\"`\n\x0cRankResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.plexrec.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t2\x82\x01\n\x07Scoring\x12<\n\x05Score\x12\x18.plexrec.v1.ScoreRequest\x1a\x19.plexrec.v1.ScoreResponse\x12\x39\n\x04Rank\x12\x17.plexrec.v1.RankRequest\x1a\x18.plexrec.v1.RankResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,19 +36,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RANKREQUEST_CONTEXTENTRY']._loaded_options = None
   _globals['_RANKREQUEST_CONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_SCOREREQUEST']._serialized_start=41
-  _globals['_SCOREREQUEST']._serialized_end=214
-  _globals['_SCOREREQUEST_CONTEXTENTRY']._serialized_start=168
-  _globals['_SCOREREQUEST_CONTEXTENTRY']._serialized_end=214
-  _globals['_SCORERESPONSE']._serialized_start=216
-  _globals['_SCORERESPONSE']._serialized_end=290
-  _globals['_RANKREQUEST']._serialized_start=293
-  _globals['_RANKREQUEST']._serialized_end=475
-  _globals['_RANKREQUEST_CONTEXTENTRY']._serialized_start=168
-  _globals['_RANKREQUEST_CONTEXTENTRY']._serialized_end=214
-  _globals['_SCOREDITEM']._serialized_start=477
-  _globals['_SCOREDITEM']._serialized_end=521
-  _globals['_RANKRESPONSE']._serialized_start=523
-  _globals['_RANKRESPONSE']._serialized_end=619
-  _globals['_SCORING']._serialized_start=622
-  _globals['_SCORING']._serialized_end=752
+  _globals['_SCOREREQUEST']._serialized_end=231
+  _globals['_SCOREREQUEST_CONTEXTENTRY']._serialized_start=173
+  _globals['_SCOREREQUEST_CONTEXTENTRY']._serialized_end=219
+  _globals['_SCORERESPONSE']._serialized_start=233
+  _globals['_SCORERESPONSE']._serialized_end=307
+  _globals['_RANKREQUEST']._serialized_start=310
+  _globals['_RANKREQUEST']._serialized_end=509
+  _globals['_RANKREQUEST_CONTEXTENTRY']._serialized_start=173
+  _globals['_RANKREQUEST_CONTEXTENTRY']._serialized_end=219
+  _globals['_SCOREDITEM']._serialized_start=511
+  _globals['_SCOREDITEM']._serialized_end=555
+  _globals['_RANKRESPONSE']._serialized_start=557
+  _globals['_RANKRESPONSE']._serialized_end=653
+  _globals['_SCORING']._serialized_start=656
+  _globals['_SCORING']._serialized_end=786
 # @@protoc_insertion_point(module_scope)
