@@ -113,11 +113,13 @@ def item_categories(schema: DatasetSchema, items: pd.DataFrame) -> pd.Series:
     return items[schema.category].map(lambda cell: first_value(cell, separator)).astype(object)
 
 
-def offline_tables(tables: DatasetTables, history_length: int) -> dict[str, pd.DataFrame]:
+def offline_tables(tables: DatasetTables, history_length: int,
+                   types: dict[str, str] | None = None) -> dict[str, pd.DataFrame]:
     """The Parquet tables of every feature view, from a data set's tables (profiles from its
-    users and items tables: a catalogue may be wider than the interactions)."""
+    users and items tables: a catalogue may be wider than the interactions); ``types``: the
+    columns' Feast types (column_types), computed here when not given."""
     schema = tables.schema
-    types = column_types(schema, tables)
+    types = types or column_types(schema, tables)
     unit = schema.timestamp_unit
     users = tables.users.rename(columns={schema.user: "user_id"})[["user_id", *schema.users.columns]].copy()
     items_source = tables.items.rename(columns={schema.item: "item_id"})
@@ -166,14 +168,15 @@ def load_into_store(store, tables: DatasetTables, directory: Path, history_lengt
 
     if tables.interactions.empty:
         raise DataError("the interactions are empty: nothing to load")
-    offline_data = offline_tables(tables, history_length)
+    types = column_types(tables.schema, tables)
+    offline_data = offline_tables(tables, history_length, types)
     directory = Path(directory)
     offline = directory / "offline"
     offline.mkdir(parents=True, exist_ok=True)
     for name, table in offline_data.items():
         table.to_parquet(offline / f"{name}.parquet", index=False)
         log.info("wrote %s: %d rows", offline / f"{name}.parquet", len(table))
-    meta = store_meta(tables.schema, column_types(tables.schema, tables), history_length)
+    meta = store_meta(tables.schema, types, history_length)
     (directory / STORE_META).write_text(json.dumps(meta, indent=2) + "\n")
     apply_definitions(store, directory)
     last = int(offline_data["interactions"]["timestamp"].max())
