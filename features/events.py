@@ -295,11 +295,12 @@ def replay_main(argv: list[str] | None = None) -> None:
     import logging
     import sys
 
+    from features.kafka_options import KafkaOptionsError, add_kafka_arguments, kafka_options
     from recsys.config import PROJECT_ROOT, ConfigError
     from recsys.data.schema import DataError, DatasetSchema
 
     parser = argparse.ArgumentParser(prog="plexrec replay", description=replay_main.__doc__.split(":", 1)[1])
-    parser.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers, host:port[,...]")
+    add_kafka_arguments(parser, creates_topics=False)  # the topic is the ingester's, or the broker's default
     parser.add_argument("--topic", default=DEFAULT_TOPIC)
     parser.add_argument("--schema", default=str(PROJECT_ROOT / "data" / "ml-100k" / "schema.yaml"),
                         help="the data set's schema file (default: MovieLens 100K)")
@@ -310,10 +311,17 @@ def replay_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        kafka = kafka_options(args)
         events = replay_events(DatasetSchema.from_yaml(args.schema), args.after_fraction, args.limit)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, KafkaOptionsError) as exc:
         sys.exit(f"plexrec replay: {exc}")
-    producer = EventProducer(args.bootstrap_servers, args.topic)
+    try:
+        producer = EventProducer(kafka.pop("bootstrap_servers"), args.topic, **kafka)
+    except Exception as exc:  # kafka-python's: no broker, refused credentials or TLS
+        if type(exc).__module__.startswith("kafka"):
+            sys.exit(f"plexrec replay: cannot reach Kafka at {args.bootstrap_servers} ({exc!r}); check "
+                     "--bootstrap-servers and the --security-protocol / SASL / TLS flags")
+        raise
     started = time.monotonic()
     sent = producer.send_all(events, rate_per_second=args.rate or None)
     producer.close()

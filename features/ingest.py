@@ -47,6 +47,7 @@ No torch: Feast imports torch when it can, so the ingester hides it first.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import signal
@@ -79,7 +80,9 @@ class IngestStats:
     events: int = 0
     applied: int = 0  # behaviours applied to user histories
     item_deltas: int = 0
-    skipped_duplicates: int = 0
+    skipped_duplicates: int = 0  # behaviours re-delivered (at or below the user's watermark) or seen before
+    duplicate_event_ids: int = 0  # of which: an event id in the user's recent window
+    skipped_item_duplicates: int = 0  # the same two rules on the item side
     dead_letters: int = 0
     failed_commits: int = 0
     not_behaviours: int = 0  # valid events the history rule keeps out (e.g. unclicked impressions)
@@ -98,6 +101,7 @@ class Received(NamedTuple):
 
 class ItemDelta(NamedTuple):
     """An event re-keyed by item: where it came from, whether it counts, what it says about the item."""
+    source: str  # the source topic's incarnation (topic_incarnation)
     partition: int  # of the source event
     offset: int
     event: Any  # UserEvent
@@ -109,26 +113,33 @@ class ItemDelta(NamedTuple):
 ITEM_DELTAS_SUFFIX = ".item-deltas"
 DEFAULT_PARTITIONS = 4
 MAX_REPORTED_CONTEXT_KEYS = 1000  # free-form context keys are logged once each, up to this many
+# event ids remembered per user and per item: a producer's retry or a second replay arrives
+# well within this many of the entity's later behaviours
+DEDUPE_WINDOW = 1000
+# how often the ingester asks the broker whether its topic was recreated: while idle, and anyway
+IDLE_INCARNATION_CHECK_SECONDS, INCARNATION_CHECK_SECONDS = 1.0, 30.0
 
 
-def ensure_topics(bootstrap_servers: str, topic: str, partitions: int = DEFAULT_PARTITIONS) -> int:
+def ensure_topics(kafka: dict, topic: str, partitions: int = DEFAULT_PARTITIONS,
+                  replication_factor: int = 1) -> int:
     """Create the event topic (if missing) and its item-delta topic with as many partitions;
-    returns that number. Works on any Kafka cluster; a topic another ingester just created is fine."""
+    returns that number. ``kafka``: kafka-python connection options (features/kafka_options.py).
+    A topic another ingester just created is fine."""
     from kafka import KafkaAdminClient, KafkaConsumer
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    probe = KafkaConsumer(bootstrap_servers=bootstrap_servers)
+    probe = KafkaConsumer(**kafka)
     try:
         existing = probe.partitions_for_topic(topic)
     finally:
         probe.close()
     count = len(existing) if existing else partitions
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    admin = KafkaAdminClient(**kafka)
     try:
         for name in ([] if existing else [topic]) + [topic + ITEM_DELTAS_SUFFIX]:
             try:
-                admin.create_topics([NewTopic(name, num_partitions=count, replication_factor=1)])
+                admin.create_topics([NewTopic(name, num_partitions=count, replication_factor=replication_factor)])
             except TopicAlreadyExistsError:
                 pass
     finally:
@@ -136,14 +147,46 @@ def ensure_topics(bootstrap_servers: str, topic: str, partitions: int = DEFAULT_
     return count
 
 
-def source_position(message) -> tuple[int, int]:
-    """The (partition, offset) of the event an item delta was re-keyed from."""
+def topic_incarnation(admin, topic: str) -> str:
+    """``topic@<topic id>``: a topic deleted and recreated under the same name is another
+    incarnation, whose offsets start again at 0. Just ``topic`` where the broker reports no
+    topic ids (Kafka before 2.8): recreated topics then go unnoticed (logged)."""
+    (description,) = admin.describe_topics([topic])
+    topic_id = str(description.get("topic_id") or "")
+    if not topic_id or set(topic_id) <= {"0", "-"}:
+        log.warning("the broker reports no topic id for %s: a recreated topic would be taken for the old one "
+                    "(its events skipped up to the old offsets)", topic)
+        return topic
+    return f"{topic}@{topic_id}"
+
+
+def event_key(event_id: str) -> int:
+    """A 63-bit hash of an event id, as the recent-event windows keep it (8 bytes, not the id's
+    length; two ids of one window collide with odds about window^2 / 2^64)."""
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "big") >> 1
+
+
+def next_stamp_us(now_us: int, stored_us) -> int:
+    """A row's next stamp: now, or just after the stored one when the clock is behind it (another
+    host's clock, a clock step): Feast's Redis store silently drops a write stamped at or before
+    the row's stamp."""
+    return now_us if stored_us is None else max(now_us, int(stored_us) + 1)
+
+
+def remember(window: list[int], keys: list[int], size: int) -> list[int]:
+    return (window + keys)[-size:]
+
+
+def source_position(message, incarnation: str) -> tuple[str, int, int]:
+    """The (topic incarnation, partition, offset) of the event an item delta was re-keyed from.
+    Deltas sent before the source_topic header existed came from the current incarnation."""
     from features.events import InvalidEvent
 
     headers = dict(message.headers or [])
     try:
-        return int(headers["source_partition"]), int(headers["source_offset"])
-    except (KeyError, ValueError):
+        source = headers["source_topic"].decode() if "source_topic" in headers else incarnation
+        return source, int(headers["source_partition"]), int(headers["source_offset"])
+    except (KeyError, ValueError, UnicodeDecodeError):
         raise InvalidEvent("item delta without source_partition/source_offset headers") from None
 
 
@@ -169,10 +212,13 @@ def history_length_of(meta: dict, requested: int | None) -> int:
 class Ingester:
     def __init__(self, bootstrap_servers: str, store, directory: Path, *, topic: str = "user-events",
                  group: str = "plexrec-ingest", history_length: int | None = None, max_batch: int = 2000,
-                 poll_timeout_ms: int = 500, partitions: int = DEFAULT_PARTITIONS) -> None:
-        """``history_length`` None: the store's. Raises StoreError without a loaded store (store.json)."""
+                 poll_timeout_ms: int = 500, partitions: int = DEFAULT_PARTITIONS, kafka: dict | None = None,
+                 replication_factor: int = 1, dedupe_window: int = DEDUPE_WINDOW, clock=time.time) -> None:
+        """``history_length`` None: the store's. ``kafka``: more kafka-python connection options
+        (security; features/kafka_options.py). ``clock``: seconds since the epoch, for the rows'
+        stamps. Raises StoreError without a loaded store (store.json)."""
         from features.events import DEAD_LETTER_SUFFIX
-        from features.store import StoreError, read_store_meta, stored_schema
+        from features.store import STORE_LAYOUT, StoreError, read_store_meta, stored_schema
 
         # the store decides what an event means: its schema (labels, history rule, timestamp unit,
         # item attributes) and its column types; read before connecting, so a bad start fails fast
@@ -180,27 +226,41 @@ class Ingester:
         if not meta.get("schema") or "history_length" not in meta:
             raise StoreError(f"{directory}/store.json holds no schema: it was written by an older plexrec; reload "
                              "the store (`plexrec features load --schema ...`)")
+        if meta.get("layout", 1) < STORE_LAYOUT:
+            raise StoreError(f"{directory} was loaded by an older plexrec, without the event-id windows the "
+                             "ingester keeps; reload the store (`plexrec features load --schema ...`)")
+        if dedupe_window < 1:
+            raise IngestError(f"--dedupe-window {dedupe_window}: remember at least 1 event id per user and item")
         self.schema, self.types = stored_schema(directory), dict(meta["types"])
         self.history_length = history_length_of(meta, history_length)
         self.item_profile_columns = [*self.schema.items.columns, "item_category"]
 
-        from kafka import KafkaConsumer, KafkaProducer
+        from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
         self.store, self.directory, self.topic = store, directory, topic
         self.dead_letter_topic = topic + DEAD_LETTER_SUFFIX
         self.item_deltas_topic = topic + ITEM_DELTAS_SUFFIX
         self.max_batch, self.poll_timeout_ms = max_batch, poll_timeout_ms
-        ensure_topics(bootstrap_servers, topic, partitions)
+        self.dedupe_window, self.clock = dedupe_window, clock
+        self.kafka = {**(kafka or {}), "bootstrap_servers": bootstrap_servers}
+        ensure_topics(self.kafka, topic, partitions, replication_factor)
+        # the watermarks name the topic's incarnation, so a recreated topic's offsets are new
+        self.admin = KafkaAdminClient(**self.kafka)
+        self.incarnation = topic_incarnation(self.admin, topic)
+        self.incarnation_checked = time.monotonic()
+        self.highest_offsets: dict[int, int] = {}  # per partition of the event topic, this process
         # a short session timeout: the first group assignment waits about half of it (measured on tansu)
         self.consumer = KafkaConsumer(
-            topic, self.item_deltas_topic, bootstrap_servers=bootstrap_servers, group_id=group,
+            topic, self.item_deltas_topic, **self.kafka, group_id=group,
             enable_auto_commit=False, auto_offset_reset="earliest", session_timeout_ms=6000,
             heartbeat_interval_ms=1000, max_poll_interval_ms=60000, max_poll_records=max_batch)
         # one request in flight: a partition's deltas reach the broker in the order they were sent,
         # which the item watermarks rely on
-        self.producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5,
-                                      max_in_flight_requests_per_connection=1)
-        self.stats = IngestStats()
+        self.producer = KafkaProducer(**self.kafka, acks="all", linger_ms=5, max_in_flight_requests_per_connection=1)
+        from features.ingest_metrics import IngestMetrics
+
+        self.stats, self.metrics = IngestStats(), IngestMetrics()
+        self.commit_seconds: list[float] = []  # since the metrics last followed the stats
         self.sent: list = []  # this batch's produce futures
         self.reported_context_keys: set[str] = set()
         self.log_dir = directory / "offline" / "events"
@@ -216,6 +276,11 @@ class Ingester:
 
         polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=self.max_batch)
         messages = [m for records in polled.values() for m in records]
+        since_check = time.monotonic() - self.incarnation_checked
+        if (self._offsets_went_back(messages) or since_check > INCARNATION_CHECK_SECONDS or
+                (not messages and since_check > IDLE_INCARNATION_CHECK_SECONDS)) and self._topic_was_recreated():
+            # read the new topic from its start, in order: the watermarks assume order per partition
+            messages = [m for m in messages if m.topic != self.topic]
         if not messages:
             return 0
         events, deltas = [], []
@@ -240,8 +305,10 @@ class Ingester:
         if failed:  # flush() waits but does not raise: without this the commit would lose them
             raise IngestError(f"{len(failed)} of {len(self.sent)} dead letters / item deltas were not acknowledged "
                               f"({failed[0].exception!r}); offsets not committed, the batch will be re-delivered")
+        started = time.perf_counter()
         try:
             self.consumer.commit()
+            self.commit_seconds.append(time.perf_counter() - started)
         except CommitFailedError:
             # the group rebalanced mid-batch: the new owner gets these messages again and the
             # watermarks make it skip what this batch already applied
@@ -251,7 +318,45 @@ class Ingester:
         from_deltas = sum(m.topic == self.item_deltas_topic for m in messages)
         self.stats.events += len(messages) - from_deltas
         self.stats.item_deltas += from_deltas
+        self.metrics.follow(self.stats, self.commit_seconds, self._lags())
+        self.commit_seconds = []
         return len(messages)
+
+    def _lags(self) -> dict[tuple[str, int], int]:
+        """Per assigned partition, the broker's high watermark minus this consumer's position."""
+        lags = {}
+        for partition in self.consumer.assignment():
+            highwater = self.consumer.highwater(partition)
+            if highwater is not None:
+                lags[partition.topic, partition.partition] = max(0, highwater - self.consumer.position(partition))
+        return lags
+
+    def _offsets_went_back(self, messages) -> bool:
+        """Offsets going backwards mean a re-delivery (a rebalance, a failed commit) or a recreated
+        topic (the consumer's position was out of its range); only the topic id tells them apart."""
+        went_back = False
+        for message in messages:
+            if message.topic == self.topic:
+                highest = self.highest_offsets.get(message.partition, -1)
+                went_back |= message.offset < highest
+                self.highest_offsets[message.partition] = max(highest, message.offset)
+        return went_back
+
+    def _topic_was_recreated(self) -> bool:
+        """Ask the broker for the topic's id. A new one: the topic was recreated and its offsets start
+        again at 0, below this consumer's position if the new topic is no longer than the old one:
+        seek to its beginning (events seen under the old incarnation are skipped by their ids)."""
+        self.incarnation_checked = time.monotonic()
+        incarnation = topic_incarnation(self.admin, self.topic)
+        if incarnation == self.incarnation:
+            return False
+        log.warning("topic %s was deleted and recreated (now %s): its offsets start again, its events are new; "
+                    "reading it from the beginning", self.topic, incarnation)
+        self.incarnation, self.highest_offsets = incarnation, {}
+        mine = [p for p in self.consumer.assignment() if p.topic == self.topic]
+        if mine:
+            self.consumer.seek_to_beginning(*mine)
+        return True
 
     def _received(self, message) -> Received:
         """A message of the event topic, judged against the store's schema (InvalidEvent if it does not fit)."""
@@ -271,12 +376,12 @@ class Ingester:
     def _item_delta(self, message) -> ItemDelta:
         from features.events import decode_event, item_category_of, stored_item_attributes
 
-        partition, offset = source_position(message)
+        source, partition, offset = source_position(message, self.incarnation)
         event = decode_event(None, message.value)
         # checked when the event arrived; converted again here, where the row is written (InvalidEvent
         # if the store was reloaded with another schema since)
         attributes = stored_item_attributes(event, self.schema, self.types) if event.item_attributes else {}
-        return ItemDelta(partition, offset, event, delta_is_behaviour(message), attributes,
+        return ItemDelta(source, partition, offset, event, delta_is_behaviour(message), attributes,
                          item_category_of(event, self.schema))
 
     def _dead_letter(self, message, reason: str) -> None:
@@ -298,45 +403,62 @@ class Ingester:
                 by_user[received.event.user_id].append(received)
         if not by_user:
             return
-        now = pd.Timestamp(datetime.now(timezone.utc))
+        now_us = int(self.clock() * 1_000_000)
         units_per_second = self.schema.units_per_second  # history timestamps in the schema's unit, as loaded
 
         users = list(by_user)
         current = self.store.get_online_features(
-            features=["user_history:history_item_ids", "user_history:history_timestamps",
-                      "user_history:interaction_count", "user_history:ingest_source",
-                      "user_history:ingest_offset"],
+            features=[f"user_history:{c}" for c in ("history_item_ids", "history_timestamps", "interaction_count",
+                                                    "ingest_source", "ingest_offset", "recent_event_ids",
+                                                    "stamp_us")],
             entity_rows=[{"user_id": u} for u in users]).to_dict()
         rows = []
         for i, user in enumerate(users):
-            items = list(current["history_item_ids"][i] or [])
-            stamps = list(current["history_timestamps"][i] or [])
-            count = current["interaction_count"][i] or 0
             mark_source = current["ingest_source"][i]
             mark_offset = current["ingest_offset"][i] if current["ingest_offset"][i] is not None else -1
-            fresh = [r for r in sorted(by_user[user], key=lambda r: r.offset)
-                     if not (f"{self.topic}/{r.partition}" == mark_source and r.offset <= mark_offset)]
+            unseen = [r for r in sorted(by_user[user], key=lambda r: r.offset)
+                      if not (f"{self.incarnation}/{r.partition}" == mark_source and r.offset <= mark_offset)]
+            fresh, window = self._first_sightings(unseen, current["recent_event_ids"][i])
             self.stats.skipped_duplicates += len(by_user[user]) - len(fresh)
+            self.stats.duplicate_event_ids += len(unseen) - len(fresh)
             if not fresh:
                 continue
             self.stats.applied += len(fresh)
-            merged = list(zip(stamps, items)) + [(r.event.event_time_ms * units_per_second // 1000, r.event.item_id)
-                                                 for r in fresh]
+            merged = list(zip(current["history_timestamps"][i] or [], current["history_item_ids"][i] or []))
+            merged += [(r.event.event_time_ms * units_per_second // 1000, r.event.item_id) for r in fresh]
             merged.sort(key=lambda pair: pair[0])  # stable: among equal times, arrival order
             merged = merged[-self.history_length:]
+            stamp = next_stamp_us(now_us, current["stamp_us"][i])
             rows.append({"user_id": user, "history_item_ids": [item for _, item in merged],
-                         "history_timestamps": [t for t, _ in merged], "interaction_count": count + len(fresh),
-                         "ingest_source": f"{self.topic}/{fresh[-1].partition}", "ingest_offset": fresh[-1].offset,
-                         "event_timestamp": now})
+                         "history_timestamps": [t for t, _ in merged],
+                         "interaction_count": (current["interaction_count"][i] or 0) + len(fresh),
+                         "ingest_source": f"{self.incarnation}/{fresh[-1].partition}",
+                         "ingest_offset": fresh[-1].offset, "recent_event_ids": window, "stamp_us": stamp,
+                         "event_timestamp": pd.Timestamp(stamp, unit="us", tz="UTC")})
         if rows:
             self.store.write_to_online_store("user_history", pd.DataFrame(rows))
+
+    def _first_sightings(self, candidates: list, stored_window) -> tuple[list, list[int]]:
+        """The candidates (Received or ItemDelta, in order) whose event id is neither in the
+        entity's recent window nor earlier among them, and the window with their ids added."""
+        window = list(stored_window or [])
+        seen, fresh, keys = set(window), [], []
+        for candidate in candidates:
+            key = event_key(candidate.event.event_id)
+            if key in seen:
+                continue
+            seen.add(key)
+            fresh.append(candidate)
+            keys.append(key)
+        return fresh, remember(window, keys, self.dedupe_window)
 
     def _send_item_deltas(self, events: list[Received]) -> None:
         """Every behaviour and every event with item attributes, re-delivered ones included (the item
         side has its own watermarks), in offset order per partition, keyed by item id."""
         for received in sorted(events, key=lambda r: (r.partition, r.offset)):
             if received.behaviour or received.event.item_attributes:
-                headers = [("source_partition", str(received.partition).encode()),
+                headers = [("source_topic", self.incarnation.encode()),
+                           ("source_partition", str(received.partition).encode()),
                            ("source_offset", str(received.offset).encode()),
                            ("behaviour", b"1" if received.behaviour else b"0")]
                 self.sent.append(self.producer.send(
@@ -353,25 +475,31 @@ class Ingester:
                 by_item[delta.event.item_id].append(delta)
         if not by_item:
             return
-        now = pd.Timestamp(datetime.now(timezone.utc))
+        now_us = int(self.clock() * 1_000_000)
         items = list(by_item)
         current = self.store.get_online_features(
-            features=["item_counters:interaction_count", "item_counters:ingest_topic",
-                      "item_counters:ingest_offsets"],
+            features=[f"item_counters:{c}" for c in ("interaction_count", "ingest_topic", "ingest_offsets",
+                                                     "recent_event_ids", "stamp_us")],
             entity_rows=[{"item_id": i} for i in items]).to_dict()
         rows = []
         for i, item in enumerate(items):
-            # offsets of another topic say nothing about this one (a recreated topic restarts at 0)
-            same_topic = current["ingest_topic"][i] == self.topic
-            marks = list(current["ingest_offsets"][i] or []) if same_topic else []
-            count, changed = current["interaction_count"][i] or 0, False
-            for delta in sorted(by_item[item], key=lambda d: (d.partition, d.offset)):
+            topic, marks = current["ingest_topic"][i], list(current["ingest_offsets"][i] or [])
+            unseen = []
+            for delta in sorted(by_item[item], key=lambda d: (d.source != topic, d.partition, d.offset)):
+                if delta.source != topic:
+                    # offsets of another incarnation say nothing about this one (it restarts at 0)
+                    topic, marks = delta.source, []
                 marks += [-1] * (delta.partition + 1 - len(marks))
                 if delta.offset > marks[delta.partition]:
-                    marks[delta.partition], count, changed = delta.offset, count + 1, True
-            if changed:
-                rows.append({"item_id": item, "interaction_count": count, "ingest_topic": self.topic,
-                             "ingest_offsets": marks, "event_timestamp": now})
+                    marks[delta.partition] = delta.offset
+                    unseen.append(delta)
+            fresh, window = self._first_sightings(unseen, current["recent_event_ids"][i])
+            self.stats.skipped_item_duplicates += len(by_item[item]) - len(fresh)
+            if unseen:  # the watermarks moved, even where every event id was a duplicate
+                stamp = next_stamp_us(now_us, current["stamp_us"][i])
+                rows.append({"item_id": item, "interaction_count": (current["interaction_count"][i] or 0) + len(fresh),
+                             "ingest_topic": topic, "ingest_offsets": marks, "recent_event_ids": window,
+                             "stamp_us": stamp, "event_timestamp": pd.Timestamp(stamp, unit="us", tz="UTC")})
         if rows:
             self.store.write_to_online_store("item_counters", pd.DataFrame(rows))
 
@@ -466,6 +594,7 @@ class Ingester:
         self.producer.flush()
         self.producer.close()
         self.consumer.close()
+        self.admin.close()
 
 
 def read_event_log(directory: Path):
@@ -480,11 +609,12 @@ def read_event_log(directory: Path):
 
 def main(argv: list[str] | None = None) -> None:
     without_torch()
+    from features.kafka_options import KafkaOptionsError, add_kafka_arguments, kafka_options, replication_factor
     from features.store import StoreError, data_dir, open_store
     from recsys.config import ConfigError
 
     parser = argparse.ArgumentParser(prog="plexrec ingest", description=__doc__.splitlines()[0])
-    parser.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers, host:port[,...]")
+    add_kafka_arguments(parser)
     parser.add_argument("--topic", default="user-events")
     parser.add_argument("--group", default="plexrec-ingest", help="consumer group (run several to scale out)")
     parser.add_argument("--data-dir", help="the store's data directory (default: $PLEXREC_DATA_DIR or .plexrec)")
@@ -494,6 +624,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="behaviours kept per user (default: the store's, from store.json; at most that)")
     parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS,
                         help="partitions of the topics the ingester creates when they are missing")
+    parser.add_argument("--dedupe-window", type=int, default=DEDUPE_WINDOW,
+                        help=f"event ids remembered per user and per item: an id seen again among them changes "
+                             f"nothing (default: {DEDUPE_WINDOW})")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)")
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")
     parser.add_argument("--stop-after-idle", type=float, help="exit after this many idle seconds (default: never)")
     parser.add_argument("--progress-seconds", type=float, default=30.0, help="log progress this often")
     args = parser.parse_args(argv)
@@ -506,11 +641,21 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, stop)
     try:
         directory = data_dir(args.data_dir)
-        ingester = Ingester(args.bootstrap_servers, open_store(args.profile, directory, args.redis_url), directory,
-                            topic=args.topic, group=args.group, history_length=args.history_length,
-                            partitions=args.partitions)
-    except (StoreError, IngestError, ConfigError) as exc:
+        kafka = kafka_options(args)
+        ingester = Ingester(kafka.pop("bootstrap_servers"), open_store(args.profile, directory, args.redis_url),
+                            directory, topic=args.topic, group=args.group, history_length=args.history_length,
+                            partitions=args.partitions, kafka=kafka, replication_factor=replication_factor(args),
+                            dedupe_window=args.dedupe_window)
+    except (StoreError, IngestError, ConfigError, KafkaOptionsError) as exc:
         sys.exit(f"plexrec ingest: {exc}")
+    except Exception as exc:  # kafka-python's: no broker, refused credentials or TLS
+        if type(exc).__module__.startswith("kafka"):
+            sys.exit(f"plexrec ingest: cannot reach Kafka at {args.bootstrap_servers} ({exc!r}); check "
+                     "--bootstrap-servers and the --security-protocol / SASL / TLS flags")
+        raise
+    if args.metrics_port is not None:
+        port = ingester.metrics.serve(args.metrics_host, args.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
     log.info("ingesting %s from %s into %s (group %s; schema '%s', history: %s, %d behaviours per user)", args.topic,
              args.bootstrap_servers, directory, args.group, ingester.schema.name, ingester.schema.history,
              ingester.history_length)
@@ -523,12 +668,13 @@ def main(argv: list[str] | None = None) -> None:
         stats, failure = ingester.stats, exc
     finally:
         ingester.close()
+        ingester.metrics.close()
     if failure is not None:
         sys.exit(f"plexrec ingest: {failure}; restart it (a supervisor should)")
-    log.info("stopped: %d batches, %d events, %d applied, %d duplicates skipped, %d dead letters, %d item deltas, "
-             "%d not behaviours, %d item profiles written", stats.batches, stats.events, stats.applied,
-             stats.skipped_duplicates, stats.dead_letters, stats.item_deltas, stats.not_behaviours,
-             stats.item_profiles)
+    log.info("stopped: %d batches, %d events, %d applied, %d duplicates skipped (%d by event id), %d dead letters, "
+             "%d item deltas (%d duplicates skipped), %d not behaviours, %d item profiles written", stats.batches,
+             stats.events, stats.applied, stats.skipped_duplicates, stats.duplicate_event_ids, stats.dead_letters,
+             stats.item_deltas, stats.skipped_item_duplicates, stats.not_behaviours, stats.item_profiles)
 
 
 if __name__ == "__main__":

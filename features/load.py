@@ -62,6 +62,11 @@ def running_state(keys: np.ndarray, times: np.ndarray, items: np.ndarray | None,
     return state
 
 
+def microseconds(stamps: pd.Series) -> np.ndarray:
+    """UTC timestamps as integer microseconds since the epoch."""
+    return stamps.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy("datetime64[us]").astype(np.int64)
+
+
 def feast_type(column: pd.Series, kind: str) -> str:
     """The Feast type a column is stored as: Int64 / String for categorical values (integers
     stay integers), Array(...) for list cells, Float32 for numeric ones."""
@@ -142,11 +147,15 @@ def offline_tables(tables: DatasetTables, history_length: int,
                             behaviours["item_id"].to_numpy(np.int64), history_length, unit)
     history = history.rename(columns={"key": "user_id"})
     history["ingest_source"], history["ingest_offset"] = "", -1  # loaded in bulk, not from the stream
+    history["recent_event_ids"] = [np.zeros(0, dtype=np.int64) for _ in range(len(history))]  # typed: list<int64>
+    history["stamp_us"] = microseconds(history["event_timestamp"])
     by_item = behaviours.sort_values(["item_id", "timestamp"], kind="stable")
     counters = running_state(by_item["item_id"].to_numpy(np.int64), by_item["timestamp"].to_numpy(np.int64),
                              None, history_length, unit).rename(columns={"key": "item_id"})
     counters["ingest_topic"] = ""
     counters["ingest_offsets"] = [np.zeros(0, dtype=np.int64) for _ in range(len(counters))]  # typed: list<int64>
+    counters["recent_event_ids"] = [np.zeros(0, dtype=np.int64) for _ in range(len(counters))]
+    counters["stamp_us"] = microseconds(counters["event_timestamp"])
     label_column = schema.rating or schema.label
     interactions = frame[["user_id", "item_id", "timestamp", label_column,
                           *[c for c in (schema.split,) if c]]].copy()
@@ -157,7 +166,9 @@ def offline_tables(tables: DatasetTables, history_length: int,
 
 
 def store_meta(schema: DatasetSchema, types: dict[str, str], history_length: int) -> dict:
-    return {"schema": schema.to_dict(), "schema_fingerprint": schema.fingerprint(),
+    from features.store import STORE_LAYOUT
+
+    return {"schema": schema.to_dict(), "schema_fingerprint": schema.fingerprint(), "layout": STORE_LAYOUT,
             "history_length": history_length, "types": types,
             "loaded_at": datetime.now(timezone.utc).isoformat()}
 

@@ -21,6 +21,8 @@ from recsys.config import PROJECT_ROOT
 
 DEFAULT_DATA_DIR = PROJECT_ROOT / ".plexrec"
 PROFILES = ("local", "redis")
+# the stream-state columns of user_history / item_counters; 2: event-id windows and row stamps
+STORE_LAYOUT = 2
 
 
 class StoreError(RuntimeError):

@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> dict:
         report["published_embeddings"] = {"items": published, "model_version": version}
 
         # the topics exist before anything produces, with their partition counts, on any broker
-        ensure_topics(bootstrap, TOPIC)
+        ensure_topics({"bootstrap_servers": bootstrap}, TOPIC)
         port, metrics_port = free_port(), free_port()
         children = {
             "ingester": start_process(stack, "the ingester", [

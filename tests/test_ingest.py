@@ -2,6 +2,7 @@
 (ratings, every rating a behaviour, timestamps in seconds) and a KuaiRand one (click labels, clicks
 only enter histories, timestamps in milliseconds, ids from 0)."""
 
+import contextlib
 import json
 import os
 import re
@@ -50,6 +51,21 @@ def empty_store(tmp_path, movielens_catalogue):
     return store, tmp_path
 
 
+@pytest.fixture(params=["local", "redis"])
+def any_store(request, tmp_path, movielens_catalogue):
+    """empty_store's data on SQLite, then on a Redis of its own: (store, directory, profile flags)."""
+    from features.redis_server import local_redis_server
+
+    placeholder = pd.DataFrame({"user_id": [PLACEHOLDER_ID], "item_id": [PLACEHOLDER_ID], "rating": [5],
+                                "timestamp": [1]})
+    with contextlib.ExitStack() as stack:
+        redis_url = stack.enter_context(local_redis_server()) if request.param == "redis" else None
+        store = open_store(request.param, tmp_path, redis_url)
+        load_into_store(store, movielens_catalogue.with_interactions(placeholder), tmp_path, history_length=200)
+        flags = ["--profile", "redis", "--redis-url", redis_url] if redis_url else []
+        yield store, tmp_path, flags
+
+
 @pytest.fixture(scope="module")
 def kuairand_store(tmp_path_factory):
     """A KuaiRand-Pure store of its users with id < 300 (their impressions and profiles) and every video.
@@ -80,9 +96,9 @@ def publish_random_events(broker, name, count, users, items, seed):
     return events
 
 
-def ingest_command(broker, name, directory, idle_seconds):
+def ingest_command(broker, name, directory, idle_seconds, flags=()):
     command = [sys.executable, "-m", "features.ingest", "--bootstrap-servers", broker, "--topic", name,
-               "--group", name, "--data-dir", str(directory), "--stop-after-idle", str(idle_seconds)]
+               "--group", name, "--data-dir", str(directory), "--stop-after-idle", str(idle_seconds), *flags]
     return command, {**os.environ, "PYTHONPATH": os.getcwd()}
 
 
@@ -209,12 +225,12 @@ def test_fuzzed_messages_land_in_the_dead_letter_topic_and_the_stream_goes_on(br
     assert {dict(m.headers)["source_topic"] for m in letters} == {name.encode()}
 
 
-def test_sigkill_mid_stream_loses_and_duplicates_nothing(broker, empty_store):
+def test_sigkill_mid_stream_loses_and_duplicates_nothing(broker, any_store):
     """20,000 events; the ingester process is killed with SIGKILL three times and restarted."""
-    store, directory = empty_store
+    store, directory, flags = any_store
     name = topic()
     events = publish_random_events(broker, name, 20_000, users=400, items=5000, seed=1)
-    command, env = ingest_command(broker, name, directory, idle_seconds=4)
+    command, env = ingest_command(broker, name, directory, idle_seconds=4, flags=flags)
     rng = np.random.default_rng(1)
     def logged() -> int:  # events in the offline log, re-deliveries included
         return sum(len(pd.read_parquet(f)) for f in (directory / "offline" / "events").glob("*.parquet"))
@@ -239,6 +255,51 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(broker, empty_store):
     assert item_counts_match(store, events)
     log = read_event_log(directory)
     assert len(log) == 20_000 and set(log["event_id"]) == {e.event_id for e in events}
+
+
+def test_an_event_id_seen_before_changes_nothing_online(broker, any_store):
+    """Producer retries and a replay run twice: the same event ids again, at new offsets, some in
+    the same batch as their first copy. Online, each event counts once, for its user and its item,
+    and the deduplicated offline log tells the same story. On SQLite and on Redis."""
+    store, directory, flags = any_store
+    name = topic()
+    rng = np.random.default_rng(3)
+    events = [make_event(user_id=int(rng.integers(1, 30)), item_id=int(rng.integers(1, 50)), event_type=RATING,
+                         value=4.0, event_time_ms=1_700_000_000_000 + 1000 * i) for i in range(600)]
+    retried = [events[i] for i in rng.choice(len(events), 150, replace=False)]
+    publish(broker, name, events[:300] + retried[:50] + events[300:] + retried[50:])
+    command, env = ingest_command(broker, name, directory, idle_seconds=3, flags=flags)
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    publish(broker, name, events)  # replayed
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+
+    truth = expected_state(events)
+    assert online_state(store, sorted(truth)) == truth
+    assert item_counts_match(store, events)
+    assert "(150 by event id)" in first.stderr and "(600 by event id)" in second.stderr
+    logged = read_event_log(directory).sort_values("event_timestamp", kind="stable")
+    assert len(logged) == 600
+    from_log = {user: (rows.item_id.tolist(), len(rows)) for user, rows in logged.groupby("user_id")}
+    assert from_log == truth
+
+
+def test_a_row_stamped_by_a_clock_ahead_still_takes_later_writes(broker, any_store):
+    """An ingester on a host whose clock runs an hour ahead writes a user's and an item's rows;
+    the next one, on a correct clock, stamps its writes before theirs. Feast's Redis store drops a
+    write stamped at or before the row's stamp, so the stamps must stay monotone per row."""
+    store, directory, _ = any_store
+    name = topic()
+    ahead = [make_event(user_id=5, item_id=7, event_type=RATING, value=5.0, event_time_ms=1_700_000_000_000)]
+    publish(broker, name, ahead)
+    run_ingester(broker, store, directory, name, clock=lambda: time.time() + 3600)
+    later = [make_event(user_id=5, item_id=7 + i, event_type=RATING, value=5.0,
+                        event_time_ms=1_700_000_001_000 + i) for i in range(3)]
+    publish(broker, name, later)
+    run_ingester(broker, store, directory, name)
+    assert online_state(store, [5])[5] == ([7, 7, 8, 9], 4)
+    assert item_counts(store, [7, 8]) == [2, 1]
 
 
 def test_replay_publishes_movielens_in_time_order(broker):
@@ -268,19 +329,19 @@ def test_the_ingester_runs_without_torch():
     assert out.strip() == "None"
 
 
-def test_two_ingesters_in_a_group_share_the_partitions(broker, empty_store):
+def test_two_ingesters_in_a_group_share_the_partitions(broker, any_store):
     """A 4-partition topic, two ingester processes in one group: every user's state exact, and every
     item's count, although each of the 40 items gets events from every partition."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
 
-    store, directory = empty_store
+    store, directory, flags = any_store
     name = topic()
     admin = KafkaAdminClient(bootstrap_servers=broker)
     admin.create_topics([NewTopic(name, num_partitions=4, replication_factor=1)])
     admin.close()
     events = publish_random_events(broker, name, 6000, users=300, items=40, seed=2)
-    command, env = ingest_command(broker, name, directory, idle_seconds=5)
+    command, env = ingest_command(broker, name, directory, idle_seconds=5, flags=flags)
     processes = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                  for _ in range(2)]
     logs = [p.communicate(timeout=300)[1] for p in processes]
@@ -293,25 +354,45 @@ def test_two_ingesters_in_a_group_share_the_partitions(broker, empty_store):
     assert item_counts_match(store, events)
 
 
-def test_a_recreated_topic_is_not_mistaken_for_re_delivery(broker, empty_store):
-    """Offsets restart at 0 on a new topic: its events are new, whatever the old watermarks say."""
+def test_a_deleted_and_recreated_topic_is_a_new_topic(broker, empty_store):
+    """The topic is really deleted and recreated under its name: its offsets restart at 0 below the
+    old watermarks, yet its events are new: to the ingester that saw the old one (it notices
+    mid-run) and to one started afterwards."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
     store, directory = empty_store
-    seen = []
-    for round_ in range(2):
-        name = topic()
+    name, seen = topic(), []
+    admin = KafkaAdminClient(bootstrap_servers=broker)
+
+    def publish_round(round_):
         events = [make_event(user_id=77, item_id=1 + 10 * round_ + i, event_type=RATING, value=5.0,
                              event_time_ms=1_700_000_000_000 + 1000 * (10 * round_ + i)) for i in range(5)]
-        seen += events
-        producer = EventProducer(broker, name)
-        producer.send_all(events)
-        producer.close()
-        ingester = Ingester(broker, store, directory, topic=name, group=name)
-        ingester.run(stop_after_idle_seconds=3)
-        ingester.close()
-    assert online_state(store, [77])[77] == ([e.item_id for e in seen], 10)
-    counts = store.get_online_features(features=["item_counters:interaction_count"],
-                                       entity_rows=[{"item_id": 11}]).to_dict()["interaction_count"]
-    assert counts == [1]
+        events += [make_event(user_id=78, item_id=11, event_type=RATING, value=4.0,
+                              event_time_ms=1_700_000_000_000 + 1000 * round_)]
+        publish(broker, name, events)
+        seen.extend(events)
+
+    def recreate():
+        admin.delete_topics([name])
+        time.sleep(0.5)
+        admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1)])
+
+    admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1)])
+    publish_round(0)
+    ingester = Ingester(broker, store, directory, topic=name, group=name)
+    ingester.run(stop_after_idle_seconds=3)
+    recreate()
+    publish_round(1)
+    ingester.run(stop_after_idle_seconds=3)  # the same ingester, across the recreation
+    ingester.close()
+    recreate()
+    publish_round(2)
+    run_ingester(broker, store, directory, name)  # a fresh one
+    admin.close()
+    assert online_state(store, [77])[77] == ([e.item_id for e in seen if e.user_id == 77], 15)
+    assert online_state(store, [78])[78] == ([11] * 3, 3)
+    assert item_counts(store, [11]) == [4]  # round 1's item 11 and user 78's three
 
 
 # --- events judged against the store's schema ---

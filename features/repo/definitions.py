@@ -76,8 +76,15 @@ user_history = FeatureView(
             Field(name="history_timestamps", dtype=Array(Int64)),
             Field(name="interaction_count", dtype=Int64),
             # the stream ingester's watermark: "topic/partition" and offset of the last event applied
+            # (its topic carries the topic's incarnation: "topic@id/partition", see features/ingest.py)
             Field(name="ingest_source", dtype=String),
-            Field(name="ingest_offset", dtype=Int64)],
+            Field(name="ingest_offset", dtype=Int64),
+            # 63-bit hashes of the event ids of the last behaviours applied (oldest first, a bounded
+            # window): an event id seen again changes nothing
+            Field(name="recent_event_ids", dtype=Array(Int64)),
+            # the row's event_timestamp in microseconds, as written: the next write is stamped
+            # later, because Feast's Redis store drops a write stamped at or before the stored one
+            Field(name="stamp_us", dtype=Int64)],
     description="the user's recent behaviours and how many there have been; stream-updated")
 
 item_counters_push = PushSource(name="item_counters_push", batch_source=_source("item_counters"))
@@ -87,7 +94,9 @@ item_counters = FeatureView(
             # the ingester's watermarks: element p = offset of the last event applied from
             # partition p of topic ingest_topic
             Field(name="ingest_topic", dtype=String),
-            Field(name="ingest_offsets", dtype=Array(Int64))],
+            Field(name="ingest_offsets", dtype=Array(Int64)),
+            Field(name="recent_event_ids", dtype=Array(Int64)),  # as user_history's
+            Field(name="stamp_us", dtype=Int64)],
     description="how many behaviours the item has had; stream-updated")
 
 item_embeddings = FeatureView(
