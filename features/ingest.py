@@ -1,6 +1,8 @@
 """The stream ingester: Kafka user events -> fresh online features and an offline event log.
 
     plexrec ingest --bootstrap-servers HOST:PORT [--topic user-events] [--group plexrec-ingest]
+                   [--security-protocol SASL_SSL --sasl-mechanism ... (features/kafka_options.py)]
+                   [--metrics-port 9465]
 
 One loop, a batch at a time:
 
@@ -22,23 +24,33 @@ One loop, a batch at a time:
      attributes a delta carries (over the row's other values; the latest event time wins)
   6. only then commit the offsets (of both topics, once the deltas are acknowledged)
 
-Exactly-once effect. A crash anywhere before step 6 re-delivers the batch. Every
-user row carries a watermark, the (topic/partition, offset) of the last event applied
-to it, and every item row the last offset applied per partition of the source topic
-(carried by each delta in its headers); a re-delivered event or delta at or below its
-watermark is skipped. Item rows are written only by the owner of the item's delta
-partition, so ingesters in a group never read-modify-write one row at once. So a
-user's history and every count change exactly once per event, however often and
-however many ingesters die. Item attributes are not counted but overwritten: a
-re-delivered delta writes the same values again, and one whose event is older than the
-row's (to the second: the online store keeps seconds) is skipped. The offline log
-is at-least-once: a re-delivered batch is logged again, and readers drop duplicate
-event ids. A produce that is not acknowledged stops the ingester before the commit
-(IngestError).
+Effectively-once effect, by offset and by event id. A crash anywhere before step 6
+re-delivers the batch. Every user row carries a watermark, the (topic incarnation/partition,
+offset) of the last event applied to it, and every item row the last offset applied per
+partition of the source topic (carried by each delta in its headers); a re-delivered event or
+delta at or below its watermark is skipped. The same event published twice (a producer's
+retry, a replay run twice) arrives at a new offset: every row also keeps the 63-bit hashes of
+the event ids of its last ``--dedupe-window`` (1,000) behaviours, and an id among them (or
+earlier in the batch) changes nothing, for the user and for the item alike. Item rows are
+written only by the owner of the item's delta partition, so ingesters in a group never
+read-modify-write one row at once. So a user's history and every count change once per event
+id, however often the event is sent and however many ingesters die. Item attributes are not
+counted but overwritten: a re-delivered delta writes the same values again, and one whose
+event is older than the row's (to the second: the online store keeps seconds) is skipped.
+The offline log is at-least-once: a re-delivered batch is logged again, and readers drop
+duplicate event ids (over the whole log; online, over the window). A produce that is not
+acknowledged stops the ingester before the commit (IngestError).
 
-The limit: there is no fencing token. An ingester that stalls past the session timeout
-or max_poll_interval loses its partitions but does not know it until its next poll, and
-a write it makes meanwhile can overwrite the new owner's. Keep batches short, and let a
+A topic deleted and recreated under its name restarts its offsets at 0: the watermarks name
+the topic's incarnation, ``topic@<topic id>`` (Kafka's topic id), which the ingester checks at
+start, when offsets go backwards, each idle second and every 30 s; a new one makes it read
+the topic from its beginning. Rows are stamped with the ingester's clock but always after
+their previous stamp (kept in the row, in microseconds): Feast's Redis store drops a write
+stamped at or before the row's, which a clock behind another host's would otherwise do.
+
+The limit: there is no fencing token. An ingester that stalls past the session timeout or
+max_poll_interval loses its partitions but does not know it until its next poll, and a
+write it makes meanwhile can overwrite the new owner's. Keep batches short, and let a
 supervisor restart stalled ingesters.
 
 No torch: Feast imports torch when it can, so the ingester hides it first.
@@ -55,7 +67,6 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 

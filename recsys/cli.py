@@ -72,6 +72,16 @@ def main(argv: list[str] | None = None) -> None:
     publish.add_argument("--profile", default="local", choices=["local", "redis"], help="store profile")
     publish.add_argument("--redis-url", help="host:port of Redis for --profile redis")
 
+    show = feature_commands.add_parser(
+        "show", help="what the online store holds for one user or item, as JSON (for debugging a pipeline)")
+    which = show.add_mutually_exclusive_group(required=True)
+    which.add_argument("--user", type=int, metavar="ID", help="a user's profile, history and ingester state")
+    which.add_argument("--item", type=int, metavar="ID",
+                       help="an item's profile, counters, ingester state and published embeddings")
+    show.add_argument("--data-dir", help="the store's data directory (default: $PLEXREC_DATA_DIR or .plexrec)")
+    show.add_argument("--profile", default="local", choices=["local", "redis"], help="store profile")
+    show.add_argument("--redis-url", help="host:port of Redis for --profile redis")
+
     broker = commands.add_parser("broker", help="run the embedded Kafka-compatible broker (tansu) until Ctrl-C")
     broker.add_argument("--port", type=int, default=9092, help="loopback port to listen on (default 9092)")
 
@@ -100,6 +110,25 @@ def main(argv: list[str] | None = None) -> None:
         load_features(args)
     elif args.command == "features" and args.features_command == "publish":
         publish_features(args)
+    elif args.command == "features" and args.features_command == "show":
+        show_features(args)
+
+
+def show_features(args: argparse.Namespace) -> None:
+    """`plexrec features show`: one entity's online state, as JSON on stdout."""
+    import json
+
+    from features.show import entity_state
+    from features.store import StoreError, data_dir, open_store, read_store_meta
+
+    try:
+        directory = data_dir(args.data_dir)
+        meta = read_store_meta(directory)
+        kind, entity_id = ("user", args.user) if args.user is not None else ("item", args.item)
+        state = entity_state(open_store(args.profile, directory, args.redis_url), meta, kind, entity_id)
+    except StoreError as exc:
+        sys.exit(f"plexrec features show: {exc}")
+    print(json.dumps(state, indent=2))
 
 
 def publish_features(args: argparse.Namespace) -> None:
