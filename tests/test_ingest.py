@@ -333,7 +333,9 @@ def test_features_show_prints_what_the_store_holds_for_one_entity(broker, any_st
     assert item["embeddings"] == {"model_version": "20260101T000000-test", "attention_embedding_dim": 4,
                                   "representation_embedding_dim": 8,
                                   "written_at": item["embeddings"]["written_at"]}
-    unknown = show("--user", "999999")
+    from features.show import entity_state
+
+    unknown = entity_state(store, read_store_meta(directory), "user", 999_999)
     assert unknown["history"]["history_item_ids"] is None and unknown["history"]["written_at"] is None
 
 
