@@ -12,6 +12,10 @@ from recsys.config import PROJECT_ROOT
 from recsys.train import Trainer
 from tests.distributed_worker import STEPS, config_for
 
+# 2 ranks vs 1 process, float32: measured at most 1.2e-7 on the losses of 12 steps (a loss near
+# 0.7 is 2 ulps away) and 1.2e-7 on the checkpoint's predictions; the README quotes this bound
+AGREEMENT = 1e-6
+
 
 @pytest.fixture(scope="module", params=["none", "dare"])
 def two_rank_run(request, tmp_path_factory):
@@ -39,7 +43,7 @@ def test_two_rank_losses_match_one_process(two_rank_run, small_examples, tmp_pat
     batches = trainer.batches()
     one_rank = [trainer.train_step(next(batches)) for _ in range(STEPS)]
     print("max |2-rank - 1-rank| loss:", np.abs(np.subtract(two_rank_run["losses"], one_rank)).max())
-    np.testing.assert_allclose(two_rank_run["losses"], one_rank, atol=1e-5)
+    np.testing.assert_allclose(two_rank_run["losses"], one_rank, rtol=0, atol=AGREEMENT)
     assert one_rank[-1] < one_rank[0]  # it learned something along the way
 
 
@@ -49,5 +53,6 @@ def test_a_two_rank_checkpoint_loads_into_one_rank(two_rank_run, small_examples,
     trainer.load_checkpoint(two_rank_run["checkpoint"])
     assert trainer.global_step == STEPS
     predictions = trainer.predict(trainer.eval_examples["test"])
-    np.testing.assert_allclose(predictions, two_rank_run["predictions"], atol=1e-5)
+    print("max |2-rank - 1-rank| prediction:", np.abs(predictions - two_rank_run["predictions"]).max())
+    np.testing.assert_allclose(predictions, two_rank_run["predictions"], rtol=0, atol=AGREEMENT)
     trainer.train_step(next(trainer.batches()))  # the resharded optimizer state steps too

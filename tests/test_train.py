@@ -43,8 +43,12 @@ def test_resume_gives_the_same_next_step_loss(small_examples, tmp_path):
     checkpoint = straight.save_checkpoint()
     expected = [straight.train_step(next(batches)) for _ in range(2)]
 
-    resumed = Trainer(config, examples=small_examples, out_dir=tmp_path / "b")
-    assert resumed.train_step(next(resumed.batches())) != pytest.approx(expected[0], abs=1e-6)  # a fresh model differs
+    fresh = Trainer(config, examples=small_examples, out_dir=tmp_path / "b")
+    fresh_batches = fresh.batches()
+    for _ in range(5):
+        next(fresh_batches)
+    # on the same sixth batch a model that did not load the checkpoint gives another loss
+    assert fresh.train_step(next(fresh_batches)) != pytest.approx(expected[0], abs=1e-6)
     resumed = Trainer(config, examples=small_examples, out_dir=tmp_path / "b")
     resumed.load_checkpoint(checkpoint)
     assert (resumed.epoch, resumed.step_in_epoch, resumed.global_step) == (0, 5, 5)
@@ -82,7 +86,10 @@ def test_fit_exports_a_model_that_predicts_like_the_trainer(small_examples, tmp_
     with torch.inference_mode():
         exported = torch.sigmoid(model(batch.dense, batch.sparse)).numpy()
     np.testing.assert_allclose(exported, trainer.predict(test), atol=1e-6)
-    assert not list((tmp_path / "models").glob("*.pt*"))  # nothing pickled
+    # nothing pickled: models/ holds this one version, with only the manifest and the safetensors weights
+    models, version = tmp_path / "models", manifest["model_version"]
+    assert sorted(p.relative_to(models).as_posix() for p in models.rglob("*")) == [
+        version, f"{version}/manifest.json", f"{version}/weights.safetensors"]
 
 
 def test_damaged_or_foreign_model_dirs_are_refused(small_examples, tmp_path):
