@@ -15,12 +15,21 @@ too slow for every request, so item features and embeddings are cached. The cach
 empties when serving moves to a new model version (``use_model_version``) and
 entries expire after ``ttl_seconds``. Unknown users and items read as cold-start
 defaults (empty profile, empty history, zero counts, no category), never as an error.
+
+The cache is bounded (``ItemCache``: at most ``max_cached_items`` entries and
+``max_cached_bytes`` of estimated memory, least recently used evicted first): item
+ids come from callers, and an unknown id is cached like a known one, so without a
+bound any client could grow the server's memory by asking for ids nobody has.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
+import sys
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +83,105 @@ ITEM_STATE_FEATURES = [f"item_profile:{CATEGORY_FEATURE}", "item_counters:intera
                        "item_embeddings:model_version"]
 
 
+# a cached item with two 64-dimensional embeddings takes about 5 KB (mostly the floats), an unknown one
+# about 0.6 KB (tracemalloc, CPython 3.11): the byte bound binds first for known items, the entry bound
+# for a stream of unknown ids
+DEFAULT_MAX_CACHED_ITEMS = 100_000
+DEFAULT_MAX_CACHED_BYTES = 256 << 20
+
+
+def estimated_bytes(value: Any) -> int:
+    """Roughly what ``value`` holds in CPython: sys.getsizeof of it and of every object it refers to
+    (containers and dataclasses followed). Shared objects (small ints, interned strings, None) are
+    counted each time, so this errs on the high side, which is the safe side for a memory bound."""
+    size = sys.getsizeof(value)
+    if isinstance(value, dict):
+        size += sum(estimated_bytes(k) + estimated_bytes(v) for k, v in value.items())
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        size += sum(estimated_bytes(v) for v in value)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # the attribute dict and the values; its keys are the field names, interned once per process
+        size += sys.getsizeof(vars(value)) + sum(estimated_bytes(v) for v in vars(value).values())
+    return size
+
+
+@dataclass(slots=True)
+class _CachedItem:
+    features: ItemFeatures
+    stored_at: float
+    size: int  # estimated bytes of the entry: the features, the key, the bookkeeping
+
+
+# what one entry costs besides its features: the _CachedItem and its float, the key, the OrderedDict's
+# slot and link (the ~100 B of the last two not visible to getsizeof)
+_ENTRY_OVERHEAD = sys.getsizeof(_CachedItem(ItemFeatures(item_id=0), 0.0, 0)) + 2 * sys.getsizeof(2**40) + 100
+
+
+class ItemCache:
+    """Item features by id, least recently used first out, bounded in entries and in estimated bytes.
+
+    Safe to share between threads (serving reads the store on a pool). ``hits``, ``misses``,
+    ``evictions``, ``len()`` and ``bytes`` are its own counters (metrics, tests).
+    """
+
+    def __init__(self, max_entries: int = DEFAULT_MAX_CACHED_ITEMS, max_bytes: int = DEFAULT_MAX_CACHED_BYTES,
+                 ttl_seconds: float = 60.0) -> None:
+        if max_entries < 1 or max_bytes < 1:
+            raise ValueError(f"the item cache needs room for at least one entry (got {max_entries} entries, "
+                             f"{max_bytes} bytes)")
+        self.max_entries, self.max_bytes, self.ttl_seconds = max_entries, max_bytes, ttl_seconds
+        self._entries: OrderedDict[int, _CachedItem] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()
+        self.bytes = self.hits = self.misses = self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, item_id: int) -> bool:
+        return item_id in self._entries
+
+    def ids(self) -> list[int]:
+        """The cached ids, least recently used first (the next to be evicted)."""
+        with self._lock:
+            return list(self._entries)
+
+    def get(self, item_id: int, now: float) -> ItemFeatures | None:
+        """The cached features, or None when absent or older than the TTL (a miss either way)."""
+        with self._lock:
+            entry = self._entries.get(item_id)
+            if entry is None or now - entry.stored_at >= self.ttl_seconds:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(item_id)
+            self.hits += 1
+            return entry.features
+
+    @staticmethod
+    def entry_bytes(features: ItemFeatures) -> int:
+        """What caching ``features`` counts against ``max_bytes``."""
+        return estimated_bytes(features) + _ENTRY_OVERHEAD
+
+    def put(self, item_id: int, features: ItemFeatures, now: float) -> None:
+        size = self.entry_bytes(features)  # outside the lock: it walks the embeddings
+        with self._lock:
+            previous = self._entries.pop(item_id, None)
+            if previous is not None:
+                self.bytes -= previous.size
+            if size > self.max_bytes:  # it would push out everything else, then itself
+                return
+            self._entries[item_id] = _CachedItem(features, now, size)
+            self.bytes += size
+            while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self.bytes -= evicted.size
+                self.evictions += 1
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
+
 def _key(feature: str) -> str:
     """A feature reference as Feast's full-feature-name result names it: view__feature (full names, so
     a schema column never collides with another view's feature such as interaction_count)."""
@@ -82,7 +190,8 @@ def _key(feature: str) -> str:
 
 class OnlineFeatures:
     def __init__(self, store, meta: dict | None = None, *, ttl_seconds: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_cached_items: int = DEFAULT_MAX_CACHED_ITEMS,
+                 max_cached_bytes: int = DEFAULT_MAX_CACHED_BYTES) -> None:
         """``meta``: the store's store.json (default: read from the store's data directory)."""
         self.store, self.ttl_seconds, self.clock = store, ttl_seconds, clock
         self.meta = read_store_meta(store.config.repo_path) if meta is None else meta
@@ -93,8 +202,15 @@ class OnlineFeatures:
         self.user_features = [f"user_profile:{c}" for c in self.user_columns] + HISTORY_FEATURES
         self.item_features = [f"item_profile:{c}" for c in self.item_columns] + ITEM_STATE_FEATURES
         self.model_version: str | None = None
-        self._items: dict[int, tuple[float, ItemFeatures]] = {}
-        self.cache_hits = self.cache_misses = 0
+        self.item_cache = ItemCache(max_cached_items, max_cached_bytes, ttl_seconds)
+
+    @property
+    def cache_hits(self) -> int:
+        return self.item_cache.hits
+
+    @property
+    def cache_misses(self) -> int:
+        return self.item_cache.misses
 
     @property
     def history_length(self) -> int:
@@ -105,7 +221,7 @@ class OnlineFeatures:
         """Serving switched models: item embeddings of the old version are stale."""
         if version != self.model_version:
             self.model_version = version
-            self._items.clear()
+            self.item_cache.clear()
 
     def user(self, user_id: int) -> UserFeatures:
         row = self._read(self.user_features, "user_id", [user_id])[0]
@@ -118,25 +234,26 @@ class OnlineFeatures:
         now = self.clock()
         found, missing = {}, []
         for item_id in dict.fromkeys(item_ids):
-            cached = self._items.get(item_id)
-            if cached is not None and now - cached[0] < self.ttl_seconds:
-                found[item_id] = cached[1]
+            cached = self.item_cache.get(item_id, now)
+            if cached is not None:
+                found[item_id] = cached
             else:
                 missing.append(item_id)
-        self.cache_hits += len(found)
-        self.cache_misses += len(missing)
         if missing:
             for item_id, row in zip(missing, self._read(self.item_features, "item_id", missing)):
-                features = ItemFeatures(
-                    item_id=item_id, profile=_present(row, "item_profile", self.item_columns),
-                    category=row[f"item_profile__{CATEGORY_FEATURE}"],
-                    interaction_count=int(row["item_counters__interaction_count"] or 0),
-                    attention_embedding=list(row["item_embeddings__attention_embedding"] or []),
-                    representation_embedding=list(row["item_embeddings__representation_embedding"] or []),
-                    model_version=row["item_embeddings__model_version"])
-                self._items[item_id] = (now, features)
+                features = self._item_features(item_id, row)
+                self.item_cache.put(item_id, features, now)
                 found[item_id] = features
         return {item_id: found[item_id] for item_id in item_ids}
+
+    def _item_features(self, item_id: int, row: dict[str, Any]) -> ItemFeatures:
+        return ItemFeatures(
+            item_id=item_id, profile=_present(row, "item_profile", self.item_columns),
+            category=row[f"item_profile__{CATEGORY_FEATURE}"],
+            interaction_count=int(row["item_counters__interaction_count"] or 0),
+            attention_embedding=list(row["item_embeddings__attention_embedding"] or []),
+            representation_embedding=list(row["item_embeddings__representation_embedding"] or []),
+            model_version=row["item_embeddings__model_version"])
 
     def _read(self, features: list[str], key: str, ids: list[int]) -> list[dict[str, Any]]:
         rows = [{key: int(i)} for i in ids]

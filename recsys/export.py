@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -117,9 +118,23 @@ def load_model(model_dir: str | Path) -> tuple[Ranker, dict[str, Any]]:
     return model.eval(), manifest
 
 
+# export_model names a version <UTC time %Y%m%dT%H%M%S>-<the model fingerprint's first 8 hex
+# digits>: fixed width, so names sort as times
+VERSION_NAME = re.compile(r"\d{8}T\d{6}-[0-9a-f]{8}")
+
+
+def version_directories(root: Path) -> tuple[list[Path], list[str]]:
+    """The version directories under ``root``, oldest first, and the names of the other directories
+    (``backup/``: never a candidate). Hidden ones (export's ``.<version>.tmp`` while it writes) are neither."""
+    directories = sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+    return ([p for p in directories if VERSION_NAME.fullmatch(p.name)],
+            [p.name for p in directories if not VERSION_NAME.fullmatch(p.name)])
+
+
 def latest_model_dir(root: str | Path) -> Path:
-    """The newest exported version under ``root`` (versions sort by time)."""
-    versions = sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+    """The newest exported version under ``root`` (versions sort by time; other directories ignored)."""
+    versions, _ = version_directories(Path(root))
     if not versions:
-        raise ModelArtifactError(f"{root}: holds no exported model; run `plexrec train` first")
+        raise ModelArtifactError(f"{root}: holds no exported model version (YYYYMMDDTHHMMSS-xxxxxxxx); "
+                                 "run `plexrec train` first")
     return versions[-1]

@@ -4,6 +4,11 @@ are waiting, up to a row budget, and scores them as one batch.
 Why: the model costs far less per row in a big batch (on this 2-core machine one
 forward of 1,000 rows took about 3x one of 100), and forwards of several threads at
 once only fight over the cores. At concurrency 1 a call waits for nobody.
+
+The queue is bounded in rows (``max_queued_rows``): past it ``submit`` raises
+``Overloaded`` at once. An unbounded queue only turns overload into latency: every
+call waits behind the backlog until all of them miss their deadlines, while the
+server keeps spending forwards on calls nobody waits for any more.
 """
 
 from __future__ import annotations
@@ -40,19 +45,43 @@ class BatchTiming:
     rows: int
 
 
+class Overloaded(Exception):
+    """The model queue has no room for a call; the message says how full it is."""
+
+
 class ModelBatcher:
-    def __init__(self, max_rows: int = 4096) -> None:
-        self.max_rows = max_rows
+    def __init__(self, max_rows: int = 4096, max_queued_rows: int = 16384) -> None:
+        self.max_rows, self.max_queued_rows = max_rows, max_queued_rows
         self.jobs: queue.Queue[ScoringJob | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self.queued_rows = 0  # rows of the calls waiting for the model thread (not the batch it is scoring)
         self.thread = threading.Thread(target=self._run, name="model", daemon=True)
         self.thread.start()
 
+    def check_room(self, rows: int) -> None:
+        """Overloaded unless a call of ``rows`` would fit in the queue now (a cheap look before the
+        call spends a store read; ``submit`` decides)."""
+        if self.queued_rows + rows > self.max_queued_rows:
+            raise self._overloaded(rows)
+
     def submit(self, model: ServingModel, user: UserFeatures, items: list[ItemFeatures],
                history_items: dict[int, ItemFeatures]) -> Future:
-        """A future of (probabilities, BatchTiming)."""
+        """A future of (probabilities, BatchTiming); Overloaded when the queue has no room."""
         job = ScoringJob(model, user, items, history_items)
+        with self._lock:
+            if self.queued_rows + len(items) > self.max_queued_rows:
+                raise self._overloaded(len(items))
+            self.queued_rows += len(items)
         self.jobs.put(job)
         return job.future
+
+    def _overloaded(self, rows: int) -> Overloaded:
+        return Overloaded(f"{self.queued_rows} rows wait for the model, a call of {rows} more would pass the "
+                          f"queue's {self.max_queued_rows} (--max-queued-rows)")
+
+    def _dequeued(self, job: ScoringJob) -> None:
+        with self._lock:
+            self.queued_rows -= len(job.items)
 
     def close(self) -> None:
         self.jobs.put(None)
@@ -74,6 +103,7 @@ class ModelBatcher:
                     self.jobs.put(None)  # finish this batch, then stop
                     break
                 return None
+            self._dequeued(job)
             if job.future.set_running_or_notify_cancel():
                 taken.append(job)
                 rows += len(job.items)

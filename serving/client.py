@@ -6,7 +6,7 @@
         best = client.rank(user_id=42, item_ids=[1, 2, 3], k=2)   # [(item, score), ...]
 
     plexrec score --user 42 --items 1,2,3 [--context tab=1 ...] [--rank 2] [--target HOST:PORT]
-                  [--tls-ca ca.pem] [--token-file F]
+                  [--tls | --tls-ca ca.pem] [--token-file F]
 
 No torch: a client process needs grpcio and the generated code only.
 """
@@ -14,20 +14,22 @@ No torch: a client process needs grpcio and the generated code only.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import grpc
 
 from protos.plexrec.v1 import scoring_pb2, scoring_pb2_grpc
+from serving.auth import TokenError, read_token
 
 
 class ScoringClient:
     def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None,
                  root_certificates: bytes | None = None, tls: bool = False, timeout: float = 5.0) -> None:
-        if tls or root_certificates:
+        if root_certificates:  # a private CA
             self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates))
+        elif tls:  # no arguments: gRPC's default roots (grpcio's public CAs, or $GRPC_DEFAULT_SSL_ROOTS_FILE_PATH)
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials())
         else:
             self.channel = grpc.insecure_channel(target)
         self.stub = scoring_pb2_grpc.ScoringStub(self.channel)
@@ -94,14 +96,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="a context feature of the call, e.g. tab=1 (repeat for several); the data set's "
                              "schema declares which the model reads")
     parser.add_argument("--rank", type=int, metavar="K", help="return the K best, best first, instead of scores")
-    parser.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate (TLS)")
+    parser.add_argument("--tls", action="store_true",
+                        help="TLS, the server's certificate checked against gRPC's default root certificates "
+                             "(the public CAs; $GRPC_DEFAULT_SSL_ROOTS_FILE_PATH names another bundle)")
+    parser.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate (TLS with a "
+                                         "private CA)")
     parser.add_argument("--token-file", help="bearer token file (or set $PLEXREC_TOKEN)")
     parser.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
     args = parser.parse_args(argv)
-    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("PLEXREC_TOKEN")
+    try:
+        token = read_token(args.token_file)
+    except TokenError as exc:
+        sys.exit(f"plexrec score: {exc}")
     ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
     context = dict(args.context)
-    with ScoringClient(args.target, token=token, root_certificates=ca, timeout=args.timeout) as client:
+    with ScoringClient(args.target, token=token, root_certificates=ca, tls=args.tls, timeout=args.timeout) as client:
         try:
             if args.rank is not None:
                 rows = client.rank(args.user, args.items, args.rank, context=context)

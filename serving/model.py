@@ -32,7 +32,7 @@ from recsys.config import RunConfig
 from recsys.data.batching import Batch, model_inputs
 from recsys.data.examples import DERIVED_DENSE
 from recsys.data.schema import DatasetSchema
-from recsys.export import MANIFEST_FILE, ModelArtifactError, latest_model_dir, load_model
+from recsys.export import MANIFEST_FILE, ModelArtifactError, load_model, version_directories
 from recsys.sequence import SharedHistories
 from serving.inputs import model_batch
 
@@ -137,8 +137,9 @@ class ModelWatcher:
         # version -> (its files' sizes and times, why): a broken artifact is not retried until its
         # files change (a version copied in non-atomically is loaded once the copy completes)
         self.refused: dict[str, tuple[tuple, str]] = {}
+        self.ignored: set[str] = set()  # directories of the root that are not versions, logged once each
         self._lock = threading.Lock()
-        self.current = load_serving_model(latest_model_dir(self.path) if self.watching else self.path, store_meta)
+        self.current = load_serving_model(self._newest_version() if self.watching else self.path, store_meta)
         log.info("serving model %s from %s", self.current.version, self.current.directory)
 
     def check(self) -> bool:
@@ -147,7 +148,7 @@ class ModelWatcher:
             return False
         with self._lock:  # one reload at a time
             try:
-                newest = latest_model_dir(self.path)
+                newest = self._newest_version()
             except (ModelArtifactError, OSError) as exc:
                 log.warning("model root %s unreadable, still serving %s: %s", self.path, self.current.version, exc)
                 return False
@@ -165,3 +166,18 @@ class ModelWatcher:
             previous, self.current = self.current, candidate
             log.info("model %s replaced %s", candidate.version, previous.version)
             return True
+
+    def _newest_version(self) -> Path:
+        """The newest version directory of the root. Other directories (``backup``, ``tmp``) are
+        skipped with one log line when first seen: by name they would sort after every version."""
+        versions, others = version_directories(self.path)
+        unseen = sorted(set(others) - self.ignored)
+        if unseen:
+            log.warning("model root %s: ignoring %s: not model versions (exported versions are named like "
+                        "20240131T120000-0123abcd)", self.path, ", ".join(unseen))
+            self.ignored.update(unseen)
+        if not versions:
+            found = f" (it holds only {', '.join(others)})" if others else ""
+            raise ModelArtifactError(f"{self.path}: holds no exported model version{found}; run `plexrec train` "
+                                     "first")
+        return versions[-1]

@@ -19,6 +19,12 @@ authentication (``--token-file`` or $PLEXREC_TOKEN; health stays open for load
 balancers). Prometheus metrics on ``--metrics-port``. A newer model version
 under ``--model-dir`` is loaded in the background and swapped in atomically; a
 broken one is refused with a log line and the old one keeps serving.
+
+Load is shed, not queued without end: at most ``--max-concurrent-calls`` calls are
+in the server at once (gRPC refuses the others with ``RESOURCE_EXHAUSTED``) and at
+most ``--max-queued-rows`` candidate rows wait for the model (a call past it is
+refused ``RESOURCE_EXHAUSTED`` at once). A request that is not a valid message of
+its type (random bytes, bad UTF-8) is ``INVALID_ARGUMENT``, like any bad field.
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -38,13 +43,15 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from features.events import MAX_CONTEXT_ENTRIES, MAX_CONTEXT_TEXT  # one limit for events and requests
-from features.online import OnlineFeatures
+from features.online import DEFAULT_MAX_CACHED_BYTES, DEFAULT_MAX_CACHED_ITEMS, OnlineFeatures
 from protos.plexrec.v1 import scoring_pb2, scoring_pb2_grpc
-from serving.batcher import ModelBatcher
+from serving.auth import TokenError, is_loopback, read_token
+from serving.batcher import ModelBatcher, Overloaded
 from serving.inputs import InvalidContext, request_context
 from serving.metrics import ServingMetrics
 from serving.model import ModelWatcher
@@ -66,11 +73,27 @@ class ServeConfig:
     max_message_bytes: int = 1 << 20
     workers: int = 4  # threads reading the online store
     max_batch_rows: int = 4096  # concurrent calls scored in one forward, up to this many rows
+    # load shedding: candidate rows waiting for the model thread, and calls in the server at once
+    # (None: no limit); past either, calls are refused RESOURCE_EXHAUSTED at once
+    max_queued_rows: int = 16384
+    max_concurrent_calls: int | None = 256
     reload_seconds: float = 5.0
     item_cache_seconds: float = 60.0
+    item_cache_entries: int = DEFAULT_MAX_CACHED_ITEMS
+    item_cache_bytes: int = DEFAULT_MAX_CACHED_BYTES
     tls_cert: str | None = None
     tls_key: str | None = None
-    token: str | None = None
+    token: str | None = None  # None: no authentication; "" is refused (it cannot mean "closed")
+
+    def check(self) -> None:
+        """ValueError naming the setting that cannot work."""
+        if self.token is not None and not self.token.strip():
+            raise ValueError("the bearer token is empty: give the token, or None for no authentication")
+        if self.max_queued_rows < self.max_candidates:
+            raise ValueError(f"--max-queued-rows {self.max_queued_rows} is below --max-candidates "
+                             f"{self.max_candidates}: the largest allowed call could never be queued")
+        if self.max_concurrent_calls is not None and self.max_concurrent_calls < 1:
+            raise ValueError(f"--max-concurrent-calls must be at least 1, got {self.max_concurrent_calls}")
 
 
 class InvalidRequest(ValueError):
@@ -79,8 +102,44 @@ class InvalidRequest(ValueError):
         self.field = field
 
 
+@dataclass(frozen=True)
+class UndecodableRequest:
+    """What the server got where a request message belongs, when it is none (random bytes, a
+    truncated message, a string field that is not UTF-8). gRPC's own parsing would fail the call
+    UNKNOWN: a server fault to monitoring, where the fault is the caller's."""
+
+    message_type: str
+    problem: str
+
+
+def tolerant_parser(message_class):
+    """A request deserializer that never raises: a message, or an UndecodableRequest."""
+    def parse(raw: bytes):
+        try:
+            return message_class.FromString(raw)
+        except DecodeError as exc:
+            return UndecodableRequest(message_class.DESCRIPTOR.full_name, str(exc))
+    return parse
+
+
+def add_scoring_service(service: scoring_pb2_grpc.ScoringServicer, server) -> None:
+    """As the generated add_ScoringServicer_to_server, with requests parsed by tolerant_parser."""
+    handlers = {
+        "Score": grpc.unary_unary_rpc_method_handler(
+            service.Score, request_deserializer=tolerant_parser(scoring_pb2.ScoreRequest),
+            response_serializer=scoring_pb2.ScoreResponse.SerializeToString),
+        "Rank": grpc.unary_unary_rpc_method_handler(
+            service.Rank, request_deserializer=tolerant_parser(scoring_pb2.RankRequest),
+            response_serializer=scoring_pb2.RankResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def validate(request, max_candidates: int) -> None:
     """Raise InvalidRequest naming the first bad field of a Score or Rank request."""
+    if isinstance(request, UndecodableRequest):
+        raise InvalidRequest("request", f"is not a valid {request.message_type} message ({request.problem})")
     # optional in the proto: id 0 is a real user in some data sets, so "not sent" must be told apart
     if not request.HasField("user_id"):
         raise InvalidRequest("user_id", "is missing; send the user's id (>= 0)")
@@ -111,7 +170,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
                  metrics: ServingMetrics) -> None:
         self.watcher, self.online, self.config, self.metrics = watcher, online, config, metrics
         self.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="fetch")
-        self.batcher = ModelBatcher(config.max_batch_rows)
+        self.batcher = ModelBatcher(config.max_batch_rows, config.max_queued_rows)
 
     async def Score(self, request, context):
         scores, version = await self._scores("Score", request, context)
@@ -130,6 +189,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
         self.metrics.calls.labels(method).inc()
         try:
             validate(request, self.config.max_candidates)
+            self.batcher.check_room(len(request.item_ids))  # a call the queue cannot take costs no store read
             call_context = request_context(self.online.schema, request.context)
             loop = asyncio.get_running_loop()
             model = self.watcher.current  # one read: this call uses one model from start to end
@@ -140,11 +200,16 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
             if remaining is not None and remaining <= 0:
                 raise DeadlineExpired()
             scores, timing = await asyncio.wrap_future(self.batcher.submit(model, user, items, history))
+            if context.time_remaining() == 0:  # scored too late: no one waits for the answer any more
+                raise DeadlineExpired()
         except (InvalidRequest, InvalidContext) as exc:
             await self._fail(method, request, context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except DeadlineExpired:
             await self._fail(method, request, context, grpc.StatusCode.DEADLINE_EXCEEDED,
                              "the deadline passed before the scores were ready")
+        except Overloaded as exc:
+            await self._fail(method, request, context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"server overloaded: {exc}; retry with backoff")
         except Exception as exc:  # noqa: BLE001 - a request must fail with a status, not a stack trace
             await self._fail(method, request, context, grpc.StatusCode.UNAVAILABLE if _store_down(exc)
                              else grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
@@ -166,10 +231,16 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
 
     async def _fail(self, method: str, request, context, code: grpc.StatusCode, message: str) -> None:
         self.metrics.errors.labels(method, code.name).inc()
+        decoded = not isinstance(request, UndecodableRequest)
         log.warning(json.dumps({"event": "call_failed", "method": method, "code": code.name, "message": message,
-                                "request_id": request.request_id,
-                                "user_id": request.user_id if request.HasField("user_id") else None,
-                                "candidates": len(request.item_ids)}))
+                                "request_id": request.request_id if decoded else None,
+                                "user_id": request.user_id if decoded and request.HasField("user_id") else None,
+                                "candidates": len(request.item_ids) if decoded else None}))
+        if context.time_remaining() == 0:
+            # the caller's deadline has passed and gRPC has answered DEADLINE_EXCEEDED: a status sent now
+            # fails inside gRPC, which logs an ERROR with a traceback (one per late call). Cancelling
+            # ends the call quietly.
+            raise asyncio.CancelledError()
         await context.abort(code, message)
 
 
@@ -211,9 +282,12 @@ class ScoringServer:
     """The running server: ``await start()``, then ``port``, ``metrics_port``, ``await stop()``."""
 
     def __init__(self, config: ServeConfig, store) -> None:
+        config.check()
         self.config = config
         # the store's store.json (schema, history length): what every model is checked against
-        self.online = OnlineFeatures(store, ttl_seconds=config.item_cache_seconds)
+        self.online = OnlineFeatures(store, ttl_seconds=config.item_cache_seconds,
+                                     max_cached_items=config.item_cache_entries,
+                                     max_cached_bytes=config.item_cache_bytes)
         self.watcher = ModelWatcher(config.model_dir, self.online.meta)
         self.metrics = ServingMetrics()
         self.metrics.model_version(self.watcher.current.version)
@@ -237,12 +311,19 @@ class ScoringServer:
                    # gRPC shares a port with another server by default: a second `plexrec serve` on a
                    # busy port would silently take half the calls; fail instead
                    ("grpc.so_reuseport", 0)]
-        self.server = grpc.aio.server(interceptors=interceptors, options=options)
-        scoring_pb2_grpc.add_ScoringServicer_to_server(self.service, self.server)
+        # past the limit gRPC answers RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!" itself (health
+        # checks and reflection count too: grpcio 1.85 has one limit for the whole server)
+        self.server = grpc.aio.server(interceptors=interceptors, options=options,
+                                      maximum_concurrent_rpcs=config.max_concurrent_calls)
+        add_scoring_service(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME],
                                             self.server)
         address = f"{config.host}:{config.port}"
+        if config.token and not config.tls_cert and not is_loopback(config.host):
+            log.warning("the bearer token crosses the network in plaintext on %s: anyone on the path can read "
+                        "and replay it; serve TLS (--tls-cert/--tls-key) or listen on a loopback address",
+                        config.host or "every interface")
         try:
             if config.tls_cert or config.tls_key:
                 if not (config.tls_cert and config.tls_key):
@@ -349,6 +430,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=4, help="threads reading the online store")
     parser.add_argument("--max-batch-rows", type=int, default=4096,
                         help="concurrent calls share one forward of up to this many rows")
+    parser.add_argument("--max-queued-rows", type=int, default=16384,
+                        help="candidate rows that may wait for the model; a call past it is refused "
+                             "RESOURCE_EXHAUSTED at once (at least --max-candidates)")
+    parser.add_argument("--max-concurrent-calls", type=int, default=256,
+                        help="calls in the server at once, health checks included; gRPC refuses the rest "
+                             "RESOURCE_EXHAUSTED (0: no limit)")
+    parser.add_argument("--item-cache-entries", type=int, default=DEFAULT_MAX_CACHED_ITEMS,
+                        help="items whose features are cached, at most (least recently used evicted)")
+    parser.add_argument("--item-cache-mib", type=float, default=DEFAULT_MAX_CACHED_BYTES / 2**20,
+                        help="estimated memory of the item cache, at most, in MiB")
+    parser.add_argument("--item-cache-seconds", type=float, default=60.0,
+                        help="how long a cached item's features are used before they are read again")
     parser.add_argument("--reload-seconds", type=float, default=5.0, help="how often to look for a newer model")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="intra-op threads of the forward (measured on 2 cores: 1 beats 2, which fight "
@@ -359,15 +452,21 @@ def main(argv: list[str] | None = None) -> None:
                                              "(or set $PLEXREC_TOKEN)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("PLEXREC_TOKEN")
+    try:  # before anything loads: a server meant to be closed must not come up open
+        token = read_token(args.token_file)
+    except TokenError as exc:
+        sys.exit(f"plexrec serve: {exc}")
     import torch
 
     torch.set_num_threads(args.torch_threads)
     config = ServeConfig(model_dir=args.model_dir, host=args.host, port=args.port, metrics_port=args.metrics_port,
                          max_candidates=args.max_candidates, workers=args.workers,
-                         max_batch_rows=args.max_batch_rows,
-                         reload_seconds=args.reload_seconds, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                         token=token or None)
+                         max_batch_rows=args.max_batch_rows, max_queued_rows=args.max_queued_rows,
+                         max_concurrent_calls=args.max_concurrent_calls or None,
+                         reload_seconds=args.reload_seconds, item_cache_seconds=args.item_cache_seconds,
+                         item_cache_entries=args.item_cache_entries,
+                         item_cache_bytes=int(args.item_cache_mib * 2**20),
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, token=token)
     try:
         store = open_store(args.profile, data_dir(args.data_dir), args.redis_url)
         asyncio.run(serve_forever(config, store))

@@ -296,7 +296,7 @@ def with_version(source: Path, root: Path, version: str) -> Path:
 
 def test_new_versions_swap_in_under_load_and_broken_ones_are_refused(store_dir, model_root, tmp_path, caplog):
     root = tmp_path / "models"
-    first = with_version(next(model_root.iterdir()), root, "20200101T000000-first")
+    first = with_version(next(model_root.iterdir()), root, "20200101T000000-00000001")
     config = ServeConfig(model_dir=str(root), port=0, reload_seconds=0.2)
     failures, versions, stop = [], [], threading.Event()
     with serving_in_background(config, open_store("local", store_dir)) as running:
@@ -312,23 +312,23 @@ def test_new_versions_swap_in_under_load_and_broken_ones_are_refused(store_dir, 
         for caller in callers:
             caller.start()
         with caplog.at_level(logging.ERROR, logger="plexrec.serving.model"):
-            broken = with_version(first, root, "20300101T000000-broken")
+            broken = with_version(first, root, "20300101T000000-deadbeef")
             (broken / "weights.safetensors").write_bytes(b"not a tensor file")
             deadline = time.monotonic() + 30
-            while "20300101T000000-broken" not in running.watcher.refused and time.monotonic() < deadline:
+            while "20300101T000000-deadbeef" not in running.watcher.refused and time.monotonic() < deadline:
                 time.sleep(0.1)
-            with_version(first, root, "20400101T000000-second")
-            while running.watcher.current.version != "20400101T000000-second" and time.monotonic() < deadline:
+            with_version(first, root, "20400101T000000-00000002")
+            while running.watcher.current.version != "20400101T000000-00000002" and time.monotonic() < deadline:
                 time.sleep(0.1)
             time.sleep(0.5)
         stop.set()
         for caller in callers:
             caller.join()
     assert not failures, failures[:3]
-    assert "refused model 20300101T000000-broken" in caplog.text
-    assert versions[0] == "20200101T000000-first" and versions[-1] == "20400101T000000-second"
-    assert "20300101T000000-broken" not in versions
-    switch = versions.index("20400101T000000-second")
+    assert "refused model 20300101T000000-deadbeef" in caplog.text
+    assert versions[0] == "20200101T000000-00000001" and versions[-1] == "20400101T000000-00000002"
+    assert "20300101T000000-deadbeef" not in versions
+    switch = versions.index("20400101T000000-00000002")
     assert len(versions) > 20 and switch > 0
 
 
@@ -336,16 +336,16 @@ def test_a_refused_version_is_retried_only_once_its_files_change(store_dir, mode
     from serving.model import ModelWatcher
 
     root = tmp_path / "models"
-    first = with_version(next(model_root.iterdir()), root, "20200101T000000-first")
+    first = with_version(next(model_root.iterdir()), root, "20200101T000000-00000001")
     watcher = ModelWatcher(root, read_store_meta(store_dir))
-    late = with_version(first, root, "20300101T000000-late")
+    late = with_version(first, root, "20300101T000000-1a7e1a7e")
     good_weights = (late / "weights.safetensors").read_bytes()
     (late / "weights.safetensors").write_bytes(good_weights[:100])  # a copy still in progress
     with caplog.at_level(logging.ERROR, logger="plexrec.serving.model"):
         assert not watcher.check() and not watcher.check()
-    assert caplog.text.count("refused model 20300101T000000-late") == 1  # not retried while unchanged
+    assert caplog.text.count("refused model 20300101T000000-1a7e1a7e") == 1  # not retried while unchanged
     (late / "weights.safetensors").write_bytes(good_weights)  # the copy completes
-    assert watcher.check() and watcher.current.version == "20300101T000000-late"
+    assert watcher.check() and watcher.current.version == "20300101T000000-1a7e1a7e"
 
 
 @pytest.fixture(scope="module")
@@ -386,6 +386,254 @@ def test_serving_imports_no_training_and_the_client_no_torch():
     code = "import sys, serving.client; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
         == "False"
+
+
+# --- guarantees under faults: the model root, the token, the item cache, load shedding ---
+
+STRANGER = 10_000_000  # a user the store does not know: no history, so a call reads only its candidates
+
+
+def test_directories_that_are_not_versions_are_ignored_with_one_log_line(store_dir, model_root, tmp_path, caplog):
+    """A `backup` (a copy of an older version), an empty `tmp` and a file beside the versions: by name
+    the directories sort after every version. The server starts on the newest version, names them in
+    one log line (not one per poll) and still picks up a newer version."""
+    root = tmp_path / "models"
+    first = with_version(next(model_root.iterdir()), root, "20200101T000000-00000001")
+    shutil.copytree(first, root / "backup")
+    (root / "tmp").mkdir()
+    (root / "NOTES.txt").write_text("backup/ is the model of January\n")
+    (root / ".20250101T000000-0000000f.tmp").mkdir()  # export's staging directory: skipped without a word
+    config = ServeConfig(model_dir=str(root), port=0, reload_seconds=0.05)
+    with caplog.at_level(logging.INFO, logger="plexrec.serving.model"):
+        with serving_in_background(config, open_store("local", store_dir)) as running:
+            assert running.watcher.current.version == "20200101T000000-00000001"
+            time.sleep(0.5)  # about ten polls
+            with_version(first, root, "20400101T000000-00000002")
+            deadline = time.monotonic() + 30
+            while running.watcher.current.version != "20400101T000000-00000002" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with ScoringClient(f"127.0.0.1:{running.port}") as scoring:
+                assert scoring.score(USER, [1, 2])[1] == "20400101T000000-00000002"
+    ignored = [r.getMessage() for r in caplog.records if "not model versions" in r.getMessage()]
+    assert len(ignored) == 1, ignored
+    assert "ignoring backup, tmp:" in ignored[0]
+
+
+def test_an_empty_or_unreadable_token_file_stops_serve_saying_what_to_do(store_dir, model_root, tmp_path):
+    from serving.server import main as serve
+
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    # the CLI in a process of its own: the old behaviour (authentication off) served forever
+    done = subprocess.run([sys.executable, "-m", "recsys.cli", "serve", "--model-dir", str(model_root),
+                           "--data-dir", str(store_dir), "--port", "0", "--token-file", str(empty)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert f"plexrec serve: --token-file {empty} is empty: put the token there" in done.stderr
+    assert "Traceback" not in done.stderr
+    for unreadable, why in ((tmp_path / "missing", "No such file or directory"), (tmp_path, "Is a directory")):
+        with pytest.raises(SystemExit) as stopped:
+            serve(["--model-dir", str(model_root), "--data-dir", str(store_dir), "--port", "0",
+                   "--token-file", str(unreadable)])
+        assert str(stopped.value.code).startswith(f"plexrec serve: cannot read --token-file {unreadable} ({why}): ")
+
+
+def test_a_token_variable_that_is_set_must_hold_a_usable_token():
+    from serving.auth import TokenError, read_token
+
+    assert read_token(None, {}) is None  # nothing given: no authentication
+    assert read_token(None, {"PLEXREC_TOKEN": "s3cret\n"}) == "s3cret"
+    for value, problem in (("", "is empty"), ("  \n", "is empty"), ("two words", "whitespace")):
+        with pytest.raises(TokenError, match=problem):
+            read_token(None, {"PLEXREC_TOKEN": value})
+    with pytest.raises(ValueError, match="the bearer token is empty"):
+        ServeConfig(model_dir="models", token="").check()
+
+
+def test_a_token_without_tls_off_loopback_is_warned_about(store_dir, model_root, caplog):
+    from serving.auth import is_loopback
+
+    assert all(map(is_loopback, ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "", "::", "10.1.2.3", "scoring.example.com"]))
+    for host, warned in (("0.0.0.0", True), ("127.0.0.1", False)):
+        caplog.clear()
+        config = ServeConfig(model_dir=str(model_root), host=host, port=0, token="s3cret")
+        with caplog.at_level(logging.WARNING, logger="plexrec.serving"):
+            with serving_in_background(config, open_store("local", store_dir)):
+                pass
+        assert ("the bearer token crosses the network in plaintext on 0.0.0.0" in caplog.text) == warned, host
+
+
+def test_score_tls_checks_the_server_against_the_default_roots(store_dir, model_root, certificate):
+    """`plexrec score --tls` trusts gRPC's default root certificates; pointing those at the test CA
+    ($GRPC_DEFAULT_SSL_ROOTS_FILE_PATH) makes the self-signed server trusted, and only then."""
+    import os
+
+    cert, key = certificate
+    config = ServeConfig(model_dir=str(model_root), port=0, tls_cert=str(cert), tls_key=str(key))
+    with serving_in_background(config, open_store("local", store_dir)) as running:
+        command = [sys.executable, "-m", "recsys.cli", "score", "--target", f"localhost:{running.port}",
+                   "--user", str(USER), "--items", "1,2", "--tls"]
+        trusted = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                                 env={**os.environ, "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(cert)})
+        stranger = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert trusted.returncode == 0, trusted.stderr
+    assert len(trusted.stdout.splitlines()) == 4  # a header, two items, the model version
+    assert stranger.returncode == 1 and "plexrec score: UNAVAILABLE" in stranger.stderr
+
+
+def test_the_item_cache_is_an_lru_bounded_in_entries_and_bytes():
+    """Random gets and puts (80 ids, entries of very different sizes, one too big to cache at all)
+    against a plain OrderedDict model of an LRU with the same two bounds: after every step the same
+    ids in the same order and the same byte count."""
+    import random
+    from collections import OrderedDict
+
+    from features.online import ItemCache, ItemFeatures
+
+    rng = random.Random(0)
+    max_entries, max_bytes = 20, 40_000
+    cache = ItemCache(max_entries, max_bytes, ttl_seconds=1e9)
+    reference: OrderedDict[int, int] = OrderedDict()  # id -> bytes, least recently used first
+    evictions = 0
+    for _ in range(3000):
+        item_id = rng.randrange(80)
+        if rng.random() < 0.5:
+            found = cache.get(item_id, now=0.0)
+            assert (found is not None) == (item_id in reference)
+            if found is not None:
+                assert found.item_id == item_id
+                reference.move_to_end(item_id)
+            continue
+        features = ItemFeatures(item_id=item_id, attention_embedding=[rng.random()] * rng.choice([0, 8, 64, 256, 1500]))
+        size = ItemCache.entry_bytes(features)
+        cache.put(item_id, features, now=0.0)
+        reference.pop(item_id, None)
+        if size <= max_bytes:
+            reference[item_id] = size
+        while len(reference) > max_entries or sum(reference.values()) > max_bytes:
+            reference.popitem(last=False)
+            evictions += 1
+        assert cache.ids() == list(reference)
+        assert cache.bytes == sum(reference.values()) <= max_bytes and len(cache) <= max_entries
+    assert cache.evictions == evictions > 100
+
+
+def test_the_item_caches_byte_count_tracks_the_memory_it_holds():
+    """What filling the cache allocates (tracemalloc) against the cache's own estimate: never less,
+    at most half again as much; for known items (profile, category, two 64-d embeddings) and unknown."""
+    import tracemalloc
+
+    from features.online import ItemCache, ItemFeatures
+
+    def known(item_id: int) -> ItemFeatures:
+        return ItemFeatures(item_id=item_id, profile={"genres": ["Comedy", "Drama"], "release_year": 1995},
+                            category="Comedy", interaction_count=item_id % 97,
+                            attention_embedding=[item_id / (j + 1) for j in range(64)],
+                            representation_embedding=[item_id / (j + 2) for j in range(64)],
+                            model_version="20240101T000000-0123abcd")
+
+    for make in (known, lambda item_id: ItemFeatures(item_id=item_id)):
+        cache = ItemCache(max_entries=10**6, max_bytes=10**12)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for item_id in range(10**9, 10**9 + 2000):
+                cache.put(item_id, make(item_id), now=0.0)
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert held <= cache.bytes <= 1.5 * held, (held, cache.bytes)
+
+
+@pytest.mark.parametrize("bound", ["entries", "bytes"])
+def test_a_stream_of_unknown_ids_keeps_the_item_cache_within_its_bounds(store_dir, model_root, bound):
+    """60 calls of 100 new unknown ids each (6,000 in all) and one known item in every call; the
+    cache holds about 300 entries either way (300 entries, or 200 kB of ~0.7 kB unknown items)."""
+    limits = {"entries": {"item_cache_entries": 300, "item_cache_bytes": 64 << 20},
+              "bytes": {"item_cache_entries": 100_000, "item_cache_bytes": 200_000}}[bound]
+    config = ServeConfig(model_dir=str(model_root), port=0, **limits)
+    hot, first_unknown = 50, 10**12
+    with serving_in_background(config, open_store("local", store_dir)) as running:
+        cache = running.online.item_cache
+        with ScoringClient(f"127.0.0.1:{running.port}") as scoring:
+            for call in range(60):
+                unknown = range(first_unknown + 100 * call, first_unknown + 100 * (call + 1))
+                scores, _ = scoring.score(STRANGER, [hot, *unknown])
+                assert len(scores) == 101
+                assert len(cache) <= limits["item_cache_entries"] and cache.bytes <= limits["item_cache_bytes"]
+        assert hot in cache  # used by every call: the least recently used went first, not the oldest
+        assert first_unknown not in cache and first_unknown + 5999 in cache
+        assert cache.evictions >= 6000 - 300
+        used = len(cache) / limits["item_cache_entries"] if bound == "entries" else \
+            cache.bytes / limits["item_cache_bytes"]
+        assert used > 0.9  # the bound, not something else, stopped the growth
+
+
+def test_the_model_queue_refuses_calls_past_its_row_bound_at_once(server):
+    """The served model behind a batcher of one 300-row forward at a time and a 600-row queue: while
+    the first call is scored, two more wait and the rest are refused at once; the admitted ones all
+    get their scores, and once the queue has drained it takes calls again."""
+    from features.online import ItemFeatures, UserFeatures
+    from serving.batcher import ModelBatcher, Overloaded
+
+    model, user = server.watcher.current, UserFeatures(user_id=STRANGER)
+    items = [ItemFeatures(item_id=i) for i in range(1, 301)]
+    batcher = ModelBatcher(max_rows=300, max_queued_rows=600)
+    try:
+        admitted, refused = [], []
+        for _ in range(6):  # microseconds apart; one forward of 300 rows takes milliseconds
+            try:
+                admitted.append(batcher.submit(model, user, items, {}))
+            except Overloaded as exc:
+                refused.append(str(exc))
+        assert 2 <= len(admitted) <= 3 and len(refused) == 6 - len(admitted)
+        assert "a call of 300 more would pass the queue's 600 (--max-queued-rows)" in refused[0]
+        assert all(len(future.result(timeout=30)[0]) == 300 for future in admitted)
+        assert batcher.queued_rows == 0
+        assert len(batcher.submit(model, user, items, {}).result(timeout=30)[0]) == 300
+    finally:
+        batcher.close()
+
+
+@pytest.mark.parametrize("limit,refusal", [
+    ("concurrency", "Concurrent RPC limit exceeded!"),  # gRPC's own words
+    ("queue", "server overloaded: "),
+])
+def test_a_flood_is_shed_and_admitted_calls_meet_their_deadline(store_dir, model_root, limit, refusal):
+    """200 calls of 500 candidates at once, against 4 calls in the server at once or a model queue of
+    1,000 rows: some are refused RESOURCE_EXHAUSTED by that limit, the others succeed, every call ends
+    well within its deadline, none fails INTERNAL or UNKNOWN, and the server is SERVING after."""
+    from collections import Counter
+
+    from protos.plexrec.v1 import scoring_pb2
+
+    limits = {"concurrency": {"max_concurrent_calls": 4, "max_queued_rows": 1_000_000},
+              "queue": {"max_concurrent_calls": None, "max_queued_rows": 1000}}[limit]
+    config = ServeConfig(model_dir=str(model_root), port=0, max_batch_rows=1000, **limits)
+    items, deadline = list(range(1, 501)), 5.0
+    with serving_in_background(config, open_store("local", store_dir)) as running:
+        with ScoringClient(f"127.0.0.1:{running.port}") as scoring:
+            scoring.score(USER, items)  # the items in the cache: the flood measures the server, not the store
+            request = scoring_pb2.ScoreRequest(user_id=USER, item_ids=items)
+            sent = time.monotonic()
+            calls = [scoring.stub.Score.future(request, timeout=deadline) for _ in range(200)]
+            outcomes = []
+            for call in calls:
+                error = call.exception()
+                outcomes.append((error.code() if error else grpc.StatusCode.OK, error.details() if error else ""))
+            took = time.monotonic() - sent
+            codes = Counter(code for code, _ in outcomes)
+            assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+            assert codes[grpc.StatusCode.OK] >= 2 and codes[grpc.StatusCode.RESOURCE_EXHAUSTED] >= 100, codes
+            refusals = {details for code, details in outcomes if code == grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert any(details.startswith(refusal) for details in refusals), refusals
+            assert all(details == "Concurrent RPC limit exceeded!" or
+                       (details.startswith("server overloaded: ") and details.endswith("; retry with backoff"))
+                       for details in refusals), refusals
+            assert took < deadline / 2  # nobody waited for the deadline: refused at once, or scored
+            assert scoring.serving()
+            assert len(scoring.score(USER, items)[0]) == 500
 
 
 # --- another schema: KuaiRand-Pure (impressions, a 30-column user table, the request context `tab`) ---
