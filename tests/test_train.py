@@ -92,6 +92,17 @@ def test_fit_exports_a_model_that_predicts_like_the_trainer(small_examples, tmp_
         version, f"{version}/manifest.json", f"{version}/weights.safetensors"]
 
 
+def test_the_latest_model_dir_is_the_newest_version_never_another_directory(tmp_path):
+    """`features publish --model-dir models/` picks a version, not `backup/` (which sorts after them)."""
+    from recsys.export import latest_model_dir
+
+    for name in ("20260101T000000-0000000a", "20260102T000000-0000000b", "backup", ".20260103T000000-c.tmp"):
+        (tmp_path / name).mkdir()
+    assert latest_model_dir(tmp_path).name == "20260102T000000-0000000b"
+    with pytest.raises(ModelArtifactError, match="holds no exported model version"):
+        latest_model_dir(tmp_path / "backup")
+
+
 def test_damaged_or_foreign_model_dirs_are_refused(small_examples, tmp_path):
     with pytest.raises(ModelArtifactError, match="no manifest.json"):
         read_manifest(tmp_path)
