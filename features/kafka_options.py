@@ -89,9 +89,9 @@ def _password(path: str | None) -> str | None:
     if path is None:
         return os.environ.get(PASSWORD_ENV)
     try:
-        text = Path(path).read_text().strip()
+        text = Path(path).read_text().rstrip("\r\n")  # spaces may belong to the password
     except OSError as exc:
         raise KafkaOptionsError(f"--sasl-password-file {path}: cannot read it ({exc.strerror})") from None
-    if not text:
+    if not text.strip():
         raise KafkaOptionsError(f"--sasl-password-file {path} is empty: write the password into it")
     return text
