@@ -158,11 +158,19 @@ def ensure_topics(kafka: dict, topic: str, partitions: int = DEFAULT_PARTITIONS,
     return count
 
 
-def topic_incarnation(admin, topic: str) -> str:
+def topic_incarnation(admin, topic: str) -> str | None:
     """``topic@<topic id>``: a topic deleted and recreated under the same name is another
     incarnation, whose offsets start again at 0. Just ``topic`` where the broker reports no
-    topic ids (Kafka before 2.8): recreated topics then go unnoticed (logged)."""
-    (description,) = admin.describe_topics([topic])
+    topic ids (Kafka before 2.8): recreated topics then go unnoticed (logged). None while the
+    topic does not exist (deleted, not yet recreated)."""
+    from kafka.errors import KafkaError
+
+    try:
+        (description,) = admin.describe_topics([topic])
+    except KafkaError:
+        return None
+    if description.get("error_code"):
+        return None
     topic_id = str(description.get("topic_id") or "")
     if not topic_id or set(topic_id) <= {"0", "-"}:
         log.warning("the broker reports no topic id for %s: a recreated topic would be taken for the old one "
@@ -257,7 +265,7 @@ class Ingester:
         ensure_topics(self.kafka, topic, partitions, replication_factor)
         # the watermarks name the topic's incarnation, so a recreated topic's offsets are new
         self.admin = KafkaAdminClient(**self.kafka)
-        self.incarnation = topic_incarnation(self.admin, topic)
+        self.incarnation = topic_incarnation(self.admin, topic) or topic
         self.incarnation_checked = time.monotonic()
         self.highest_offsets: dict[int, int] = {}  # per partition of the event topic, this process
         # a short session timeout: the first group assignment waits about half of it (measured on tansu)
@@ -359,7 +367,7 @@ class Ingester:
         seek to its beginning (events seen under the old incarnation are skipped by their ids)."""
         self.incarnation_checked = time.monotonic()
         incarnation = topic_incarnation(self.admin, self.topic)
-        if incarnation == self.incarnation:
+        if incarnation is None or incarnation == self.incarnation:  # None: deleted, not yet recreated
             return False
         log.warning("topic %s was deleted and recreated (now %s): its offsets start again, its events are new; "
                     "reading it from the beginning", self.topic, incarnation)
