@@ -192,8 +192,18 @@ def next_stamp_us(now_us: int, stored_us) -> int:
     return now_us if stored_us is None else max(now_us, int(stored_us) + 1)
 
 
-def remember(window: list[int], keys: list[int], size: int) -> list[int]:
-    return (window + keys)[-size:]
+def unpack_window(packed: bytes | None) -> list[int]:
+    """A row's recent event-id hashes (``recent_event_ids``: big-endian int64, oldest first)."""
+    import numpy as np
+
+    return np.frombuffer(packed or b"", dtype=">i8").tolist()
+
+
+def remember(window: list[int], keys: list[int], size: int) -> bytes:
+    """The window with ``keys`` added, the oldest beyond ``size`` dropped, packed for the row."""
+    import numpy as np
+
+    return np.asarray((window + keys)[-size:], dtype=">i8").tobytes()
 
 
 def source_position(message, incarnation: str) -> tuple[str, int, int]:
@@ -457,10 +467,10 @@ class Ingester:
         if rows:
             self.store.write_to_online_store("user_history", pd.DataFrame(rows))
 
-    def _first_sightings(self, candidates: list, stored_window) -> tuple[list, list[int]]:
+    def _first_sightings(self, candidates: list, stored_window: bytes | None) -> tuple[list, bytes]:
         """The candidates (Received or ItemDelta, in order) whose event id is neither in the
-        entity's recent window nor earlier among them, and the window with their ids added."""
-        window = list(stored_window or [])
+        entity's recent window nor earlier among them, and the packed window with their ids added."""
+        window = unpack_window(stored_window)
         seen, fresh, keys = set(window), [], []
         for candidate in candidates:
             key = event_key(candidate.event.event_id)

@@ -147,14 +147,14 @@ def offline_tables(tables: DatasetTables, history_length: int,
                             behaviours["item_id"].to_numpy(np.int64), history_length, unit)
     history = history.rename(columns={"key": "user_id"})
     history["ingest_source"], history["ingest_offset"] = "", -1  # loaded in bulk, not from the stream
-    history["recent_event_ids"] = [np.zeros(0, dtype=np.int64) for _ in range(len(history))]  # typed: list<int64>
+    history["recent_event_ids"] = b""  # no event ids: loaded in bulk, not from the stream
     history["stamp_us"] = microseconds(history["event_timestamp"])
     by_item = behaviours.sort_values(["item_id", "timestamp"], kind="stable")
     counters = running_state(by_item["item_id"].to_numpy(np.int64), by_item["timestamp"].to_numpy(np.int64),
                              None, history_length, unit).rename(columns={"key": "item_id"})
     counters["ingest_topic"] = ""
     counters["ingest_offsets"] = [np.zeros(0, dtype=np.int64) for _ in range(len(counters))]  # typed: list<int64>
-    counters["recent_event_ids"] = [np.zeros(0, dtype=np.int64) for _ in range(len(counters))]
+    counters["recent_event_ids"] = b""
     counters["stamp_us"] = microseconds(counters["event_timestamp"])
     label_column = schema.rating or schema.label
     interactions = frame[["user_id", "item_id", "timestamp", label_column,

@@ -63,7 +63,7 @@ def _view(store, view: str, columns: list[str], key: str, entity_id: int) -> dic
 def _stream_state(row: dict[str, Any], marks: dict[str, Any]) -> dict[str, Any]:
     window = row.pop("recent_event_ids", None)
     stamp_us = row.pop("stamp_us", None)
-    row["ingester"] = {**marks, "event_ids_remembered": len(window or []),
+    row["ingester"] = {**marks, "event_ids_remembered": len(window or b"") // 8,
                        "stamp": datetime.fromtimestamp(stamp_us / 1e6, timezone.utc).isoformat()
                        if stamp_us is not None else None}
     return row

@@ -370,11 +370,11 @@ def test_ingester_metrics_count_what_happened(broker, empty_store):
     by_offset = value('plexrec_ingest_duplicates_skipped_total{rule="offset",side="user"}')
     dead = sum(float(v) for v in re.findall(r'^plexrec_ingest_dead_letters_total\{reason="[^"]+"\} (\S+)$',
                                             text, re.M))
-    assert applied == 4 and by_id >= 2 and dead >= 1 and events >= 7
-    assert applied + by_id + by_offset + dead == events
-    assert value('plexrec_ingest_duplicates_skipped_total{rule="any",side="item"}') >= 2
-    assert value("plexrec_ingest_commit_seconds_count") >= 1
-    assert re.search(rf'^plexrec_ingest_consumer_lag\{{partition="0",topic="{name}"\}} ', text, re.M)
+    assert applied == 4 and by_id >= 2 and dead >= 1 and events >= 7, text
+    assert applied + by_id + by_offset + dead == events, text
+    assert value('plexrec_ingest_duplicates_skipped_total{rule="any",side="item"}') >= 2, text
+    assert value("plexrec_ingest_commit_seconds_count") >= 1, text
+    assert re.search(rf'^plexrec_ingest_consumer_lag\{{partition="\d+",topic="{name}"\}} ', text, re.M), text
 
 
 def test_replay_publishes_movielens_in_time_order(broker):
