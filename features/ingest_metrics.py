@@ -8,7 +8,9 @@ the embedded tansu broker reports its high watermark as the start of the last ba
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
+
+from features.metrics_endpoint import MetricsEndpoint
 
 COMMIT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 COUNTED = {  # IngestStats field -> (metric name, help)
@@ -21,9 +23,9 @@ COUNTED = {  # IngestStats field -> (metric name, help)
 }
 
 
-class IngestMetrics:
+class IngestMetrics(MetricsEndpoint):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         self.counters = {field: Counter(name, text, registry=self.registry) for field, (name, text) in COUNTED.items()}
         self.duplicates = Counter("plexrec_ingest_duplicates_skipped",
                                   "events that changed nothing: side user|item, rule offset (re-delivered) or "
@@ -35,7 +37,6 @@ class IngestMetrics:
         self.lag = Gauge("plexrec_ingest_consumer_lag", "messages behind the broker's high watermark",
                          ["topic", "partition"], registry=self.registry)
         self._seen: dict = {}
-        self._http = None
 
     def follow(self, stats, commit_seconds: list[float], lags: dict[tuple[str, int], int]) -> None:
         """Bring the metrics up to ``stats`` (cumulative IngestStats) after a batch."""
@@ -55,13 +56,3 @@ class IngestMetrics:
     def _advance(self, counter, key, total: int) -> None:
         counter.inc(total - self._seen.get(key, 0))
         self._seen[key] = total
-
-    def serve(self, host: str, port: int) -> int:
-        """Expose /metrics over HTTP; returns the port (a free one for ``port=0``)."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        return self._http.server_port
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
+
+from features.metrics_endpoint import MetricsEndpoint
 
 # 0.5 ms .. 5 s: a cached call takes about a millisecond, a cold 1,000-candidate call hundreds
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
-class ServingMetrics:
+class ServingMetrics(MetricsEndpoint):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         self.calls = Counter("plexrec_calls", "scoring calls received", ["method"], registry=self.registry)
         self.errors = Counter("plexrec_errors", "scoring calls failed, by status code", ["method", "code"],
                               registry=self.registry)
@@ -23,7 +25,6 @@ class ServingMetrics:
                                      registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64))
         self.model = Gauge("plexrec_model_info", "1 for the model version being served, 0 for earlier ones", ["version"],
                            registry=self.registry)
-        self._http = None
         self._version: str | None = None
 
     def model_version(self, version: str) -> None:
@@ -33,13 +34,3 @@ class ServingMetrics:
             self.model.labels(self._version).set(0)
         self._version = version
         self.model.labels(version).set(1)
-
-    def serve(self, host: str, port: int) -> int:
-        """Expose /metrics over HTTP; returns the port (a free one for ``port=0``)."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        return self._http.server_port
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
