@@ -295,7 +295,7 @@ def replay_main(argv: list[str] | None = None) -> None:
     import logging
     import sys
 
-    from features.kafka_options import KafkaOptionsError, add_kafka_arguments, kafka_options
+    from features.kafka_options import KafkaOptionsError, add_kafka_arguments, kafka_options, unreachable
     from recsys.config import PROJECT_ROOT, ConfigError
     from recsys.data.schema import DataError, DatasetSchema
 
@@ -317,11 +317,11 @@ def replay_main(argv: list[str] | None = None) -> None:
         sys.exit(f"plexrec replay: {exc}")
     try:
         producer = EventProducer(kafka.pop("bootstrap_servers"), args.topic, **kafka)
-    except Exception as exc:  # kafka-python's: no broker, refused credentials or TLS
-        if type(exc).__module__.startswith("kafka"):
-            sys.exit(f"plexrec replay: cannot reach Kafka at {args.bootstrap_servers} ({exc!r}); check "
-                     "--bootstrap-servers and the --security-protocol / SASL / TLS flags")
-        raise
+    except Exception as exc:
+        message = unreachable("plexrec replay", args, exc)
+        if message is None:
+            raise
+        sys.exit(message)
     started = time.monotonic()
     sent = producer.send_all(events, rate_per_second=args.rate or None)
     producer.close()

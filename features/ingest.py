@@ -638,7 +638,8 @@ def read_event_log(directory: Path):
 
 def main(argv: list[str] | None = None) -> None:
     without_torch()
-    from features.kafka_options import KafkaOptionsError, add_kafka_arguments, kafka_options, replication_factor
+    from features.kafka_options import (KafkaOptionsError, add_kafka_arguments, kafka_options, replication_factor,
+                                        unreachable)
     from features.store import StoreError, data_dir, open_store
     from recsys.config import ConfigError
 
@@ -677,11 +678,11 @@ def main(argv: list[str] | None = None) -> None:
                             dedupe_window=args.dedupe_window)
     except (StoreError, IngestError, ConfigError, KafkaOptionsError) as exc:
         sys.exit(f"plexrec ingest: {exc}")
-    except Exception as exc:  # kafka-python's: no broker, refused credentials or TLS
-        if type(exc).__module__.startswith("kafka"):
-            sys.exit(f"plexrec ingest: cannot reach Kafka at {args.bootstrap_servers} ({exc!r}); check "
-                     "--bootstrap-servers and the --security-protocol / SASL / TLS flags")
-        raise
+    except Exception as exc:
+        message = unreachable("plexrec ingest", args, exc)
+        if message is None:
+            raise
+        sys.exit(message)
     if args.metrics_port is not None:
         port = ingester.metrics.serve(args.metrics_host, args.metrics_port)
         log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)

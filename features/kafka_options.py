@@ -78,6 +78,15 @@ def kafka_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def unreachable(command: str, args: argparse.Namespace, exc: Exception) -> str | None:
+    """The exit message for a kafka-python exception at connection time (no broker, refused
+    credentials or TLS), naming the flags to check; None for any other exception."""
+    if not type(exc).__module__.startswith("kafka"):
+        return None
+    return (f"{command}: cannot reach Kafka at {args.bootstrap_servers} ({exc!r}); check --bootstrap-servers "
+            "and the --security-protocol / SASL / TLS flags")
+
+
 def replication_factor(args: argparse.Namespace) -> int:
     factor = getattr(args, "replication_factor", 1)
     if factor < 1:
