@@ -320,7 +320,9 @@ def test_new_versions_swap_in_under_load_and_broken_ones_are_refused(store_dir, 
             with_version(first, root, "20400101T000000-00000002")
             while running.watcher.current.version != "20400101T000000-00000002" and time.monotonic() < deadline:
                 time.sleep(0.1)
-            time.sleep(0.5)
+            # Counted, not timed: a loaded CI machine may answer only a few calls in half a second.
+            while versions.count("20400101T000000-00000002") < 10 and time.monotonic() < deadline:
+                time.sleep(0.05)
         stop.set()
         for caller in callers:
             caller.join()
@@ -329,7 +331,7 @@ def test_new_versions_swap_in_under_load_and_broken_ones_are_refused(store_dir, 
     assert versions[0] == "20200101T000000-00000001" and versions[-1] == "20400101T000000-00000002"
     assert "20300101T000000-deadbeef" not in versions
     switch = versions.index("20400101T000000-00000002")
-    assert len(versions) > 20 and switch > 0
+    assert switch > 0 and versions.count("20400101T000000-00000002") >= 10
 
 
 def test_a_refused_version_is_retried_only_once_its_files_change(store_dir, model_root, tmp_path, caplog):
