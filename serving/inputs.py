@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,8 +28,11 @@ import torch
 from features.examples import category_id, examples_from_feature_rows
 from features.online import ItemFeatures, UserFeatures
 from recsys.data.batching import Batch, make_batch
+from recsys.data.examples import DERIVED_DENSE, cell_ids, signed_log1p
 from recsys.data.schema import CATEGORY_FEATURE, DatasetSchema
+from recsys.inference import History, InferenceRanker, Jagged
 from recsys.sequence import SharedHistories
+from serving.item_vectors import DEFAULT_MAX_ITEMS, ItemVectorCache
 
 SERVING_SPLIT = "test"  # a schema with a split column needs a value in every row; the model never reads it
 
@@ -142,3 +146,130 @@ def model_batch(schema: DatasetSchema, requests: list[tuple[UserFeatures, list[I
         lengths=torch.tensor([len(history) for history in histories], dtype=torch.int64),
         row_group=torch.from_numpy(np.repeat(np.arange(len(requests)), [len(items) for _, items in requests])))
     return batch, shared
+
+
+# --- the fast path: requests -> recsys.inference.InferenceRanker inputs, numpy over the store's rows ---
+
+
+@dataclass
+class ScoringInputs:
+    """One batch of calls as the inference ranker reads it (rows in call order, then candidate order)."""
+
+    user_part: torch.Tensor  # [G, user part]
+    item_columns: torch.Tensor  # [B, item feature columns]
+    item_dense: torch.Tensor  # [B, item dense]
+    row_group: torch.Tensor  # [B] the call of each row
+    history: History | None
+    item_attention: torch.Tensor | None  # [B, d_a]
+    item_representation: torch.Tensor | None  # [B, d_r]
+
+
+def _reader(schema: DatasetSchema, name: str) -> Callable[[Any], Any]:
+    """How a feature's cell is read from UserFeatures (user and context features) or ItemFeatures:
+    where serving finds the column the point-in-time join gives training."""
+    if name == "user_id":
+        return lambda user: user.user_id
+    if name == "item_id":
+        return lambda item: item.item_id
+    if name == CATEGORY_FEATURE:  # always one id: NO_CATEGORY where unknown, as training's rows have it
+        return lambda item: category_id(item.category)
+    group = schema.group_of(name)
+    if group == "context":
+        return lambda user: user.context.get(name)
+    return lambda entity: entity.profile.get(name)
+
+
+def _dense_reader(schema: DatasetSchema, name: str) -> Callable[[Any], float]:
+    """A dense input's value before sign-log scaling: the counters of training's rows, or the numeric cell."""
+    if name in DERIVED_DENSE:
+        return lambda entity: entity.interaction_count
+    read = _reader(schema, name)
+    return lambda entity: 0.0 if (value := read(entity)) is None else float(value)
+
+
+class InputBuilder:
+    """Requests -> ScoringInputs for one model version, its item vectors kept in an ItemVectorCache.
+
+    The cells are read and converted by training's own rules (recsys.data.examples.cell_ids,
+    signed_log1p, log1p of counts): tests/test_inference.py checks the raw ids and dense values
+    against the pandas path (``model_batch``, training's conversion) on the same rows.
+    """
+
+    def __init__(self, schema: DatasetSchema, ranker: InferenceRanker, history_length: int,
+                 max_cached_items: int = DEFAULT_MAX_ITEMS) -> None:
+        self.schema, self.ranker, self.history_length = schema, ranker, history_length
+        self.reads_category = ranker.space is not None and schema.category is not None
+
+        def readers(lookups) -> list[tuple[str, Callable, str | None, bool]]:
+            return [(lookup.name, _reader(schema, lookup.name), schema.multi_valued.get(lookup.name),
+                     lookup.name in schema.multi_valued) for lookup in lookups]
+
+        self.user_readers, self.item_readers = readers(ranker.user_lookups), readers(ranker.item_lookups)
+        self.user_dense = [(_dense_reader(schema, n), n in DERIVED_DENSE) for n in ranker.user_dense_names]
+        self.item_dense = [(_dense_reader(schema, n), n in DERIVED_DENSE) for n in ranker.item_dense_names]
+        probe = ranker.items(self._ids(self.item_readers, [ItemFeatures(item_id=0)]),
+                             self._categories([ItemFeatures(item_id=0)]), 1)
+        self.columns_width = probe.columns.shape[1]
+        widths = [self.columns_width + len(self.item_dense)]
+        widths += [v.shape[1] for v in (probe.attention, probe.representation) if v is not None]
+        self.item_vectors = ItemVectorCache(self._item_rows, widths, max_cached_items)
+
+    @staticmethod
+    def _ids(readers, entities: list) -> dict[str, Jagged]:
+        ids = {}
+        for name, read, separator, multi in readers:
+            cells = [cell_ids(read(entity), separator, multi) for entity in entities]
+            lengths = torch.tensor([len(c) for c in cells], dtype=torch.int64)
+            ids[name] = (torch.tensor([v for c in cells for v in c], dtype=torch.int64), lengths)
+        return ids
+
+    @staticmethod
+    def _dense(readers, entities: list) -> torch.Tensor:
+        values = np.array([[read(entity) for read, _ in readers] for entity in entities], dtype=np.float64)
+        values = values.reshape(len(entities), len(readers))
+        counts = np.array([is_count for _, is_count in readers], dtype=bool)
+        dense = np.where(counts, np.log1p(np.where(counts, values, 0)), signed_log1p(values)).astype(np.float32)
+        return torch.from_numpy(dense)
+
+    def _categories(self, items: list[ItemFeatures]) -> torch.Tensor | None:
+        if not self.reads_category:
+            return None
+        return torch.tensor([category_id(item.category) for item in items], dtype=torch.int64)
+
+    def _item_rows(self, items: list[ItemFeatures]) -> list[torch.Tensor]:
+        vectors = self.ranker.items(self._ids(self.item_readers, items), self._categories(items), len(items))
+        parts = [torch.cat([vectors.columns, self._dense(self.item_dense, items)], dim=1)]
+        return parts + [v for v in (vectors.attention, vectors.representation) if v is not None]
+
+    def batch(self, requests: list[tuple[UserFeatures, list[ItemFeatures]]],
+              history_items: dict[int, ItemFeatures]) -> ScoringInputs:
+        users = [user for user, _ in requests]
+        user_part = self.ranker.user_part(self._ids(self.user_readers, users), self._dense(self.user_dense, users))
+        candidates = [item for _, items in requests for item in items]
+        cache = self.item_vectors
+        slots = cache.slots(candidates)
+        item_part = cache.parts[0][slots]
+        row_group = torch.repeat_interleave(torch.arange(len(requests)),
+                                            torch.tensor([len(items) for _, items in requests]))
+        history = attention = representation = None
+        if self.ranker.mode != "none":
+            rest = [part[slots] for part in cache.parts[1:]]
+            attention = rest[0] if self.ranker.space is not None else None
+            representation = rest[-1] if self.ranker.mode != "coupled" else None
+            history = self._history(users, history_items)
+        return ScoringInputs(user_part, item_part[:, :self.columns_width], item_part[:, self.columns_width:],
+                             row_group, history, attention, representation)
+
+    def _history(self, users: list[UserFeatures], history_items: dict[int, ItemFeatures]) -> History:
+        """Each user's ``history_length`` most recent behaviours as cached item vectors, padded to [G, L]."""
+        histories = [user.history_item_ids[-self.history_length:] for user in users]
+        lengths = torch.tensor([len(h) for h in histories], dtype=torch.int64)
+        longest = int(lengths.max()) if len(lengths) else 0
+        behaviours = [history_items.get(i) or ItemFeatures(item_id=i) for h in histories for i in h]
+        flat = self.item_vectors.slots(behaviours) if behaviours else torch.zeros(0, dtype=torch.int64)
+        padded = torch.zeros(len(histories), longest, dtype=torch.int64)
+        padded[torch.arange(longest) < lengths.unsqueeze(1)] = flat
+        parts = [part[padded] for part in self.item_vectors.parts[1:]]
+        attention = parts[0] if self.ranker.space is not None else None
+        representation = parts[-1] if self.ranker.mode != "coupled" else None
+        return History(attention, representation, lengths)

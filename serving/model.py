@@ -33,14 +33,21 @@ from recsys.data.batching import Batch, model_inputs
 from recsys.data.examples import DERIVED_DENSE
 from recsys.data.schema import DatasetSchema
 from recsys.export import MANIFEST_FILE, ModelArtifactError, load_model, version_directories
+from recsys.inference import InferenceRanker
+from recsys.model import Ranker
 from recsys.sequence import SharedHistories
-from serving.inputs import model_batch
+from serving.inputs import InputBuilder, ScoringInputs, model_batch
+from serving.item_vectors import DEFAULT_MAX_ITEMS
 
 log = logging.getLogger("plexrec.serving.model")
 
 
 @dataclass(frozen=True)
 class ServingModel:
+    """An exported model as serving runs it: ``batch`` + ``probabilities`` on the fast path
+    (recsys/inference.py, item vectors kept per version), ``eager_batch`` + ``eager_probabilities``
+    on training's path (pandas rows, the TorchRec Ranker): the reference the fast one is held to."""
+
     model: torch.nn.Module
     manifest: dict[str, Any]
     directory: Path
@@ -48,25 +55,52 @@ class ServingModel:
     input_features: list[str]  # the KJT keys it reads, as training decided them
     history_length: int
     shares_histories: bool  # its sequence block takes one history per user (dare, coupled)
+    inference: InferenceRanker
+    inputs: InputBuilder
 
     @property
     def version(self) -> str:
         return self.manifest["model_version"]
 
     def batch(self, requests: list[tuple[UserFeatures, list[ItemFeatures]]],
-              history_items: dict[int, ItemFeatures]) -> tuple[Batch, SharedHistories | None]:
+              history_items: dict[int, ItemFeatures]) -> ScoringInputs:
+        with torch.inference_mode():
+            return self.inputs.batch(requests, history_items)
+
+    def probabilities(self, inputs: ScoringInputs) -> np.ndarray:
+        with torch.inference_mode():
+            return torch.sigmoid(self.inference(inputs.user_part, inputs.item_columns, inputs.item_dense,
+                                                inputs.row_group, inputs.history, inputs.item_attention,
+                                                inputs.item_representation)).numpy()
+
+    def eager_batch(self, requests: list[tuple[UserFeatures, list[ItemFeatures]]],
+                    history_items: dict[int, ItemFeatures]) -> tuple[Batch, SharedHistories | None]:
         return model_batch(self.schema, requests, history_items, self.input_features, self.history_length,
                            self.shares_histories, dense_names=self.manifest["dense_features"])
 
-    def probabilities(self, inputs: tuple[Batch, SharedHistories | None]) -> np.ndarray:
+    def eager_probabilities(self, inputs: tuple[Batch, SharedHistories | None]) -> np.ndarray:
         batch, shared = inputs
         with torch.inference_mode():
             return torch.sigmoid(self.model(batch.dense, batch.sparse, shared)).numpy()
 
 
-def load_serving_model(directory: str | Path, store_meta: dict[str, Any]) -> ServingModel:
+def inference_ranker(model: Ranker, schema: DatasetSchema, dense_names: list[str]) -> InferenceRanker:
+    """The fast path of ``model``: user-side features and dense inputs are the users' and the call's
+    context's, the rest the item's."""
+    def users_side(name: str) -> bool:
+        if name in DERIVED_DENSE:
+            return name == DERIVED_DENSE[0]  # the user's count; DERIVED_DENSE[1] is the item's
+        return schema.group_of(name) in ("users", "context")
+
+    features = model.embedding.features
+    return InferenceRanker(model, [f for f in features if users_side(f)], [f for f in features if not users_side(f)],
+                           dense_names, [n for n in dense_names if users_side(n)])
+
+
+def load_serving_model(directory: str | Path, store_meta: dict[str, Any],
+                       max_cached_items: int = DEFAULT_MAX_ITEMS) -> ServingModel:
     """The model in ``directory``, or ModelArtifactError saying why it cannot serve from the store
-    that ``store_meta`` (its store.json) describes."""
+    that ``store_meta`` (its store.json) describes; ``max_cached_items``: its item vector cache's bound."""
     directory = Path(directory)
     try:
         model, manifest = load_model(directory)
@@ -91,11 +125,18 @@ def load_serving_model(directory: str | Path, store_meta: dict[str, Any]) -> Ser
     if not set(manifest["dense_features"]) <= set(dense):
         raise ModelArtifactError(f"{directory}: dense features {manifest['dense_features']} are not among {dense}, "
                                  f"which serving computes for schema {schema.name}")
+    inference = inference_ranker(model, schema, manifest["dense_features"])
     serving = ServingModel(model, manifest, directory, schema, input_features, history_length,
-                           shares_histories=config.sequence.mode in ("dare", "coupled"))
-    cold = serving.probabilities(serving.batch([(UserFeatures(user_id=0), [ItemFeatures(item_id=0)])], {}))
+                           shares_histories=config.sequence.mode in ("dare", "coupled"), inference=inference,
+                           inputs=InputBuilder(schema, inference, history_length, max_cached_items))
+    cold_start = [(UserFeatures(user_id=0), [ItemFeatures(item_id=0)])]
+    cold = serving.probabilities(serving.batch(cold_start, {}))
     if not np.isfinite(cold).all():
         raise ModelArtifactError(f"{directory}: scores a cold-start request as {cold.tolist()}; weights damaged?")
+    eager = serving.eager_probabilities(serving.eager_batch(cold_start, {}))
+    if not np.allclose(cold, eager, rtol=0, atol=1e-5):
+        raise ModelArtifactError(f"{directory}: the inference path scores a cold-start request {cold.tolist()}, "
+                                 f"the exported model {eager.tolist()}; please report this as a bug")
     return serving
 
 

@@ -144,7 +144,7 @@ def test_one_batch_of_several_calls_scores_each_as_alone(server, store_dir):
     alone = np.concatenate([model.probabilities(model.batch([request], history)) for request in requests])
     np.testing.assert_allclose(together, alone, atol=1e-6)
     assert model.shares_histories  # a DARE model: each user's history went in once
-    per_row = model.probabilities(model_batch(model.schema, requests, history, model.input_features,
+    per_row = model.eager_probabilities(model_batch(model.schema, requests, history, model.input_features,
                                               model.history_length, share_histories=False))
     np.testing.assert_allclose(together, per_row, atol=1e-6)
 

@@ -69,7 +69,11 @@ def numeric_values(column: pd.Series, name: str) -> np.ndarray:
     bad = numeric.isna() & column.notna()
     if bad.any():
         raise DataError(f"column '{name}' is declared numeric but holds {column[bad].iloc[0]!r}")
-    values = numeric.fillna(0).to_numpy(dtype=np.float64)
+    return signed_log1p(numeric.fillna(0).to_numpy(dtype=np.float64))
+
+
+def signed_log1p(values: np.ndarray) -> np.ndarray:
+    """sign(x) * log(1 + |x|) as float32: how every numeric feature enters the tower."""
     return (np.sign(values) * np.log1p(np.abs(values))).astype(np.float32)
 
 
@@ -188,18 +192,29 @@ def _raw_ids(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return ids, offsets
 
 
+def cell_values(cell, separator: str | None) -> list:
+    """The values of one multi-valued cell: a list as it is, a string split on ``separator``,
+    nothing for a missing or empty cell."""
+    if cell is None or (isinstance(cell, float) and np.isnan(cell)):
+        return []
+    if isinstance(cell, str):
+        return [] if cell == "" else cell.split(separator) if separator else [cell]
+    if isinstance(cell, (list, tuple, np.ndarray)):
+        return list(cell)
+    return [cell]
+
+
+def cell_ids(cell, separator: str | None = None, multi_valued: bool = False) -> list[int]:
+    """The raw ids of one cell, as the columns' conversions below give them: a single-valued
+    cell is one id (none when missing), a multi-valued one is ``cell_values``' ids."""
+    if multi_valued:
+        return [value_to_id(v) for v in cell_values(cell, separator)]
+    return [] if cell is None or pd.isna(cell) else [value_to_id(cell)]
+
+
 def _multi_raw_ids(column: pd.Series, separator: str | None) -> tuple[np.ndarray, np.ndarray]:
     """Multi-valued column (lists, or strings split on ``separator``) -> jagged raw ids."""
-    def as_list(cell) -> list:
-        if cell is None or (isinstance(cell, float) and np.isnan(cell)):
-            return []
-        if isinstance(cell, str):
-            return [] if cell == "" else cell.split(separator) if separator else [cell]
-        if isinstance(cell, (list, tuple, np.ndarray)):
-            return list(cell)
-        return [cell]
-
-    lists = [as_list(c) for c in column]
+    lists = [cell_values(c, separator) for c in column]
     lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
     offsets = np.zeros(len(lists) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
