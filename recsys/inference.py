@@ -25,6 +25,7 @@ picks the same ones. No TorchRec, no KJT, no pandas here.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -36,6 +37,9 @@ from recsys import hashing
 from recsys.embeddings import FullVocabEmbedding, HashedEmbedding, UnifiedEmbedding
 from recsys.model import Ranker
 from recsys.sequence import TARGET_ITEM
+
+FEW_VALUES = 64  # up to this many (value, probe) pairs, a side is embedded with Python-int hashing
+_MASK64 = (1 << 64) - 1
 
 # Jagged raw ids of one feature for n entities: (values [m] int64, lengths [n] int64).
 Jagged = tuple[torch.Tensor, torch.Tensor]
@@ -65,6 +69,17 @@ class FeatureTable:
     num_rows: int
     vocabulary: torch.Tensor | None  # sorted known values (full-vocabulary kind): row = position + 1, else 0
     keys: int  # bags per entity in its table: probes for the unified table, 1 for a table of its own
+
+    def __post_init__(self) -> None:
+        self._salts = [salt & _MASK64 for salt in self.salts.tolist()] if self.salts is not None else []
+        self._vocabulary = self.vocabulary.tolist() if self.vocabulary is not None else []
+
+    def python_row(self, value: int, key: int) -> int:
+        """``rows`` of one value for one key, with Python ints (the same row: tests/test_inference.py)."""
+        if self.vocabulary is None:
+            return (hashing._mix64_reference((value & _MASK64) ^ self._salts[key]) >> 1) % self.num_rows
+        position = bisect.bisect_left(self._vocabulary, value)
+        return position + 1 if position < len(self._vocabulary) and self._vocabulary[position] == value else 0
 
     def rows(self, values: torch.Tensor) -> torch.Tensor:
         """[m, keys] table rows of m raw ids (InferenceRanker._embed hashes all hashed features at once)."""
@@ -190,6 +205,11 @@ class InferenceRanker(nn.Module):
         embedding collection pools them."""
         if not lookups:
             return torch.zeros(n, 0)
+        if sum(len(ids[lookup.name][0]) * lookup.keys for lookup in lookups) <= FEW_VALUES:
+            return self._embed_few(lookups, ids, n)
+        return self._embed_many(lookups, ids, n)
+
+    def _embed_many(self, lookups: list[FeatureTable], ids: dict[str, Jagged], n: int) -> torch.Tensor:
         # key-major, as the collection's KJT: feature f's bags of probe 0 for all n entities, then probe 1, ...
         hashed = [lookup for lookup in lookups if lookup.vocabulary is None]
         rows_of: dict[str, torch.Tensor] = {}
@@ -220,6 +240,27 @@ class InferenceRanker(nn.Module):
             torch.cumsum(lengths, 0, out=offsets[1:])
             pooled = functional.embedding_bag(torch.cat(indices), self.tables[table], offsets,
                                               mode="mean", include_last_offset=True)
+            parts.append(pooled.view(-1, n, pooled.shape[1]).transpose(0, 1).reshape(n, -1))
+        return torch.cat(parts, dim=1)
+
+    def _embed_few(self, lookups: list[FeatureTable], ids: dict[str, Jagged], n: int) -> torch.Tensor:
+        """``_embed`` of a few values (one user's features): rows hashed with Python ints, then one
+        embedding_bag per table. Each torch op costs microseconds whatever its size: the tensor hash's
+        dozen ops took 10x longer than hashing a dozen values in Python (measured)."""
+        by_table: dict[int, tuple[list[int], list[int]]] = {}
+        for lookup in lookups:
+            values, lengths = (t.tolist() for t in ids[lookup.name])
+            indices, bag_lengths = by_table.setdefault(lookup.table, ([], []))
+            for key in range(lookup.keys):
+                indices.extend(lookup.python_row(v, key) for v in values)
+                bag_lengths.extend(lengths)
+        parts = []
+        for table, (indices, bag_lengths) in by_table.items():
+            offsets = [0]
+            for length in bag_lengths:
+                offsets.append(offsets[-1] + length)
+            pooled = functional.embedding_bag(torch.tensor(indices, dtype=torch.int64), self.tables[table],
+                                              torch.tensor(offsets), mode="mean", include_last_offset=True)
             parts.append(pooled.view(-1, n, pooled.shape[1]).transpose(0, 1).reshape(n, -1))
         return torch.cat(parts, dim=1)
 

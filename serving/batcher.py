@@ -13,6 +13,7 @@ server keeps spending forwards on calls nobody waits for any more.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -34,7 +35,25 @@ class ScoringJob:
     user: UserFeatures
     items: list[ItemFeatures]
     history_items: dict[int, ItemFeatures]
-    future: Future = field(default_factory=Future)
+    future: Future | asyncio.Future = field(default_factory=Future)
+    loop: asyncio.AbstractEventLoop | None = None  # set: ``future`` is an asyncio future of this loop
+
+    def wanted(self) -> bool:
+        """False when the caller gave up (cancelled: deadline passed, client left) while it waited."""
+        if self.loop is None:
+            return self.future.set_running_or_notify_cancel()
+        return not self.future.cancelled()  # read from this thread: a hint, _deliver checks again
+
+
+def _deliver(outcomes: list[tuple[asyncio.Future, tuple | None, BaseException | None]]) -> None:
+    """On the event loop: settle the futures of one batch's calls (one wake-up of the loop for all)."""
+    for future, result, error in outcomes:
+        if future.done():  # cancelled after the model thread looked
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 @dataclass
@@ -65,9 +84,13 @@ class ModelBatcher:
             raise self._overloaded(rows)
 
     def submit(self, model: ServingModel, user: UserFeatures, items: list[ItemFeatures],
-               history_items: dict[int, ItemFeatures]) -> Future:
-        """A future of (probabilities, BatchTiming); Overloaded when the queue has no room."""
-        job = ScoringJob(model, user, items, history_items)
+               history_items: dict[int, ItemFeatures], loop: asyncio.AbstractEventLoop | None = None):
+        """A future of (probabilities, BatchTiming); Overloaded when the queue has no room. Given
+        ``loop``, an asyncio future of it: the calls of one batch are then settled with one wake-up of
+        the loop (a concurrent future wakes it once per call: a tenth of the server's time at
+        concurrency 8, measured)."""
+        future = loop.create_future() if loop is not None else Future()
+        job = ScoringJob(model, user, items, history_items, future, loop)
         with self._lock:
             if self.queued_rows + len(items) > self.max_queued_rows:
                 raise self._overloaded(len(items))
@@ -104,7 +127,7 @@ class ModelBatcher:
                     break
                 return None
             self._dequeued(job)
-            if job.future.set_running_or_notify_cancel():
+            if job.wanted():
                 taken.append(job)
                 rows += len(job.items)
         return taken
@@ -129,9 +152,24 @@ class ModelBatcher:
             timing = BatchTiming(built - started, time.perf_counter() - built, len(jobs), len(scores))
         except Exception as exc:  # noqa: BLE001 - every waiting call must hear about it
             log.exception("scoring a batch of %d calls failed", len(jobs))
-            for job in jobs:
-                job.future.set_exception(exc)
+            self._settle(jobs, [None] * len(jobs), exc)
             return
         bounds = np.cumsum([0] + [len(job.items) for job in jobs])
-        for job, start, end in zip(jobs, bounds[:-1], bounds[1:]):
-            job.future.set_result((scores[start:end], timing))
+        self._settle(jobs, [(scores[start:end], timing) for start, end in zip(bounds[:-1], bounds[1:])], None)
+
+    @staticmethod
+    def _settle(jobs: list[ScoringJob], results: list, error: BaseException | None) -> None:
+        by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list]] = {}
+        for job, result in zip(jobs, results):
+            if job.loop is None:
+                if error is not None:
+                    job.future.set_exception(error)
+                else:
+                    job.future.set_result(result)
+            else:
+                by_loop.setdefault(id(job.loop), (job.loop, []))[1].append((job.future, result, error))
+        for loop, outcomes in by_loop.values():
+            try:
+                loop.call_soon_threadsafe(_deliver, outcomes)
+            except RuntimeError:  # the loop closed (server stopping): nobody waits for these
+                pass

@@ -199,7 +199,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise DeadlineExpired()
-            scores, timing = await asyncio.wrap_future(self.batcher.submit(model, user, items, history))
+            scores, timing = await self.batcher.submit(model, user, items, history, loop=loop)
             if context.time_remaining() == 0:  # scored too late: no one waits for the answer any more
                 raise DeadlineExpired()
         except (InvalidRequest, InvalidContext) as exc:

@@ -229,3 +229,18 @@ def test_top_k_mixing_puts_the_training_paths_top_k_softmax_weights_in_place():
         index, weights, valid = padded_top_k_softmax(scores, 8)
         expected = torch.zeros_like(scores).scatter_(1, index, torch.where(valid, weights, 0.0))
         torch.testing.assert_close(top_k_mixing(scores, 8), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["unified", "hashed", "full"])
+def test_a_few_values_embed_as_many_do(kind, ml100k_slice, rng):
+    """The Python-int path for a few values (one user) gives the tensor path's columns."""
+    model, config, dense_names = random_ranker(ml100k_slice, "none", kind)
+    users, items = online_rows(ml100k_slice, 6, rng)
+    builder = InputBuilder(ml100k_slice.schema, inference_ranker(model, ml100k_slice.schema, dense_names), 0)
+    ranker = builder.ranker
+    for readers, lookups, entities in ((builder.user_readers, ranker.user_lookups, users),
+                                       (builder.item_readers, ranker.item_lookups, list(items.values())[:5])):
+        ids = builder._ids(readers, entities)
+        few = ranker._embed_few(lookups, ids, len(entities))
+        many = ranker._embed_many(lookups, ids, len(entities))
+        torch.testing.assert_close(few, many, rtol=0, atol=1e-6)
