@@ -149,14 +149,15 @@ def validate(request, max_candidates: int) -> None:
         raise InvalidRequest("item_ids", "is empty; send at least one candidate")
     if len(request.item_ids) > max_candidates:
         raise InvalidRequest("item_ids", f"has {len(request.item_ids)} candidates; at most {max_candidates}")
-    bad = next((i for i in request.item_ids if i < 0), None)
-    if bad is not None:
-        raise InvalidRequest("item_ids", f"must be ids >= 0, got {bad}")
-    seen: set[int] = set()
-    for item in request.item_ids:
-        if item in seen:
-            raise InvalidRequest("item_ids", f"item {item} appears more than once")
-        seen.add(item)
+    item_ids = list(request.item_ids)
+    if min(item_ids) < 0:  # min and set run in C: the loops below only run to name the culprit
+        raise InvalidRequest("item_ids", f"must be ids >= 0, got {next(i for i in item_ids if i < 0)}")
+    if len(set(item_ids)) != len(item_ids):
+        seen: set[int] = set()
+        for item in item_ids:
+            if item in seen:
+                raise InvalidRequest("item_ids", f"item {item} appears more than once")
+            seen.add(item)
     if len(request.context) > MAX_CONTEXT_ENTRIES:
         raise InvalidRequest("context", f"has {len(request.context)} entries; at most {MAX_CONTEXT_ENTRIES}")
     if any(len(k) > MAX_CONTEXT_TEXT or len(v) > MAX_CONTEXT_TEXT for k, v in request.context.items()):
