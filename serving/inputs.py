@@ -1,10 +1,18 @@
-"""Online features of users and their candidates, and the call's context -> the model's input batch.
+"""Online features of users and their candidates, and the call's context -> the model's inputs.
 
-The online store's rows are laid out as the point-in-time join's rows, with the
-columns the data set's schema declares (features/examples.py describes them), and
-go through ``features.examples.examples_from_feature_rows`` and
-``recsys.data.batching.make_batch``, the code training uses: serving has no
-second feature pipeline that could drift from training's.
+Two builders, one set of rules:
+
+- ``InputBuilder`` (what the server runs): reads each cell where the online store
+  keeps it and converts it with training's own per-cell rules
+  (``recsys.data.examples.cell_ids``, ``signed_log1p``, log1p of the counters) into
+  the tensors of recsys/inference.py, with numpy and lists, no pandas; an item's
+  vectors are computed once per model version (serving/item_vectors.py).
+- ``model_batch`` (the reference): lays the rows out as the point-in-time join's
+  rows and sends them through ``features.examples.examples_from_feature_rows`` and
+  ``recsys.data.batching.make_batch``, the code training uses, into the exported
+  Ranker's KJT. tests/test_inference.py holds the two to the same raw ids, dense
+  values and scores on every shipped schema, so serving's conversion cannot drift
+  from training's.
 
 Cold-start defaults are the values training gives a missing cell: an unknown user
 or item has no profile values (categorical and multi-valued features: an empty

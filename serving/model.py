@@ -169,8 +169,9 @@ class ModelWatcher:
     attribute, so a request reads either the old or the new model, never a mix.
     """
 
-    def __init__(self, path: str | Path, store_meta: dict[str, Any]) -> None:
-        self.path, self.store_meta = Path(path), store_meta
+    def __init__(self, path: str | Path, store_meta: dict[str, Any], max_cached_items: int = DEFAULT_MAX_ITEMS) -> None:
+        """``max_cached_items``: each model's item vector cache holds at most this many items."""
+        self.path, self.store_meta, self.max_cached_items = Path(path), store_meta, max_cached_items
         if not self.path.is_dir():
             raise ModelArtifactError(f"{self.path}: no such model directory; `plexrec train` exports models to "
                                      "<out_dir>/models (e.g. runs/ml100k/models)")
@@ -180,7 +181,8 @@ class ModelWatcher:
         self.refused: dict[str, tuple[tuple, str]] = {}
         self.ignored: set[str] = set()  # directories of the root that are not versions, logged once each
         self._lock = threading.Lock()
-        self.current = load_serving_model(self._newest_version() if self.watching else self.path, store_meta)
+        self.current = load_serving_model(self._newest_version() if self.watching else self.path, store_meta,
+                                          max_cached_items)
         log.info("serving model %s from %s", self.current.version, self.current.directory)
 
     def check(self) -> bool:
@@ -199,7 +201,7 @@ class ModelWatcher:
             if newest.name in self.refused and self.refused[newest.name][0] == files:
                 return False
             try:
-                candidate = load_serving_model(newest, self.store_meta)
+                candidate = load_serving_model(newest, self.store_meta, self.max_cached_items)
             except ModelArtifactError as exc:
                 self.refused[newest.name] = (files, str(exc))
                 log.error("refused model %s, still serving %s: %s", newest.name, self.current.version, exc)

@@ -5,9 +5,10 @@
 Per call: validate the request (``INVALID_ARGUMENT`` naming the field), read the
 user's profile and history from the online store and the candidates' features
 through the item cache (features/online.py), take the schema's context features
-from the request's ``context``, build the model inputs with training's code
-(serving/inputs.py), run the exported model under ``torch.inference_mode``,
-return click probabilities. What is read follows the data set's schema (the
+from the request's ``context``, build the model inputs by training's rules
+(serving/inputs.py), score them on the exported model's fast inference path
+(recsys/inference.py, held to the exported model's scores to 1e-5) under
+``torch.inference_mode``, return click probabilities. What is read follows the data set's schema (the
 store's store.json); a model trained on another schema is refused at load.
 Store reads run on a thread pool; forwards on one model thread that scores
 concurrent calls together (serving/batcher.py), so the event loop keeps
@@ -289,7 +290,7 @@ class ScoringServer:
         self.online = OnlineFeatures(store, ttl_seconds=config.item_cache_seconds,
                                      max_cached_items=config.item_cache_entries,
                                      max_cached_bytes=config.item_cache_bytes)
-        self.watcher = ModelWatcher(config.model_dir, self.online.meta)
+        self.watcher = ModelWatcher(config.model_dir, self.online.meta, max_cached_items=config.item_cache_entries)
         self.metrics = ServingMetrics()
         self.metrics.model_version(self.watcher.current.version)
         self.service = ScoringService(self.watcher, self.online, config, self.metrics)
@@ -438,7 +439,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="calls in the server at once, health checks included; gRPC refuses the rest "
                              "RESOURCE_EXHAUSTED (0: no limit)")
     parser.add_argument("--item-cache-entries", type=int, default=DEFAULT_MAX_CACHED_ITEMS,
-                        help="items whose features are cached, at most (least recently used evicted)")
+                        help="items whose features are cached, at most (least recently used evicted); "
+                             "also the bound of the model's item vectors (serving/item_vectors.py)")
     parser.add_argument("--item-cache-mib", type=float, default=DEFAULT_MAX_CACHED_BYTES / 2**20,
                         help="estimated memory of the item cache, at most, in MiB")
     parser.add_argument("--item-cache-seconds", type=float, default=60.0,
