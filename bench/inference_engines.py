@@ -130,15 +130,12 @@ class OneCall(nn.Module):
     the same ops in the same order, without row_group, bincount().tolist() and the per-call loop,
     so that it traces / exports as one graph with dynamic n (candidates) and L (behaviours)."""
 
-    def __init__(self, fast: InferenceRanker, fold: bool = False) -> None:
+    def __init__(self, fast: InferenceRanker) -> None:
         super().__init__()
         if fast.mode != "dare":
             raise ValueError("this benchmark's OneCall is DARE's")
+        # InferenceRanker's cross layers and tower read x in built order (the column order is folded in)
         self.cross, self.tower, self.head = fast.cross, fast.tower, fast.head
-        self.fold = fold
-        if fold:
-            self.cross, self.tower = fold_input_order(fast)
-        self.register_buffer("input_order", fast.input_order.clone())
         self.k = fast.top_k
         self.scale = math.sqrt(fast.space.dim)
 
@@ -160,28 +157,7 @@ class OneCall(nn.Module):
         target = item_representation
         x = torch.cat([user_part.expand(item_columns.shape[0], -1), item_columns, item_dense,
                        target, pooled, target * pooled], dim=1)
-        if not self.fold:
-            x = x[:, self.input_order]
         return self.head(self.tower(self.cross(x))).squeeze(-1)
-
-
-def fold_input_order(fast: InferenceRanker) -> tuple[nn.Module, nn.Module]:
-    """The cross layers and tower with ``x[:, input_order]`` folded into their weights (done once at load):
-    they read the columns in the order the fast path builds them, and the [n, width] column gather goes.
-    Cross layer W x + b (x = built[:, order]) becomes W' built + b' with W'[order[i], order[j]] = W[i, j],
-    b'[order] = b (its output is then in built order too, as x0 * (.) + x keeps it); the tower's first
-    layer reads W1'[:, order] = W1. The same function up to float rounding (matmul sums in another order)."""
-    order = fast.input_order
-    cross, tower = copy.deepcopy(fast.cross), copy.deepcopy(fast.tower)
-    with torch.no_grad():
-        for layer in getattr(cross, "layers", []):
-            weight, bias = layer.weight.clone(), layer.bias.clone()
-            layer.weight[order.unsqueeze(1), order.unsqueeze(0)] = weight
-            layer.bias[order] = bias
-        first = next(m for m in tower.modules() if isinstance(m, nn.Linear))
-        weight = first.weight.clone()
-        first.weight[:, order] = weight
-    return cross, tower
 
 
 def one_call_args(fast: InferenceRanker, inputs: ScoringInputs) -> tuple[torch.Tensor, ...] | None:
@@ -289,10 +265,8 @@ def build_aoti(fast, one_call, example):
     return on_one_call(fast, loaded), "OneCall, torch.export (dynamic n, L) + aoti_compile_and_package"
 
 
-# name -> (builder, whether it runs the folded OneCall)
-ENGINES = {"torchscript": (build_torchscript, True), "compile": (build_compile, True),
-           "compile_forward": (build_compile_forward, False), "onnxruntime": (build_onnxruntime, True),
-           "onnxruntime_unfolded": (build_onnxruntime, False), "aoti": (build_aoti, True)}
+ENGINES = {"torchscript": build_torchscript, "compile": build_compile, "compile_forward": build_compile_forward,
+           "onnxruntime": build_onnxruntime, "aoti": build_aoti}
 
 
 # --- measurements ---
@@ -438,14 +412,12 @@ def main() -> None:
         ties = builder.batch([(tie_user, [items[i] for i in rng.permutation(catalogue)[:100].tolist()])], items)
     assert int(inputs[100].history.lengths[0]) == HISTORY
 
-    one_call, folded = OneCall(fast).eval(), OneCall(fast, fold=True).eval()
+    one_call = OneCall(fast).eval()
     example = one_call_args(fast, inputs[100])
-    runs: dict[str, Callable] = {"eager": eager_forward(fast), "eager_one_call": on_one_call(fast, one_call),
-                                 "eager_folded": on_one_call(fast, folded)}
+    runs: dict[str, Callable] = {"eager": eager_forward(fast), "eager_one_call": on_one_call(fast, one_call)}
     builds = {"eager": {"seconds": eager_build, "note": "InferenceRanker + InputBuilder (today's path)"},
-              "eager_one_call": {"seconds": 0.0, "note": "OneCall in eager"},
-              "eager_folded": {"seconds": 0.0, "note": "OneCall, input_order folded into the tower, in eager"}}
-    for name, (build, fold) in ENGINES.items():
+              "eager_one_call": {"seconds": 0.0, "note": "OneCall in eager"}}
+    for name, build in ENGINES.items():
         if name in skip:
             builds[name] = {"error": "skipped (--skip)"}
             continue
@@ -453,8 +425,7 @@ def main() -> None:
         started = time.perf_counter()
         try:
             with torch.inference_mode(name not in ("aoti", "onnxruntime", "torchscript")):
-                run, note = build(fast, folded if fold else one_call, example)
-                note += ", input_order folded" if fold else ""
+                run, note = build(fast, one_call, example)
             built = time.perf_counter() - started
             # torch.compile compiles on the first calls: each new shape may compile again
             first = {}

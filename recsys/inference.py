@@ -53,9 +53,11 @@ def top_k_mixing(scores: torch.Tensor, k: int) -> torch.Tensor:
     one matmul, and the kept set needs no sort, only its threshold."""
     if scores.shape[1] > k:
         threshold = scores.topk(k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
-        above, tied = scores > threshold, scores == threshold
-        room = k - above.sum(dim=1, keepdim=True)  # how many of the tied scores make the cut
-        chosen = above | (tied & (tied.cumsum(dim=1) <= room))
+        chosen = scores >= threshold
+        if not bool((chosen.sum(dim=1) == k).all()):  # ties across the k-th place: the earlier ones make it
+            above, tied = scores > threshold, scores == threshold
+            room = k - above.sum(dim=1, keepdim=True)  # how many of the tied scores make the cut
+            chosen = above | (tied & (tied.cumsum(dim=1) <= room))
         scores = scores.masked_fill(~chosen, float("-inf"))
     return torch.softmax(scores, dim=1)
 
