@@ -51,17 +51,28 @@ def string_to_id(value: str) -> int:
     return fnv1a64(value.encode("utf-8")) & ((1 << 63) - 1)
 
 
-def _logical_shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
-    # torch's >> on int64 is arithmetic; clear the sign-extended bits.
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
+def _xor_logical_shift_right_(x: torch.Tensor, bits: int) -> None:
+    """x ^= x >>> bits, in place. torch's >> on int64 is arithmetic: the sign-extended bits are cleared."""
+    shifted = x >> bits
+    shifted &= (1 << (64 - bits)) - 1
+    x ^= shifted
+
+
+def _mix64_(x: torch.Tensor) -> torch.Tensor:
+    # in place on a tensor of the caller's own: on batches of 10^5-10^6 ids a fresh tensor per
+    # step cost over twice the arithmetic (allocation and page faults, measured)
+    x += _as_int64(_GOLDEN)
+    _xor_logical_shift_right_(x, 30)
+    x *= _as_int64(_MIX1)
+    _xor_logical_shift_right_(x, 27)
+    x *= _as_int64(_MIX2)
+    _xor_logical_shift_right_(x, 31)
+    return x
 
 
 def mix64(x: torch.Tensor) -> torch.Tensor:
     """The splitmix64 finaliser on an int64 tensor (wrapping multiplication)."""
-    x = x + _as_int64(_GOLDEN)
-    x = (x ^ _logical_shift_right(x, 30)) * _as_int64(_MIX1)
-    x = (x ^ _logical_shift_right(x, 27)) * _as_int64(_MIX2)
-    return x ^ _logical_shift_right(x, 31)
+    return _mix64_(x.to(torch.int64).clone())
 
 
 def mixed_salt(feature: str, probe: int) -> int:
@@ -69,10 +80,14 @@ def mixed_salt(feature: str, probe: int) -> int:
     return _as_int64(_mix64_reference(fnv1a64(f"{feature}#{probe}".encode("utf-8"))))
 
 
-def hash_rows(values: torch.Tensor, mixed_salt_value: int, num_rows: int) -> torch.Tensor:
-    """Rows in ``[0, num_rows)`` for raw int64 ids ``values`` under one (mixed) salt."""
-    hashed = mix64(values.to(torch.int64) ^ mixed_salt_value)
-    return _logical_shift_right(hashed, 1) % num_rows
+def hash_rows(values: torch.Tensor, mixed_salt_value: int | torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Rows in ``[0, num_rows)`` for raw int64 ids ``values`` under one (mixed) salt, or under a
+    tensor of salts that broadcasts against ``values`` (e.g. one per value, or ``[1, probes]``
+    against ``[n, 1]`` ids), so many (feature, probe) keys hash in one pass."""
+    hashed = _mix64_(values.to(torch.int64) ^ mixed_salt_value)  # ^ gives a new tensor
+    hashed >>= 1
+    hashed &= (1 << 63) - 1  # the logical shift: non-negative before the modulo
+    return hashed.remainder_(num_rows)
 
 
 # --- plain-Python reference, used by the tests to prove the tensor version ---

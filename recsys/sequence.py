@@ -23,9 +23,16 @@ features hashes into it with its own salts.
 Why the shapes look as they do on CPU: sequence lookups with pooling NONE are
 3.7-11x slower than pooled bags there (measured), so every item vector is a
 SUM-pooled bag. The attention table is read with one key and stride B + N
-(B targets, then the N behaviours of the batch); the k picked behaviours are
-read from the unified table through k "slot" keys that use item_id's salts,
-so a behaviour and a target item read the very same rows.
+(B targets, then the N behaviours of the batch), without autograd: only the k
+kept behaviours reach the loss (the top-k cut passes no gradient to the others),
+so they and the targets are read again, with autograd, as B + B x k bags, and the
+backward touches B x k bags instead of B x L. DARE's k picks are read from the
+unified table through k "slot" keys per (feature, probe) that use the feature's
+salts, so a behaviour and a target item read the very same rows; all slot keys
+are hashed in one op. (One weighted bag of the k picks per key, the softmax as
+per-sample weights, is twice as fast on one process, but TorchRec's row-wise
+input distribution passes no gradient to the weights: two ranks then train
+another model, found by tests/test_distributed.py.)
 """
 
 from __future__ import annotations
@@ -52,10 +59,12 @@ REPRESENTATION_FEATURES = {TARGET_ITEM: HISTORY_ITEMS, TARGET_CATEGORY: HISTORY_
 
 def position_buckets(lengths: torch.Tensor, num_buckets: int) -> torch.Tensor:
     """For each behaviour of a jagged batch (oldest first): min(floor(log2(1 + later behaviours)), n - 1)."""
-    offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
-    row = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
-    later = lengths[row] - 1 - (torch.arange(len(row), device=lengths.device) - offsets[row])
-    return torch.log2(later.double() + 1).floor().long().clamp(max=num_buckets - 1)
+    ends = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)[1:]
+    total = int(ends[-1]) if len(ends) else 0
+    later = ends.repeat_interleave(lengths, output_size=total) - 1 - torch.arange(total, device=lengths.device)
+    # in integers: the bucket is how many of 2^j - 1 (j = 1 .. n - 1) are <= later
+    bounds = (1 << torch.arange(1, num_buckets, device=lengths.device)) - 1
+    return torch.bucketize(later, bounds, right=True)
 
 
 def jagged_dot(behaviours: torch.Tensor, offsets: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -76,7 +85,8 @@ class Search:
     weights: torch.Tensor  # [B, k'] softmax over the kept scores; 0 where invalid
     valid: torch.Tensor  # [B, k'] False past the end of a short (or empty) history
     target: torch.Tensor  # [B, d] the target's vector in the searching space
-    behaviours: torch.Tensor  # [N, d] every behaviour's vector in the searching space
+    behaviours: torch.Tensor  # [N, d] every behaviour's vector in the searching space, without autograd
+    picked: torch.Tensor  # [B, k', d] the kept behaviours' vectors (zeros where invalid), with autograd
 
 
 def _stable_top_k(padded: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,15 +97,26 @@ def _stable_top_k(padded: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     shares its batch (found by serving's batched-vs-alone test). A full stable sort is 5-13x
     slower than topk at L = 1,000-5,000 on CPU; this costs one topk plus a few passes.
     """
-    threshold = padded.topk(k, dim=1).values[:, -1:]
+    threshold = padded.topk(k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
     above = padded > threshold
     tied = padded == threshold
     room = k - above.sum(dim=1, keepdim=True)  # how many of the tied values make the cut
-    chosen = above | (tied & (tied.cumsum(dim=1) <= room))
+    # (an int64 cumsum of bools is 10x slower on CPU than an int32 one, measured)
+    chosen = above | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= room))
     position = chosen.nonzero()[:, 1].view(len(padded), k)  # exactly k per row, in history order
     values = padded.gather(1, position)
     order = values.sort(dim=1, descending=True, stable=True).indices
     return values.gather(1, order), position.gather(1, order)
+
+
+def pad_scores(scores: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Jagged scores [N] -> [B, longest history], padded with -inf."""
+    batch_size = len(offsets) - 1
+    max_length = int((offsets[1:] - offsets[:-1]).max()) if batch_size else 0
+    if max_length == 0:
+        return scores.new_zeros(batch_size, 0)
+    return torch.ops.fbgemm.jagged_to_padded_dense(scores.unsqueeze(1), [offsets], [max_length],
+                                                   float("-inf")).squeeze(-1)
 
 
 def top_k_softmax(scores: torch.Tensor, offsets: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
@@ -104,28 +125,32 @@ def top_k_softmax(scores: torch.Tensor, offsets: torch.Tensor, k: int) -> tuple[
     Returns (index [B, k'], weights [B, k'], valid [B, k']); a row shorter than k
     (or empty) has invalid slots with weight 0, never NaN.
     """
-    batch_size = len(offsets) - 1
-    max_length = int((offsets[1:] - offsets[:-1]).max()) if batch_size else 0
-    if max_length == 0:
-        empty = scores.new_zeros(batch_size, 0)
-        return empty.long(), empty, empty.bool()
-    padded = torch.ops.fbgemm.jagged_to_padded_dense(scores.unsqueeze(1), [offsets], [max_length],
-                                                     float("-inf")).squeeze(-1)
-    return padded_top_k_softmax(padded, k)
+    return padded_top_k_softmax(pad_scores(scores, offsets), k)
+
+
+def padded_top_k(padded: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """(top scores, index, valid), each [B, k'], of scores padded to [B, L] with -inf."""
+    if padded.shape[1] == 0:
+        empty = padded.new_zeros(len(padded), 0)
+        return empty, empty.long(), empty.bool()
+    top, index = _stable_top_k(padded, min(k, padded.shape[1]))
+    return top, index, torch.isfinite(top)
+
+
+def masked_softmax(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Softmax per row over the ``valid`` scores; exactly 0 elsewhere, and never NaN for a row with none."""
+    if scores.shape[1] == 0:  # max over an empty dimension fails
+        return scores.new_zeros(scores.shape)
+    masked = scores.masked_fill(~valid, float("-inf"))
+    shift = masked.max(dim=1, keepdim=True).values.clamp_min(-1e30).detach()
+    unnormalised = torch.exp(masked - shift)  # exactly 0 where invalid
+    return unnormalised / unnormalised.sum(dim=1, keepdim=True).clamp_min(1e-30)
 
 
 def padded_top_k_softmax(padded: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     """``top_k_softmax`` of scores already padded to [B, L] with -inf."""
-    if padded.shape[1] == 0:
-        empty = padded.new_zeros(len(padded), 0)
-        return empty.long(), empty, empty.bool()
-    top, index = _stable_top_k(padded, min(k, padded.shape[1]))
-    valid = torch.isfinite(top)
-    masked = top.masked_fill(~valid, float("-inf"))
-    shift = masked.max(dim=1, keepdim=True).values.clamp_min(-1e30).detach()
-    unnormalised = torch.exp(masked - shift)  # exactly 0 where invalid
-    weights = unnormalised / unnormalised.sum(dim=1, keepdim=True).clamp_min(1e-30)
-    return index, weights, valid
+    top, index, valid = padded_top_k(padded, k)
+    return index, masked_softmax(top, valid), valid
 
 
 class ItemSpace(nn.Module):
@@ -145,13 +170,31 @@ class ItemSpace(nn.Module):
 
     def rows(self, items: torch.Tensor, categories: torch.Tensor | None,
              positions: torch.Tensor | None) -> torch.Tensor:
-        """[n, bag size] table rows of n items."""
-        columns = [hashing.hash_rows(items, salt, self.num_rows) for salt in self.item_salts]
+        """[n, bag size] table rows of n items: item probes, category, position (one hash for all)."""
+        columns, salts = [items] * len(self.item_salts), list(self.item_salts)
         if categories is not None:
-            columns.append(hashing.hash_rows(categories, self.category_salt, self.num_rows))
+            columns.append(categories)
+            salts.append(self.category_salt)
         if positions is not None:
-            columns.append(hashing.hash_rows(positions, self.position_salt, self.num_rows))
-        return torch.stack(columns, dim=1)
+            columns.append(positions)
+            salts.append(self.position_salt)
+        ids = torch.stack([column.to(torch.int64) for column in columns], dim=1)
+        return hashing.hash_rows(ids, torch.tensor(salts, device=ids.device), self.num_rows)
+
+    def lookup(self, blocks: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
+        """[n, d] vectors of each block of n bags, all in one pooled lookup. A block is (rows
+        [n, bag size], keep [n] bool or None); a bag not kept is empty (a zero vector)."""
+        values, lengths = [], []
+        for rows, keep in blocks:
+            bag_lengths = torch.full((len(rows),), rows.shape[1], dtype=torch.int32, device=rows.device)
+            if keep is None:
+                values.append(rows.flatten())
+            else:
+                values.append(rows[keep].flatten())
+                bag_lengths = bag_lengths * keep
+            lengths.append(bag_lengths)
+        bags = KeyedJaggedTensor(keys=[self.key], values=torch.cat(values), lengths=torch.cat(lengths))
+        return list(self.ebc(bags).values().split([len(rows) for rows, _ in blocks]))
 
     def item_vectors(self, items: torch.Tensor, categories: torch.Tensor | None) -> torch.Tensor:
         """[n, d]: A(item) of n items read straight from the table (for publishing)."""
@@ -162,16 +205,10 @@ class ItemSpace(nn.Module):
                 history_items: torch.Tensor, history_categories: torch.Tensor | None,
                 history_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([B, d] target vectors, [N, d] behaviour vectors) from one pooled lookup of B + N bags."""
-        target_rows = self.rows(target_items, target_categories, None)
         buckets = position_buckets(history_lengths, self.num_position_buckets)
-        history_rows = self.rows(history_items, history_categories, buckets)
-        lengths = torch.cat([
-            torch.full((len(target_rows),), target_rows.shape[1], dtype=torch.int32, device=target_rows.device),
-            torch.full((len(history_rows),), history_rows.shape[1], dtype=torch.int32, device=target_rows.device)])
-        bags = KeyedJaggedTensor(keys=[self.key], lengths=lengths,
-                                 values=torch.cat([target_rows.flatten(), history_rows.flatten()]))
-        vectors = self.ebc(bags)[self.key]
-        return vectors[:len(target_rows)], vectors[len(target_rows):]
+        target, behaviours = self.lookup([(self.rows(target_items, target_categories, None), None),
+                                          (self.rows(history_items, history_categories, buckets), None)])
+        return target, behaviours
 
 
 @dataclass
@@ -196,22 +233,35 @@ def search_space(space: ItemSpace, top_k: int, target_items: torch.Tensor, targe
     """The search stage: item vectors, scaled dot products with the target, top-k + softmax.
 
     ``lengths`` are per row, or per group of rows sharing a history (``row_group``: each row's group).
+    Every behaviour is scored without autograd; under autograd the targets and the kept behaviours
+    are looked up again, so gradients (the same: the others' are zero) reach B x k bags, not B x L.
     """
     offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
-    target, behaviours = space(target_items, target_categories, history_items, history_categories, lengths)
-    if row_group is None:
-        scores = jagged_dot(behaviours, offsets, target) / math.sqrt(space.dim)
-        index, weights, valid = top_k_softmax(scores, offsets, top_k)
-        starts = offsets[:-1]
-    else:
-        max_length = int(lengths.max()) if len(lengths) else 0
-        groups = torch.ops.fbgemm.jagged_to_padded_dense(behaviours, [offsets], [max_length], 0.0)  # [G, L, d]
-        scores = torch.einsum("bld,bd->bl", groups[row_group], target) / math.sqrt(space.dim)
-        past_end = torch.arange(max_length, device=scores.device) >= lengths[row_group].unsqueeze(1)
-        index, weights, valid = padded_top_k_softmax(scores.masked_fill(past_end, float("-inf")), top_k)
-        starts = offsets[:-1][row_group]
+    target_rows = space.rows(target_items, target_categories, None)
+    history_rows = space.rows(history_items, history_categories,
+                              position_buckets(lengths, space.num_position_buckets))
+    scale = math.sqrt(space.dim)
+    with torch.no_grad():
+        target, behaviours = space.lookup([(target_rows, None), (history_rows, None)])
+        if row_group is None:
+            padded = pad_scores(jagged_dot(behaviours, offsets, target) / scale, offsets)
+            starts = offsets[:-1]
+        else:
+            max_length = int(lengths.max()) if len(lengths) else 0
+            groups = torch.ops.fbgemm.jagged_to_padded_dense(behaviours, [offsets], [max_length], 0.0)  # [G, L, d]
+            scores = torch.einsum("bld,bd->bl", groups[row_group], target) / scale
+            past_end = torch.arange(max_length, device=scores.device) >= lengths[row_group].unsqueeze(1)
+            padded = scores.masked_fill(past_end, float("-inf"))
+            starts = offsets[:-1][row_group]
+        _, index, valid = padded_top_k(padded, top_k)
     flat_index = torch.where(valid, starts.unsqueeze(1) + index, torch.zeros_like(index))
-    return Search(index, flat_index, weights, valid, target, behaviours)
+    if torch.is_grad_enabled():
+        target, picked = space.lookup([(target_rows, None), (history_rows[flat_index.flatten()], valid.flatten())])
+        picked = picked.view(*valid.shape, space.dim)
+    else:
+        picked = behaviours[flat_index] * valid.unsqueeze(-1)
+    weights = masked_softmax(torch.einsum("bkd,bd->bk", picked, target) / scale, valid)
+    return Search(index, flat_index, weights, valid, target, behaviours, picked)
 
 
 class SequenceEncoder(nn.Module):
@@ -259,33 +309,30 @@ class SequenceEncoder(nn.Module):
                             history.values(), history_category, history.lengths().long())
 
     def unified_ids(self, sparse: KeyedJaggedTensor, search: Search | None,
-                    shared: SharedHistories | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Raw ids (values, lengths) for each of ``extra_lookups``, in order."""
+                    shared: SharedHistories | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Raw ids (values, lengths) of all ``extra_lookups``, key-major; None when there are none."""
         if shared is not None:
             if self.mode == "mean":
                 raise ValueError("sequence mode 'mean' reads each row's whole history: pass per-row histories")
             shared_values = {HISTORY_ITEMS: shared.items, HISTORY_CATEGORIES: shared.categories}
-            values = [(shared_values[REPRESENTATION_FEATURES[f]], probes) for f, probes in self.representation]
+            histories = [shared_values[REPRESENTATION_FEATURES[f]] for f, _ in self.representation]
         else:
             by_key = sparse.to_dict()
-            histories = [(by_key[REPRESENTATION_FEATURES[f]], probes) for f, probes in self.representation]
             if self.mode == "mean":
-                return [(history.values(), history.lengths()) for history, probes in histories for _ in range(probes)]
-            values = [(history.values(), probes) for history, probes in histories]
+                jagged = [(by_key[REPRESENTATION_FEATURES[f]], probes) for f, probes in self.representation]
+                return (torch.cat([h.values() for h, probes in jagged for _ in range(probes)]),
+                        torch.cat([h.lengths() for h, probes in jagged for _ in range(probes)]))
+            histories = [by_key[REPRESENTATION_FEATURES[f]].values() for f, _ in self.representation]
         if self.mode != "dare":
-            return []
-        batch_size, kept = search.valid.shape
-        no_ids = torch.zeros(batch_size, dtype=torch.int32, device=search.valid.device)
-        ids = []
-        for slot in range(self.top_k):
-            for history_values, probes in values:
-                if slot < kept:
-                    valid = search.valid[:, slot]
-                    slot_ids = (history_values[search.flat_index[:, slot][valid]], valid.int())
-                else:  # fewer behaviours in the whole batch than k
-                    slot_ids = (history_values.new_zeros(0), no_ids)
-                ids += [slot_ids] * probes
-        return ids
+            return None
+        # slot key (j, feature, probe) holds row b's j-th kept behaviour, or an empty bag
+        probes = torch.tensor([probes for _, probes in self.representation], device=search.valid.device)
+        picked = torch.stack([values[search.flat_index] for values in histories]).repeat_interleave(probes, dim=0)
+        valid = search.valid.T.unsqueeze(1).expand(-1, len(picked), -1)  # [k', keys per slot, B]
+        lengths = valid.to(torch.int32).flatten()
+        missing_slots = (self.top_k - search.valid.shape[1]) * len(picked) * len(search.valid)
+        return (picked.permute(2, 0, 1)[valid],
+                torch.cat([lengths, lengths.new_zeros(missing_slots)]))
 
     def forward(self, target_representation: torch.Tensor, extra_embeddings: torch.Tensor,
                 search: Search | None) -> torch.Tensor:
@@ -298,8 +345,7 @@ class SequenceEncoder(nn.Module):
             pooled = (search.weights.unsqueeze(-1) * slots[:, :kept]).sum(dim=1)
         else:  # coupled: the searching vectors are also the representation
             target_representation = search.target
-            picked = search.behaviours[search.flat_index] * search.valid.unsqueeze(-1)
-            pooled = (search.weights.unsqueeze(-1) * picked).sum(dim=1)
+            pooled = (search.weights.unsqueeze(-1) * search.picked).sum(dim=1)
         return torch.cat([target_representation, pooled, target_representation * pooled], dim=1)
 
 

@@ -195,3 +195,18 @@ def test_all_kinds_build_from_one_spec(kind):
     assert emb(kjt(RAW)).shape == (4, 24)
     if kind != "full":
         assert emb.num_parameters() <= 300 * 4
+
+
+def test_unified_lookup_reads_features_in_any_key_order_beside_other_keys():
+    """The batch's KJT may order its keys otherwise and carry keys the table does not read."""
+    torch.manual_seed(0)
+    emb = UnifiedEmbedding(FEATURES, num_rows=97, dim=4)
+    shuffled = kjt({"genres": RAW["genres"], "history_item_id": [[1, 2], [], [3], [4, 5, 6]],
+                    "item_id": RAW["item_id"], "user_id": RAW["user_id"]})
+    weight = emb.ebc.embedding_bags["unified"].weight.detach()
+    torch.testing.assert_close(emb(shuffled), unified_lookup_reference(weight, FEATURES, RAW), rtol=1e-6, atol=1e-6)
+    rows = emb.lookup_kjt(shuffled)
+    assert rows.keys() == emb.lookup_keys
+    assert rows["user_id__p1"].values().tolist() == [hash_row_reference(v[0], "user_id", 1, 97)
+                                                     for v in RAW["user_id"]]
+

@@ -63,3 +63,21 @@ def test_same_rows_in_another_process_with_another_hash_seed():
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == f"{here} {string_to_id('M')}"
+
+
+def test_a_tensor_of_salts_hashes_many_keys_in_one_call():
+    """Per-value salts and broadcast [n, 1] x [1, probes] salts give what one call per salt gives."""
+    values = torch.tensor(EDGE_VALUES)
+    salts = [mixed_salt("item_id", p) for p in range(3)]
+    one_by_one = torch.stack([hash_rows(values, salt, 5400) for salt in salts], dim=1)
+    broadcast = hash_rows(values.unsqueeze(1), torch.tensor(salts).unsqueeze(0), 5400)
+    per_value = hash_rows(values.repeat(3), torch.tensor(salts).repeat_interleave(len(values)), 5400)
+    assert torch.equal(broadcast, one_by_one)
+    assert torch.equal(per_value, one_by_one.T.flatten())
+    assert broadcast[:, 1].tolist() == [715, 723, 1433, 5247, 2197, 4563, 288, 3416]  # the golden item_id#1 rows
+
+
+def test_hashing_leaves_its_input_alone():
+    values = torch.tensor(EDGE_VALUES)
+    mix64(values), hash_rows(values, mixed_salt("user_id", 0), 97)
+    assert values.tolist() == EDGE_VALUES

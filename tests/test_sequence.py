@@ -198,3 +198,125 @@ def test_shared_histories_give_what_per_row_copies_give(mode, top_k):
     embedded = unified(sparse, encoder.unified_ids(sparse, search, shared))
     together = encoder(embedded[:, :unified.output_dim], embedded[:, unified.output_dim:], search)
     torch.testing.assert_close(together, per_row, rtol=1e-6, atol=1e-6)
+
+
+def test_position_buckets_match_the_log2_formula():
+    lengths = torch.tensor([0, 1, 2, 3, 8, 9, 100, 1500])
+    for num_buckets in (1, 2, 5, 12):
+        want = [min(int(math.floor(math.log2(1 + length - 1 - i))), num_buckets - 1)
+                for length in lengths.tolist() for i in range(length)]
+        assert position_buckets(lengths, num_buckets).tolist() == want
+
+
+def test_stable_top_k_is_a_stable_sort_cut_at_k():
+    """Against a plain stable sort by score (earlier behaviour first on ties), on scores with many ties."""
+    from recsys.sequence import padded_top_k
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (16, 40), generator=generator).float()
+    scores[3, 10:] = float("-inf")  # a short history
+    for k in (1, 7, 40):
+        top, index, valid = padded_top_k(scores, k)
+        want = scores.sort(dim=1, descending=True, stable=True)
+        assert torch.equal(index, want.indices[:, :k]) and torch.equal(top, want.values[:, :k])
+        assert valid.tolist() == torch.isfinite(want.values[:, :k]).tolist()
+
+
+def differentiable_dare(attention_weight, unified_weight, config, targets, histories):
+    """``dare_reference`` with its scores kept as tensors, so autograd reaches the attention table
+    through every behaviour's score (the top-k cut then passes gradient to the kept ones only)."""
+    from recsys.hashing import hash_row_reference
+
+    def attention(item, category, position=None):
+        rows = [hash_row_reference(item, "attention:item_id", p, len(attention_weight))
+                for p in range(config.attention_probes)]
+        rows.append(hash_row_reference(category, "attention:category", 0, len(attention_weight)))
+        if position is not None:
+            rows.append(hash_row_reference(position, "attention:position", 0, len(attention_weight)))
+        return sum(attention_weight[r] for r in rows)
+
+    def represent(item, category):
+        value = {"item_id": item, "item_category": category}
+        return torch.cat([unified_weight[hash_row_reference(value[f.name], f.name, p, len(unified_weight))]
+                          for f in REPRESENTATION for p in range(f.probes)])
+
+    out = []
+    for (item, category), history in zip(targets, histories):
+        target = represent(item, category)
+        pooled = torch.zeros_like(target)
+        if history:
+            a_target = attention(item, category)
+            buckets = position_buckets(torch.tensor([len(history)]), config.position_buckets).tolist()
+            scores = torch.stack([attention(i, c, bucket) @ a_target for (i, c), bucket in zip(history, buckets)])
+            scores = scores / math.sqrt(attention_weight.shape[1])
+            kept = sorted(range(len(history)), key=lambda i: -float(scores[i].detach()))[:config.top_k]
+            weights = torch.softmax(scores[kept], dim=0)
+            pooled = sum(w * represent(*history[i]) for w, i in zip(weights, kept))
+        out.append(torch.cat([target, pooled, target * pooled]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("top_k", [3, 64])
+def test_dare_gradients_match_the_plain_reference(top_k):
+    """The search scores every behaviour without autograd and looks up the kept ones again with it;
+    both tables must get the gradients of the plain example-by-example block."""
+    config, encoder, unified = dare_parts(top_k)
+    attention = encoder.space.ebc.embedding_bags["attention"].weight
+    representation = unified.ebc.embedding_bags["unified"].weight
+    projection = torch.randn(4, 3 * REPR_DIM, generator=torch.Generator().manual_seed(1))
+    out, _ = run_block(encoder, unified, batch_kjt())
+    (out * projection).sum().backward()
+    got = attention.grad.clone(), representation.grad.clone()
+    attention.grad, representation.grad = None, None
+    want = differentiable_dare(attention, representation, config, TARGETS, HISTORIES)
+    torch.testing.assert_close(want.detach(), dare_reference(attention.detach(), representation.detach(), config,
+                                                             REPRESENTATION, TARGETS, HISTORIES))
+    (want * projection).sum().backward()
+    assert got[0].abs().sum() > 0 and got[1].abs().sum() > 0
+    torch.testing.assert_close(got[0], attention.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], representation.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["dare", "coupled"])
+def test_the_search_gives_the_same_numbers_with_and_without_autograd(mode):
+    """Training looks the kept behaviours up again; evaluation and serving reuse the first lookup."""
+    _, encoder, unified = dare_parts(top_k=4, mode=mode)
+    trained, _ = run_block(encoder, unified, batch_kjt())
+    with torch.no_grad():
+        evaluated, search = run_block(encoder, unified, batch_kjt())
+    torch.testing.assert_close(trained.detach(), evaluated, rtol=0, atol=0)
+    torch.testing.assert_close(search.picked, search.behaviours[search.flat_index] * search.valid.unsqueeze(-1))
+
+
+def test_a_dare_training_step_updates_only_the_rows_of_targets_and_kept_behaviours(small_examples, tmp_path):
+    """Under the Trainer (DMP, fused row-wise Adagrad): the attention table learns (through the softmax
+    weights), and only the rows that the targets and the k kept behaviours read."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    from recsys.train import Trainer
+    from tests.conftest import small_config
+
+    config = small_config()
+    config.sequence.mode, config.sequence.top_k, config.data.max_history = "dare", 2, 30
+    trainer = Trainer(config, examples=small_examples, out_dir=tmp_path)
+    batch = make_batch(trainer.train_examples, np.arange(200, 208), trainer.batch_features, trainer.history_length)
+
+    def attention_weight():
+        value = trainer.model.state_dict()["sequence.space.ebc.embedding_bags.attention.weight"]
+        return (value.local_shards()[0].tensor if isinstance(value, ShardedTensor) else value).detach().clone()
+
+    space = trainer.model.module.sequence.space
+    with torch.no_grad():
+        search = trainer.model.module.sequence.search(batch.sparse)
+    history = batch.sparse[HISTORY_ITEMS]
+    buckets = position_buckets(history.lengths().long(), space.num_position_buckets)
+    history_rows = space.rows(history.values(), batch.sparse[HISTORY_CATEGORIES].values(), buckets)
+    kept_rows = history_rows[search.flat_index[search.valid]]
+    target_rows = space.rows(batch.sparse["item_id"].values(), batch.sparse["item_category"].values(), None)
+    read = set(torch.cat([kept_rows.flatten(), target_rows.flatten()]).tolist())
+    assert len(set(history_rows.flatten().tolist()) - read) > 0  # behaviours not kept read other rows too
+
+    before = attention_weight()
+    trainer.train_step(batch)
+    changed = set((attention_weight() != before).any(dim=1).nonzero().flatten().tolist())
+    assert changed and changed <= read
