@@ -100,6 +100,12 @@ def _mix64_reference(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def hash_row(value: int, mixed_salt_value: int, num_rows: int) -> int:
+    """``hash_rows`` of one raw id with Python ints (``mixed_salt``'s value): for a handful of ids
+    (one user's features) a dozen tensor ops cost more than the arithmetic."""
+    return (_mix64_reference((value ^ mixed_salt_value) & _MASK64) >> 1) % num_rows
+
+
 def hash_row_reference(value: int, feature: str, probe: int, num_rows: int) -> int:
     """The row of one raw id, computed with unbounded Python ints."""
     mixed_salt = _mix64_reference(fnv1a64(f"{feature}#{probe}".encode("utf-8")))

@@ -40,7 +40,6 @@ from recsys.model import CrossNetV2, Ranker
 from recsys.sequence import TARGET_ITEM
 
 FEW_VALUES = 64  # up to this many (value, probe) pairs, a side is embedded with Python-int hashing
-_MASK64 = (1 << 64) - 1
 
 # Jagged raw ids of one feature for n entities: (values [m] int64, lengths [n] int64).
 Jagged = tuple[torch.Tensor, torch.Tensor]
@@ -74,13 +73,13 @@ class FeatureTable:
     keys: int  # bags per entity in its table: probes for the unified table, 1 for a table of its own
 
     def __post_init__(self) -> None:
-        self._salts = [salt & _MASK64 for salt in self.salts.tolist()] if self.salts is not None else []
+        self._salts = self.salts.tolist() if self.salts is not None else []
         self._vocabulary = self.vocabulary.tolist() if self.vocabulary is not None else []
 
     def python_row(self, value: int, key: int) -> int:
         """``rows`` of one value for one key, with Python ints (the same row: tests/test_inference.py)."""
         if self.vocabulary is None:
-            return (hashing._mix64_reference((value & _MASK64) ^ self._salts[key]) >> 1) % self.num_rows
+            return hashing.hash_row(value, self._salts[key], self.num_rows)
         position = bisect.bisect_left(self._vocabulary, value)
         return position + 1 if position < len(self._vocabulary) and self._vocabulary[position] == value else 0
 

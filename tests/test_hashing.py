@@ -81,3 +81,12 @@ def test_hashing_leaves_its_input_alone():
     values = torch.tensor(EDGE_VALUES)
     mix64(values), hash_rows(values, mixed_salt("user_id", 0), 97)
     assert values.tolist() == EDGE_VALUES
+
+
+def test_the_python_int_hash_gives_the_tensor_hashs_rows():
+    values = [0, 1, -1, 2**62, -(2**63), 2**63 - 1, 123456789, -987654321]
+    for feature, probe, num_rows in (("item_id", 0, 5400), ("genres", 1, 7), ("user_id", 3, 2**31 - 1)):
+        salt = hashing.mixed_salt(feature, probe)
+        rows = hashing.hash_rows(torch.tensor(values), salt, num_rows).tolist()
+        assert [hashing.hash_row(v, salt, num_rows) for v in values] == rows
+        assert rows == [hashing.hash_row_reference(v, feature, probe, num_rows) for v in values]
