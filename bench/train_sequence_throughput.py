@@ -1,7 +1,8 @@
 """Training throughput of the sequence modes, this code against an earlier commit, side by side.
 
-    git worktree add /tmp/before b63192e        # once: the code to compare against
-    nice .venv/bin/python bench/train_sequence_throughput.py [--before /tmp/before] [--lengths 200 1000]
+    nice .venv/bin/python bench/train_sequence_throughput.py [--before-commit b63192e] [--lengths 200 1000]
+
+The code before is checked out (once) as a git worktree in --before (default /tmp/before).
 
 For each code tree (before, after), sequence mode (none, mean, coupled, dare) and history length
 L, one process builds the ranker of configs/synthetic_long.yaml (synthetic long histories; L caps
@@ -81,7 +82,10 @@ def run_one(code: str, code_root: str, mode: str, length: int, args: argparse.Na
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--before", default="/tmp/before", help="a worktree of the code to compare against")
+    parser.add_argument("--before", default="/tmp/before", help="a worktree of the code to compare against "
+                                                                 "(made from --before-commit if missing)")
+    parser.add_argument("--before-commit", default="b63192e",
+                        help="the commit before DARE's training lookups changed (issue 14)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[200, 1000])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--top-k", type=int, default=64)
@@ -98,6 +102,9 @@ def main() -> None:
         return
 
     trees = {"before": str(Path(args.before).resolve()), "after": str(ROOT)}
+    if not Path(trees["before"]).exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", trees["before"], args.before_commit],
+                       check=True)
     if not (Path(trees["before"]) / "recsys").is_dir():
         raise SystemExit(f"{args.before} holds no recsys/: git worktree add {args.before} <commit>")
     before_commit = subprocess.run(["git", "-C", trees["before"], "rev-parse", "--short", "HEAD"],
