@@ -16,7 +16,8 @@ sequence mode):
                 per call), the candidates' cached parts and the history block:
                 A(h_i) = A_item(h_i) + P[bucket_i]; scores, stable top-k and softmax as
                 recsys.sequence computes them; the picks' R(h) weighted and summed;
-                then the ranker's own cross layers, tower and head
+                then the ranker's cross layers, tower and head (the column order x is
+                built in folded into their weights at load)
 
 Both paths add the attention rows of a behaviour in the same order (item probes,
 category, position), so equal behaviours score equally in both and the top-k
@@ -77,20 +78,19 @@ class FeatureTable:
         self._vocabulary = self.vocabulary.tolist() if self.vocabulary is not None else []
 
     def python_row(self, value: int, key: int) -> int:
-        """``rows`` of one value for one key, with Python ints (the same row: tests/test_inference.py)."""
+        """The row of one value for one key, with Python ints (the same row: tests/test_inference.py)."""
         if self.vocabulary is None:
             return hashing.hash_row(value, self._salts[key], self.num_rows)
         position = bisect.bisect_left(self._vocabulary, value)
         return position + 1 if position < len(self._vocabulary) and self._vocabulary[position] == value else 0
 
-    def rows(self, values: torch.Tensor) -> torch.Tensor:
-        """[m, keys] table rows of m raw ids (InferenceRanker._embed hashes all hashed features at once)."""
-        if self.vocabulary is None:
-            return hashing.hash_rows(values.unsqueeze(1), self.salts.unsqueeze(0), self.num_rows)
+    def vocabulary_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """[m] rows of m raw ids in a full-vocabulary table (hashed features are hashed together, in
+        InferenceRanker._embed_many)."""
         if len(self.vocabulary) == 0:
-            return torch.zeros(len(values), 1, dtype=torch.int64)
+            return torch.zeros(len(values), dtype=torch.int64)
         position = torch.searchsorted(self.vocabulary, values).clamp(max=len(self.vocabulary) - 1)
-        return torch.where(self.vocabulary[position] == values, position + 1, 0).unsqueeze(1)
+        return torch.where(self.vocabulary[position] == values, position + 1, 0)
 
 
 def _feature_tables(embedding: nn.Module) -> tuple[list[torch.Tensor], list[FeatureTable]]:
@@ -255,7 +255,7 @@ class InferenceRanker(nn.Module):
                                rows.split([m * lookup.keys for lookup, m in zip(hashed, sizes)])))
         by_table: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for lookup in lookups:
-            rows = rows_of[lookup.name] if lookup.vocabulary is None else lookup.rows(ids[lookup.name][0]).flatten()
+            rows = rows_of[lookup.name] if lookup.vocabulary is None else lookup.vocabulary_rows(ids[lookup.name][0])
             indices, bag_lengths = by_table.setdefault(lookup.table, ([], []))
             indices.append(rows)
             lengths = ids[lookup.name][1]
