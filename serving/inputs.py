@@ -261,9 +261,7 @@ class InputBuilder:
                                             torch.tensor([len(items) for _, items in requests]))
         history = attention = representation = None
         if self.ranker.mode != "none":
-            rest = [part[slots] for part in cache.parts[1:]]
-            attention = rest[0] if self.ranker.space is not None else None
-            representation = rest[-1] if self.ranker.mode != "coupled" else None
+            attention, representation = self._sequence_vectors(slots)
             history = self._history(users, history_items)
         return ScoringInputs(user_part, item_part[:, :self.columns_width], item_part[:, self.columns_width:],
                              row_group, history, attention, representation)
@@ -277,7 +275,12 @@ class InputBuilder:
         flat = self.item_vectors.slots(behaviours) if behaviours else torch.zeros(0, dtype=torch.int64)
         padded = torch.zeros(len(histories), longest, dtype=torch.int64)
         padded[torch.arange(longest) < lengths.unsqueeze(1)] = flat
-        parts = [part[padded] for part in self.item_vectors.parts[1:]]
+        return History(*self._sequence_vectors(padded), lengths)
+
+    def _sequence_vectors(self, slots: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(A_item, R) of the cached items at ``slots`` (any shape), each None where the mode reads none:
+        A for dare and coupled (a searching space), R for dare and mean (coupled represents by A)."""
+        parts = [part[slots] for part in self.item_vectors.parts[1:]]
         attention = parts[0] if self.ranker.space is not None else None
         representation = parts[-1] if self.ranker.mode != "coupled" else None
-        return History(attention, representation, lengths)
+        return attention, representation
