@@ -243,11 +243,18 @@ class OnlineFeatures:
             self.item_cache.clear()
 
     def user(self, user_id: int) -> UserFeatures:
-        row = self._read(self.user_features, "user_id", [user_id])[0]
-        return UserFeatures(user_id=user_id, profile=_present(row, "user_profile", self.user_columns),
-                            history_item_ids=list(row["user_history__history_item_ids"] or []),
-                            history_timestamps=list(row["user_history__history_timestamps"] or []),
-                            interaction_count=int(row["user_history__interaction_count"] or 0))
+        return self.users([user_id])[0]
+
+    def users(self, user_ids: list[int]) -> list[UserFeatures]:
+        """One read for many users; an object per position (a user asked for twice gets two: each
+        call sets its own context on it)."""
+        distinct = list(dict.fromkeys(user_ids))
+        rows = dict(zip(distinct, self._read(self.user_features, "user_id", distinct)))
+        return [UserFeatures(user_id=user_id, profile=_present(row, "user_profile", self.user_columns),
+                             history_item_ids=list(row["user_history__history_item_ids"] or []),
+                             history_timestamps=list(row["user_history__history_timestamps"] or []),
+                             interaction_count=int(row["user_history__interaction_count"] or 0))
+                for user_id in user_ids for row in (rows[user_id],)]
 
     def items(self, item_ids: list[int]) -> dict[int, ItemFeatures]:
         now = self.clock()

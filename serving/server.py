@@ -10,9 +10,9 @@ from the request's ``context``, build the model inputs by training's rules
 (recsys/inference.py, held to the exported model's scores to 1e-5) under
 ``torch.inference_mode``, return click probabilities. What is read follows the data set's schema (the
 store's store.json); a model trained on another schema is refused at load.
-Store reads run on a thread pool; forwards on one model thread that scores
-concurrent calls together (serving/batcher.py), so the event loop keeps
-accepting calls.
+Calls wait on the event loop; one model thread reads the store for a whole batch
+of them, builds its inputs and scores it, and whatever arrived meanwhile is the
+next batch (serving/batcher.py says why this shape).
 
 Also served: standard gRPC health checking (``grpc.health.v1.Health``) and
 server reflection. Optional TLS (``--tls-cert/--tls-key``) and bearer-token
@@ -37,10 +37,10 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -72,9 +72,8 @@ class ServeConfig:
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     max_candidates: int = 1000
     max_message_bytes: int = 1 << 20
-    workers: int = 4  # threads reading the online store
     max_batch_rows: int = 4096  # concurrent calls scored in one forward, up to this many rows
-    # load shedding: candidate rows waiting for the model thread, and calls in the server at once
+    # load shedding: candidate rows waiting for the model, and calls in the server at once
     # (None: no limit); past either, calls are refused RESOURCE_EXHAUSTED at once
     max_queued_rows: int = 16384
     max_concurrent_calls: int | None = 256
@@ -167,12 +166,30 @@ def validate(request, max_candidates: int) -> None:
         raise InvalidRequest("request_id", f"is longer than {MAX_REQUEST_ID} characters")
 
 
+@dataclass
+class ScoringCall:
+    """One admitted call as the batcher hands it to ``ScoringService.score_batch`` (on the model thread)."""
+
+    request: Any  # ScoreRequest or RankRequest
+    context: dict[str, Any]  # its parsed context features
+    grpc_context: Any  # for its deadline
+
+
+@dataclass
+class CallTiming:
+    """Seconds of the batch a call was scored in, per stage (the server's latency metrics)."""
+
+    feature_fetch: float
+    model_inputs: float
+    forward: float
+    calls: int
+
+
 class ScoringService(scoring_pb2_grpc.ScoringServicer):
     def __init__(self, watcher: ModelWatcher, online: OnlineFeatures, config: ServeConfig,
                  metrics: ServingMetrics) -> None:
         self.watcher, self.online, self.config, self.metrics = watcher, online, config, metrics
-        self.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="fetch")
-        self.batcher = ModelBatcher(config.max_batch_rows, config.max_queued_rows)
+        self.batcher = ModelBatcher(self.score_batch, config.max_batch_rows, config.max_queued_rows)
 
     async def Score(self, request, context):
         scores, version = await self._scores("Score", request, context)
@@ -191,17 +208,9 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
         self.metrics.calls.labels(method).inc()
         try:
             validate(request, self.config.max_candidates)
-            self.batcher.check_room(len(request.item_ids))  # a call the queue cannot take costs no store read
-            call_context = request_context(self.online.schema, request.context)
-            loop = asyncio.get_running_loop()
+            call = ScoringCall(request, request_context(self.online.schema, request.context), context)
             model = self.watcher.current  # one read: this call uses one model from start to end
-            user, items, history = await loop.run_in_executor(self.pool, self._fetch, model, request)
-            user.context = call_context  # a per-call value, like the profile the same in every candidate row
-            self.metrics.latency.labels("feature_fetch").observe(time.perf_counter() - started)
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                raise DeadlineExpired()
-            scores, timing = await self.batcher.submit(model, user, items, history, loop=loop)
+            scores, timing = await self.batcher.submit(model, call, len(request.item_ids))
             if context.time_remaining() == 0:  # scored too late: no one waits for the answer any more
                 raise DeadlineExpired()
         except (InvalidRequest, InvalidContext) as exc:
@@ -215,21 +224,58 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
         except Exception as exc:  # noqa: BLE001 - a request must fail with a status, not a stack trace
             await self._fail(method, request, context, grpc.StatusCode.UNAVAILABLE if _store_down(exc)
                              else grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-        self.metrics.latency.labels("model_inputs").observe(timing.model_inputs)
-        self.metrics.latency.labels("forward").observe(timing.forward)
-        self.metrics.batch_calls.observe(timing.requests)
+        for stage in ("feature_fetch", "model_inputs", "forward"):
+            self.metrics.latency.labels(stage).observe(getattr(timing, stage))
+        self.metrics.batch_calls.observe(timing.calls)
         self.metrics.latency.labels("total").observe(time.perf_counter() - started)
         self.metrics.candidates.observe(len(request.item_ids))
         return scores, model.version
 
-    def _fetch(self, model, request) -> tuple:
-        """The user, the candidates in request order, and the history items (for their categories)."""
+    def score_batch(self, model, calls: list[ScoringCall]) -> list:
+        """(probabilities, CallTiming) per call, or the exception that fails it: the users and items of
+        every call in one store read, one set of model inputs, one forward."""
+        started = time.perf_counter()
+        try:
+            users, candidates, history_items = self._fetch(model, calls)
+        except Exception as exc:  # noqa: BLE001 - the store's failure is every call's answer
+            return [exc] * len(calls)
+        fetched = time.perf_counter()
+        results: list = [None] * len(calls)
+        live = []
+        for position, call in enumerate(calls):
+            remaining = call.grpc_context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                results[position] = DeadlineExpired()
+            else:
+                live.append(position)
+        if not live:
+            return results
+        inputs = model.batch([(users[p], candidates[p]) for p in live], history_items)
+        built = time.perf_counter()
+        scores = model.probabilities(inputs)
+        timing = CallTiming(fetched - started, built - fetched, time.perf_counter() - built, len(live))
+        start = 0
+        for position in live:
+            end = start + len(candidates[position])
+            results[position] = (scores[start:end], timing)
+            start = end
+        return results
+
+    def _fetch(self, model, calls: list[ScoringCall]) -> tuple[list, list, dict]:
+        """Per call its user (with the call's context) and its candidates in request order; the history
+        items of all (for their features): one store round trip for whatever the item cache misses."""
         self.online.use_model_version(model.version)
-        user = self.online.user(request.user_id)
-        history_ids = user.history_item_ids[-model.history_length:] if model.history_length else []
-        # candidates and history items in one read: one store round trip for whatever the cache misses
-        items = self.online.items([*request.item_ids, *history_ids])
-        return user, [items[i] for i in request.item_ids], {i: items[i] for i in history_ids}
+        users = self.online.users([call.request.user_id for call in calls])
+        wanted: list[int] = []
+        history_ids: list[int] = []
+        for call, user in zip(calls, users):
+            user.context = call.context  # a per-call value, like the profile the same in every candidate row
+            wanted.extend(call.request.item_ids)
+            if model.history_length:
+                history_ids.extend(user.history_item_ids[-model.history_length:])
+        items = self.online.items(wanted + history_ids)
+        candidates = [[items[i] for i in call.request.item_ids] for call in calls]
+        return users, candidates, {i: items[i] for i in history_ids}
 
     async def _fail(self, method: str, request, context, code: grpc.StatusCode, message: str) -> None:
         self.metrics.errors.labels(method, code.name).inc()
@@ -367,7 +413,6 @@ class ScoringServer:
         self._release()
 
     def _release(self) -> None:
-        self.service.pool.shutdown(wait=False)
         self.service.batcher.close()
         self.metrics.close()
 
@@ -429,7 +474,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="local", choices=["local", "redis"])
     parser.add_argument("--redis-url", help="host:port of Redis for --profile redis")
     parser.add_argument("--max-candidates", type=int, default=1000)
-    parser.add_argument("--workers", type=int, default=4, help="threads reading the online store")
     parser.add_argument("--max-batch-rows", type=int, default=4096,
                         help="concurrent calls share one forward of up to this many rows")
     parser.add_argument("--max-queued-rows", type=int, default=16384,
@@ -463,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.torch_threads)
     config = ServeConfig(model_dir=args.model_dir, host=args.host, port=args.port, metrics_port=args.metrics_port,
-                         max_candidates=args.max_candidates, workers=args.workers,
+                         max_candidates=args.max_candidates,
                          max_batch_rows=args.max_batch_rows, max_queued_rows=args.max_queued_rows,
                          max_concurrent_calls=args.max_concurrent_calls or None,
                          reload_seconds=args.reload_seconds, item_cache_seconds=args.item_cache_seconds,

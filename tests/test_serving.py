@@ -8,6 +8,7 @@ frame), not the store."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
@@ -572,30 +573,44 @@ def test_a_stream_of_unknown_ids_keeps_the_item_cache_within_its_bounds(store_di
         assert used > 0.9  # the bound, not something else, stopped the growth
 
 
-def test_the_model_queue_refuses_calls_past_its_row_bound_at_once(server):
-    """The served model behind a batcher of one 300-row forward at a time and a 600-row queue: while
-    the first call is scored, two more wait and the rest are refused at once; the admitted ones all
-    get their scores, and once the queue has drained it takes calls again."""
-    from features.online import ItemFeatures, UserFeatures
+def test_the_model_queue_refuses_calls_past_its_row_bound_and_batches_what_waits():
+    """A batcher of 300-row forwards and a 600-row queue, on an event loop: the calls submitted in one
+    turn of the loop wait together; past the queue's bound they are refused at once, naming the flag;
+    the admitted ones are scored in row-bounded batches, in order, a cancelled one is not scored, one
+    call's own failure fails it alone, and once the queue has drained it takes calls again."""
     from serving.batcher import ModelBatcher, Overloaded
 
-    model, user = server.watcher.current, UserFeatures(user_id=STRANGER)
-    items = [ItemFeatures(item_id=i) for i in range(1, 301)]
-    batcher = ModelBatcher(max_rows=300, max_queued_rows=600)
-    try:
+    batches: list[list[str]] = []
+
+    def score(model, requests):
+        batches.append([name for name, _ in requests])
+        return [ValueError(f"{name} failed") if name == "bad" else (model, name, rows) for name, rows in requests]
+
+    async def scenario():
+        batcher = ModelBatcher(score, max_rows=300, max_queued_rows=600)
         admitted, refused = [], []
-        for _ in range(6):  # microseconds apart; one forward of 300 rows takes milliseconds
+        for name in ("a", "b", "c", "d"):  # one turn of the loop: none is scored yet
             try:
-                admitted.append(batcher.submit(model, user, items, {}))
+                admitted.append(batcher.submit("model-1", (name, 300), 300))
             except Overloaded as exc:
                 refused.append(str(exc))
-        assert 2 <= len(admitted) <= 3 and len(refused) == 6 - len(admitted)
-        assert "a call of 300 more would pass the queue's 600 (--max-queued-rows)" in refused[0]
-        assert all(len(future.result(timeout=30)[0]) == 300 for future in admitted)
+        assert len(admitted) == 2 and len(refused) == 2 and batcher.queued_rows == 600
+        assert "600 rows wait for the model, a call of 300 more would pass the queue's 600 (--max-queued-rows)" \
+            in refused[0]
+        assert await asyncio.gather(*admitted) == [("model-1", "a", 300), ("model-1", "b", 300)]
+        assert batches == [["a"], ["b"]]  # 300 rows per forward: one call each
         assert batcher.queued_rows == 0
-        assert len(batcher.submit(model, user, items, {}).result(timeout=30)[0]) == 300
-    finally:
-        batcher.close()
+        batches.clear()
+        small = [batcher.submit("model-1", (name, 100), 100) for name in ("e", "f", "bad", "g")]
+        small[1].cancel()  # its caller left while it waited
+        later = batcher.submit("model-2", ("h", 100), 100)  # a reload between admissions: its own forward
+        outcomes = await asyncio.gather(*small, later, return_exceptions=True)
+        assert batches == [["e", "bad", "g"], ["h"]]
+        assert outcomes[0] == ("model-1", "e", 100) and isinstance(outcomes[1], asyncio.CancelledError)
+        assert isinstance(outcomes[2], ValueError) and outcomes[3] == ("model-1", "g", 100)
+        assert outcomes[4] == ("model-2", "h", 100) and batcher.queued_rows == 0
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("limit,refusal", [

@@ -274,7 +274,7 @@ def test_generated_calls_never_fail_internal_and_leave_the_server_healthy(
             answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
         after, _ = client.score(user, items, context=context)
-    assert fuzz_server.service.batcher.thread.is_alive() and fuzz_server.service.batcher.queued_rows == 0
+    assert fuzz_server.service.batcher.queued_rows == 0 and not fuzz_server.service.batcher.pending
     np.testing.assert_allclose(after, before, atol=1e-6)
     np.testing.assert_allclose(after, offline_scores(tiny_tables, fuzz_model, user, items,
                                                      {"device": "ios", "hour": 7.0}), atol=1e-5)
