@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -204,8 +205,14 @@ class InputBuilder:
     """
 
     def __init__(self, schema: DatasetSchema, ranker: InferenceRanker, history_length: int,
-                 max_cached_items: int = DEFAULT_MAX_ITEMS) -> None:
+                 max_cached_items: int = DEFAULT_MAX_ITEMS, model_version: str | None = None) -> None:
+        """``model_version``: the version this builder serves; an item's published vectors
+        (``plexrec features publish``) tagged with it are used as its A_item and R."""
         self.schema, self.ranker, self.history_length = schema, ranker, history_length
+        self.model_version = model_version
+        # items whose vectors were computed, by what the store had published for them: "used" (this
+        # version's: taken as they are), "stale" (another version's: ignored), "absent"
+        self.published: Counter[str] = Counter()
         self.reads_category = ranker.space is not None and schema.category is not None
 
         def readers(lookups) -> list[tuple[str, Callable, str | None, bool]]:
@@ -247,7 +254,32 @@ class InputBuilder:
     def _item_rows(self, items: list[ItemFeatures]) -> list[torch.Tensor]:
         vectors = self.ranker.items(self._ids(self.item_readers, items), self._categories(items), len(items))
         parts = [torch.cat([vectors.columns, self._dense(self.item_dense, items)], dim=1)]
-        return parts + [v for v in (vectors.attention, vectors.representation) if v is not None]
+        published = [(vectors.attention, "attention_embedding"), (vectors.representation, "representation_embedding")]
+        for computed, field in published:
+            if computed is not None:
+                parts.append(self._with_published(computed, items, field))
+        for item in items:
+            self.published["absent" if item.model_version is None else
+                           "used" if item.model_version == self.model_version else "stale"] += 1
+        return parts
+
+    def take_published(self) -> dict[str, int]:
+        """``published`` since the last call (the server adds them to its metrics), reset."""
+        counts = dict(self.published)
+        self.published.clear()
+        return counts
+
+    def _with_published(self, computed: torch.Tensor, items: list[ItemFeatures], field: str) -> torch.Tensor:
+        """``computed`` with the rows of items whose store holds this version's vector replaced by it:
+        the model's own vectors, so the scores do not change (tests/test_inference.py); another
+        version's never replace them."""
+        width = computed.shape[1]
+        rows = [(position, vector) for position, item in enumerate(items)
+                if item.model_version == self.model_version and self.model_version is not None
+                and len(vector := getattr(item, field)) == width > 0]
+        if rows:
+            computed[[position for position, _ in rows]] = torch.tensor([v for _, v in rows], dtype=computed.dtype)
+        return computed
 
     def batch(self, requests: list[tuple[UserFeatures, list[ItemFeatures]]],
               history_items: dict[int, ItemFeatures]) -> ScoringInputs:

@@ -128,7 +128,8 @@ def load_serving_model(directory: str | Path, store_meta: dict[str, Any],
     inference = inference_ranker(model, schema, manifest["dense_features"])
     serving = ServingModel(model, manifest, directory, schema, input_features, history_length,
                            shares_histories=config.sequence.mode in ("dare", "coupled"), inference=inference,
-                           inputs=InputBuilder(schema, inference, history_length, max_cached_items))
+                           inputs=InputBuilder(schema, inference, history_length, max_cached_items,
+                                               manifest["model_version"]))
     cold_start = [(UserFeatures(user_id=0), [ItemFeatures(item_id=0)])]
     cold = serving.probabilities(serving.batch(cold_start, {}))
     if not np.isfinite(cold).all():

@@ -252,6 +252,8 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
             return results
         inputs = model.batch([(users[p], candidates[p]) for p in live], history_items)
         built = time.perf_counter()
+        for published, count in model.inputs.take_published().items():
+            self.metrics.item_vectors.labels(published).inc(count)
         scores = model.probabilities(inputs)
         timing = CallTiming(fetched - started, built - fetched, time.perf_counter() - built, len(live))
         start = 0

@@ -85,11 +85,11 @@ def random_ranker(tables: DatasetTables, mode: str, kind: str = "unified", max_h
     return model, config, examples.dense_names
 
 
-def both_paths(tables, model, config, dense_names, users, items, share: bool = True):
+def both_paths(tables, model, config, dense_names, users, items, share: bool = True, model_version=None):
     schema = tables.schema
     features, history_length = model_inputs(config, schema.categorical_features)
     fast = inference_ranker(model, schema, dense_names)
-    builder = InputBuilder(schema, fast, history_length)
+    builder = InputBuilder(schema, fast, history_length, model_version=model_version)
     requests = [(user, [items[i] for i in list(items)[n * 7 % len(items):][:9]]) for n, user in enumerate(users)]
     history = {i: items[i] for i in items}
     with torch.inference_mode():
@@ -175,6 +175,43 @@ def test_the_inference_path_agrees_for_many_calls_in_one_batch(ml100k_slice, rng
     users, items = online_rows(ml100k_slice, 10, rng)
     fast, eager, *_ = both_paths(ml100k_slice, model, config, dense_names, users, items, share=False)
     np.testing.assert_allclose(fast, eager, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["mean", "dare"])  # coupled reads no published vector: its A is R's table
+def test_published_vectors_of_the_served_version_are_used_and_other_versions_ignored(mode, ml100k_slice, rng):
+    """Items whose store holds vectors published by the served version are scored with them (the model's
+    own: the scores do not move; scaled ones: they do, so they were read), another version's are
+    ignored, and every computed item is counted by what was published for it."""
+    import dataclasses
+
+    from features.examples import category_id
+    from recsys.item_embeddings import item_embeddings
+
+    model, config, dense_names = random_ranker(ml100k_slice, mode)
+    users, items = online_rows(ml100k_slice, 9, rng)
+    ids = np.array(list(items))
+    representation, attention = item_embeddings(model, ids, np.array([category_id(items[i].category) for i in ids]))
+
+    def published(version: str, scale: float) -> dict[int, ItemFeatures]:
+        return {int(i): dataclasses.replace(items[int(i)], model_version=version, representation_embedding=list(r * scale),
+                                            attention_embedding=list(a * scale))
+                for i, r, a in zip(ids, representation, attention)}
+
+    def scores(version: str, scale: float):
+        fast, eager, builder, *_ = both_paths(ml100k_slice, model, config, dense_names, users,
+                                              published(version, scale), model_version="v1")
+        return fast, eager, builder.take_published()
+
+    fast, eager, counts = scores("v1", 1.0)
+    np.testing.assert_allclose(fast, eager, rtol=0, atol=1e-5)
+    assert set(counts) == {"used"} and counts["used"] > 50
+    fast, eager, counts = scores("v1", -2.0)
+    assert np.abs(fast - eager).max() > 0.01 and set(counts) == {"used"}
+    fast, eager, counts = scores("v0", -2.0)
+    np.testing.assert_allclose(fast, eager, rtol=0, atol=1e-5)
+    assert set(counts) == {"stale"}
+    _, _, counts = scores(None, 1.0)
+    assert set(counts) == {"absent"}
 
 
 # --- the item vector cache ---
