@@ -16,7 +16,8 @@ One loop, a batch at a time:
      rows back in one batch. What is a behaviour is the schema's history rule, as the
      loader applies it to rows: every event (history: all) or those labelled 1 (history:
      positive). History timestamps are in the schema's unit, like the loaded ones
-  4. append the events to the offline event log (Parquet, one file per batch)
+  4. append the events to the offline event log (Parquet, one file per batch; compacted into
+     training data by features/event_log.py)
   5. re-key every behaviour, and every event that carries item attributes, onto
      ``<topic>.item-deltas`` with the item id as key, so that one partition owns an item
      too; the same consumer reads that topic, applies behaviours to the item counters
@@ -624,16 +625,6 @@ class Ingester:
         self.producer.close()
         self.consumer.close()
         self.admin.close()
-
-
-def read_event_log(directory: Path):
-    """The offline event log with re-delivered duplicates dropped."""
-    import pandas as pd
-
-    files = sorted((directory / "offline" / "events").glob("*.parquet"))
-    if not files:
-        return pd.DataFrame()
-    return pd.concat([pd.read_parquet(f) for f in files]).drop_duplicates("event_id").reset_index(drop=True)
 
 
 def main(argv: list[str] | None = None) -> None:

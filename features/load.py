@@ -125,7 +125,6 @@ def offline_tables(tables: DatasetTables, history_length: int,
     columns' Feast types (column_types), computed here when not given."""
     schema = tables.schema
     types = types or column_types(schema, tables)
-    unit = schema.timestamp_unit
     users = tables.users.rename(columns={schema.user: "user_id"})[["user_id", *schema.users.columns]].copy()
     items_source = tables.items.rename(columns={schema.item: "item_id"})
     items = items_source[["item_id", *schema.items.columns]].copy()
@@ -138,16 +137,34 @@ def offline_tables(tables: DatasetTables, history_length: int,
     frame = tables.joined().rename(columns={schema.user: "user_id", schema.item: "item_id",
                                             schema.timestamp: "timestamp"})
     frame = frame.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
+    history, counters = behaviour_views(frame, schema, history_length)
+    label_column = schema.rating or schema.label
+    interactions = frame[["user_id", "item_id", "timestamp", label_column,
+                          *[c for c in (schema.split,) if c]]].copy()
+    for column in schema.context.columns:
+        interactions[column] = stored_column(frame[column], types[column])
+    return {"user_profile": users, "item_profile": items, "user_history": history,
+            "item_counters": counters, "interactions": interactions}
+
+
+def behaviour_views(frame: pd.DataFrame, schema: DatasetSchema,
+                    history_length: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The user_history and item_counters tables of interactions in the store's columns (user_id,
+    item_id, timestamp in the schema's unit, the label or rating column), sorted by user and time
+    (a stable sort: among equal times, the order behaviours entered). The bulk load and the event
+    log's compaction (features/event_log.py) both build the views here."""
     from recsys.data.examples import labels_of  # the label rule, as training applies it
 
+    unit = schema.timestamp_unit
     label = labels_of(frame, schema)
     behaviours = frame[label == 1] if schema.history == "positive" else frame
     times = behaviours["timestamp"].to_numpy(dtype=np.int64)
     history = running_state(behaviours["user_id"].to_numpy(np.int64), times,
                             behaviours["item_id"].to_numpy(np.int64), history_length, unit)
     history = history.rename(columns={"key": "user_id"})
-    history["ingest_source"], history["ingest_offset"] = "", -1  # loaded in bulk, not from the stream
-    history["recent_event_ids"] = b""  # no event ids: loaded in bulk, not from the stream
+    # the offline views carry no stream watermarks: those are the online rows' (features/ingest.py)
+    history["ingest_source"], history["ingest_offset"] = "", -1
+    history["recent_event_ids"] = b""
     history["stamp_us"] = microseconds(history["event_timestamp"])
     by_item = behaviours.sort_values(["item_id", "timestamp"], kind="stable")
     counters = running_state(by_item["item_id"].to_numpy(np.int64), by_item["timestamp"].to_numpy(np.int64),
@@ -156,13 +173,7 @@ def offline_tables(tables: DatasetTables, history_length: int,
     counters["ingest_offsets"] = [np.zeros(0, dtype=np.int64) for _ in range(len(counters))]  # typed: list<int64>
     counters["recent_event_ids"] = b""
     counters["stamp_us"] = microseconds(counters["event_timestamp"])
-    label_column = schema.rating or schema.label
-    interactions = frame[["user_id", "item_id", "timestamp", label_column,
-                          *[c for c in (schema.split,) if c]]].copy()
-    for column in schema.context.columns:
-        interactions[column] = stored_column(frame[column], types[column])
-    return {"user_profile": users, "item_profile": items, "user_history": history,
-            "item_counters": counters, "interactions": interactions}
+    return history, counters
 
 
 def store_meta(schema: DatasetSchema, types: dict[str, str], history_length: int) -> dict:

@@ -8,17 +8,27 @@ builds (tests/test_feature_store.py checks it on every shipped schema): labels,
 context and the split from the events, categorical features from the profiles,
 the history and counters from the stream-maintained views (features/examples.py
 turns the joined rows into Examples, the same code serving uses).
+
+The label events are the bulk-loaded ones and those streamed since: ``examples_from_store``
+first compacts the ingester's event log, which extends the views with the streamed
+behaviours and writes the streamed label events next to the loaded ones
+(features/event_log.py), so a training run sees everything ingested so far.
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 
+from features.event_log import STREAM_INTERACTIONS, compact_event_log
 from features.examples import examples_from_feature_rows
 from features.store import data_dir, stored_schema
 from recsys.data.examples import Examples, SplitRule
 from recsys.known_warnings import feast_calls
+
+log = logging.getLogger("plexrec.features")
 
 STRICTLY_BEFORE = pd.Timedelta(microseconds=1)
 
@@ -30,7 +40,10 @@ def historical_frame(store, directory=None) -> pd.DataFrame:
     keeping the latest: its cost grows with the square of the rows per user (measured: ML-100K's
     80k ratings with 200-long histories in 15 s), so rows a schema marks "context" are left out."""
     schema = stored_schema(directory)
-    events = pd.read_parquet(data_dir(directory) / "offline" / "interactions.parquet")
+    offline = data_dir(directory) / "offline"
+    events = pd.read_parquet(offline / "interactions.parquet")
+    if (offline / STREAM_INTERACTIONS).exists():  # the label events streamed since the load, if compacted
+        events = pd.concat([events, pd.read_parquet(offline / STREAM_INTERACTIONS)], ignore_index=True)
     if schema.split:  # history-only rows are never examples: joining them would only cost time
         events = events[events[schema.split].astype(str).str.lower() != "context"]
     entity_rows = events.assign(
@@ -46,8 +59,12 @@ def historical_frame(store, directory=None) -> pd.DataFrame:
     return joined.sort_values("row").reset_index(drop=True)
 
 
-def examples_from_store(store, directory=None, *, split: SplitRule = SplitRule()) -> Examples:
-    """Examples of every label event; history items take their category from the item profiles."""
+def examples_from_store(store, directory=None, *, split: SplitRule = SplitRule(), compact: bool = True) -> Examples:
+    """Examples of every label event, loaded or streamed (``compact``: compact the event log first;
+    without it, the events of the last compaction); history items take their category from the
+    item profiles."""
+    if compact:
+        log.info("event log: %s", compact_event_log(data_dir(directory)).summary())
     schema = stored_schema(directory)
     categories = None
     if schema.category:

@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     publish.add_argument("--profile", default="local", choices=["local", "redis"], help="store profile")
     publish.add_argument("--redis-url", help="host:port of Redis for --profile redis")
 
+    compact = feature_commands.add_parser(
+        "compact", help="compact the ingester's event log and extend the offline views with it (training "
+                        "from the store does this first)")
+    compact.add_argument("--data-dir", help="the store's data directory (default: $PLEXREC_DATA_DIR or .plexrec)")
+
     show = feature_commands.add_parser(
         "show", help="what the online store holds for one user or item, as JSON (for debugging a pipeline)")
     which = show.add_mutually_exclusive_group(required=True)
@@ -112,6 +117,20 @@ def main(argv: list[str] | None = None) -> None:
         publish_features(args)
     elif args.command == "features" and args.features_command == "show":
         show_features(args)
+    elif args.command == "features" and args.features_command == "compact":
+        compact_features(args)
+
+
+def compact_features(args: argparse.Namespace) -> None:
+    """`plexrec features compact`: the event log compacted, the offline views extended with it."""
+    from features.event_log import main as compact
+    from features.store import StoreError
+    from recsys.data.schema import DataError
+
+    try:
+        compact(args.data_dir)
+    except (StoreError, DataError) as exc:
+        sys.exit(f"plexrec features compact: {exc}")
 
 
 def show_features(args: argparse.Namespace) -> None:

@@ -206,7 +206,7 @@ def request_context(rows: pd.DataFrame, schema) -> dict[str, str]:
 def _demo(tables, past, future, client, children, bootstrap, store, args, report) -> dict:
     """Rank for the user with the most new behaviours, replay the future, rank again."""
     from features.events import EventProducer, schema_events
-    from features.ingest import read_event_log
+    from features.event_log import read_event_log
     from features.online import OnlineFeatures
     from features.store import read_store_meta
 

@@ -21,7 +21,8 @@ from kafka import KafkaConsumer, KafkaProducer
 from features.events import (EventProducer, InvalidEvent, check_against_schema, decode_event, is_behaviour,
                              make_event, replay_events, schema_events, stored_item_attributes,
                              unknown_context_keys)
-from features.ingest import IngestError, Ingester, history_length_of, read_event_log
+from features.event_log import read_event_log
+from features.ingest import IngestError, Ingester, history_length_of
 from features.load import load_into_store
 from features.store import StoreError, open_store, read_store_meta
 from protos.plexrec.v1.events_pb2 import EventType, UserEvent

@@ -400,7 +400,7 @@ def plexrec(*argv: str, env: dict | None = None, timeout: float = 120) -> subpro
 def test_replay_then_ingest_over_sasl_and_tls(sasl_tls_broker, pki, small_store, tmp_path):
     """`plexrec replay` publishes with a password file; `plexrec ingest` reads the password from the
     environment; both trust the test CA. Every replayed event reaches the offline log."""
-    from features.ingest import read_event_log
+    from features.event_log import read_event_log
 
     directory, events = small_store
     name = topic()

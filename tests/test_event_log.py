@@ -1,0 +1,287 @@
+"""The offline event log as training data, against the real embedded broker, the real ingester and
+real local Feast stores: a store is loaded with the past of a data set, the rest is streamed as
+events, and the next training's examples are those of the whole data set, each with the features
+of its time. MovieLens: ratings, every rating a behaviour, timestamps in seconds. KuaiRand: click
+labels, only clicks enter histories, timestamps in milliseconds, a context column."""
+
+import shutil
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from features import event_log
+from features.event_log import (COMPACTED, STREAM_INTERACTIONS, VIEWS_RECORD, compact_event_log, log_dir,
+                                read_event_log, stream_interactions)
+from features.events import EventProducer, schema_events
+from features.ingest import Ingester
+from features.load import load_into_store
+from features.store import open_store
+from features.training import examples_from_store
+from recsys.config import PROJECT_ROOT
+from recsys.data.examples import build_examples
+from recsys.data.schema import DatasetSchema
+from recsys.data.tables import DatasetTables
+
+from .conftest import KUAIRAND_SCHEMA, SYNTHETIC_SCHEMA
+from .test_feature_store import assert_same_examples
+
+ML_HISTORY, KUAIRAND_HISTORY = 50, 20
+VIEWS = ("user_history", "item_counters", "stream_interactions")
+
+
+def split_by_time(frame, schema, fraction):
+    """(past, future): the rows before the time at ``fraction`` of the data, and the rest. No
+    instant is in both, so the past's and the future's order among equal times is the data's."""
+    frame = frame.sort_values(schema.timestamp, kind="stable").reset_index(drop=True)
+    cut = frame[schema.timestamp].iloc[int(len(frame) * fraction)]
+    return frame[frame[schema.timestamp] < cut], frame[frame[schema.timestamp] >= cut]
+
+
+def stream(broker, store, directory, events, **options):
+    """Publish the events, then ingest them until the topic is idle."""
+    name = f"events-{uuid.uuid4().hex[:8]}"
+    producer = EventProducer(broker, name)
+    producer.send_all(events)
+    producer.close()
+    ingester = Ingester(broker, store, directory, topic=name, group=name, **options)
+    try:
+        return ingester.run(stop_after_idle_seconds=2)
+    finally:
+        ingester.close()
+
+
+def loaded(tables, past, directory, history_length):
+    store = open_store("local", directory)
+    load_into_store(store, tables.with_interactions(past), directory, history_length=history_length)
+    return store
+
+
+def histories_are_the_behaviours_strictly_before(examples, frame, schema, user, history_length, streamed_from):
+    """For each of ``user``'s examples at or after ``streamed_from``: the history is the user's
+    behaviours (loaded or streamed) strictly before it, oldest first, the last ``history_length``."""
+    rows = frame[frame[schema.user] == user].sort_values(schema.timestamp, kind="stable")
+    if schema.history == "positive":
+        rows = rows[rows[schema.label] == 1]
+    times, items = rows[schema.timestamp].to_numpy(), rows[schema.item].to_numpy()
+    checked = 0
+    for i in np.flatnonzero((examples.user_id == user) & (examples.timestamp >= streamed_from)):
+        before = items[times < examples.timestamp[i]][-history_length:]
+        assert examples.history(i, history_length).tolist() == before.tolist(), i
+        checked += 1
+    return checked
+
+
+@pytest.fixture
+def movielens_past(ml100k_tables, tmp_path):
+    """A store of the first 70% (by time) of 40 MovieLens users' ratings; (store, directory, past, future)."""
+    schema = ml100k_tables.schema
+    ratings = ml100k_tables.interactions
+    past, future = split_by_time(ratings[ratings[schema.user] <= 40], schema, 0.7)
+    return loaded(ml100k_tables, past, tmp_path, ML_HISTORY), tmp_path, past, future
+
+
+def test_movielens_events_streamed_after_the_load_are_the_next_examples(broker, movielens_past, ml100k_tables):
+    """The streamed ratings, some sent twice (a producer's retry) and some that repeat loaded rows
+    (a replay of the past), become examples once each, with the histories and counts of their
+    time: the examples of the whole data set, as the direct loader builds them."""
+    store, directory, past, future = movielens_past
+    schema = ml100k_tables.schema
+    assert len(examples_from_store(store, directory)) == len(past)  # nothing streamed yet
+    events = schema_events(future, schema)
+    retried = events[::7]
+    replayed = schema_events(past.iloc[::50], schema)  # already in the store
+    stream(broker, store, directory, events + retried + replayed, max_batch=100)
+    batch_files = len(list(log_dir(directory).glob("batch-*.parquet")))
+    assert batch_files > 1
+
+    # without compaction (the code before the event log was training data) nothing streamed is an example
+    assert len(examples_from_store(store, directory, compact=False)) == len(past)
+
+    report = compact_event_log(directory)
+    assert report.batch_files == batch_files and not list(log_dir(directory).glob("batch-*.parquet"))
+    assert report.events_read == len(events) + len(retried) + len(replayed)
+    assert report.duplicates == len(retried) and report.log_events == len(events) + len(replayed)
+    assert report.already_loaded == len(replayed) and report.stream_interactions == len(future)
+    examples = examples_from_store(store, directory)
+    whole = build_examples(ml100k_tables.with_interactions(pd.concat([past, future])).joined(), schema)
+    assert_same_examples(examples, whole, ML_HISTORY)
+
+    busiest = future[schema.user].value_counts().index[0]
+    first_streamed = int(future[schema.timestamp].min())
+    assert histories_are_the_behaviours_strictly_before(
+        examples, pd.concat([past, future]), schema, busiest, ML_HISTORY, first_streamed) >= 5
+
+
+def test_kuairand_events_streamed_after_the_load_are_the_next_examples(broker, kuairand_tables, tmp_path):
+    """Impressions with click labels and the tab they were shown in: every streamed impression is an
+    example, only the clicked ones enter the histories and counts after it, in milliseconds."""
+    schema = kuairand_tables.schema
+    impressions = kuairand_tables.interactions
+    impressions = impressions[impressions[schema.user] < 60]
+    # their users and videos only: materialising the whole catalogue online takes 20 s
+    catalogue = DatasetTables(schema, impressions, kuairand_tables.users[kuairand_tables.users[schema.user] < 60],
+                              kuairand_tables.items[kuairand_tables.items[schema.item].isin(impressions[schema.item])])
+    past, future = split_by_time(impressions, schema, 0.6)
+    # a data set's exact duplicate rows are one event (one event id): stream each once
+    future = future.drop_duplicates([schema.user, schema.item, schema.timestamp])
+    store = loaded(catalogue, past, tmp_path, KUAIRAND_HISTORY)
+    stream(broker, store, tmp_path, schema_events(future, schema))
+    assert len(examples_from_store(store, tmp_path, compact=False)) == len(past)
+
+    examples = examples_from_store(store, tmp_path)
+    whole = build_examples(catalogue.with_interactions(pd.concat([past, future])).joined(), schema)
+    assert_same_examples(examples, whole, KUAIRAND_HISTORY)
+    assert future[schema.label].nunique() == 2 and len(examples) == len(past) + len(future)
+
+    # a user whose streamed impressions were clicked and not: histories hold the clicks strictly before
+    clicked = future.groupby(schema.user)[schema.label].agg(["sum", "count"])
+    user = int(clicked[(clicked["sum"] >= 2) & (clicked["count"] > clicked["sum"])].index[0])
+    first_streamed = int(future[schema.timestamp].min())
+    assert histories_are_the_behaviours_strictly_before(
+        examples, pd.concat([past, future]), schema, user, KUAIRAND_HISTORY, first_streamed) >= 3
+    # the context column streamed as text comes back as the loaded values
+    key = ["user_id", "item_id", "timestamp", "tab"]
+    streamed = pd.read_parquet(tmp_path / "offline" / STREAM_INTERACTIONS)[key]
+    sent = future.rename(columns={schema.item: "item_id", schema.timestamp: "timestamp"})[key]
+    assert sorted(streamed.itertuples(index=False)) == sorted(sent.itertuples(index=False))
+
+
+class Killed(BaseException):
+    """A stand-in for SIGKILL: nothing after it runs."""
+
+
+def frames(directory):
+    """What compaction leaves behind: the log, the views, and which files remain."""
+    offline = directory / "offline"
+    state = {"log": read_event_log(directory)}
+    for name in VIEWS:
+        path = offline / f"{name}.parquet"
+        state[name] = pd.read_parquet(path) if path.exists() else None
+    state["files"] = sorted(p.name for p in log_dir(directory).iterdir() if not p.name.endswith(".tmp"))
+    return state
+
+
+def assert_same_state(state, expected):
+    assert state["files"] == expected["files"]
+    for name in ("log", *VIEWS):
+        pd.testing.assert_frame_equal(state[name], expected[name], check_dtype=False, obj=name)
+
+
+def test_compaction_is_idempotent_and_a_kill_anywhere_loses_and_duplicates_nothing(broker, movielens_past,
+                                                                                   ml100k_tables, tmp_path_factory,
+                                                                                   monkeypatch):
+    """Compaction killed after each file it writes (before the first, too): what it left is read as
+    the whole log without a duplicate, and the next compaction leaves what an uninterrupted one
+    does. Compacting again changes nothing; a second stream extends the compacted log."""
+    store, directory, past, future = movielens_past
+    schema = ml100k_tables.schema
+    events = schema_events(future, schema)
+    first, second = events[:len(events) // 2], events[len(events) // 2:]
+    stream(broker, store, directory, first + first[:20], max_batch=40)  # 20 re-sent: in later batch files
+    pristine = tmp_path_factory.mktemp("pristine") / "store"
+    shutil.copytree(directory, pristine)
+
+    report = compact_event_log(directory)
+    assert report.duplicates == 20 and report.log_events == len(first) and report.views_rebuilt
+    expected = frames(directory)
+    assert expected["files"] == [".compaction.lock", COMPACTED, VIEWS_RECORD]
+    assert len(expected["stream_interactions"]) == len(first)
+
+    again = compact_event_log(directory)  # idempotent: nothing new, nothing rewritten
+    assert (again.batch_files, again.duplicates, again.views_rebuilt) == (0, 0, False)
+    assert_same_state(frames(directory), expected)
+
+    writes = 5  # compacted.parquet (then the batch files go), stream_interactions, user_history, item_counters,
+    # views.json; killed just before the first rename (its .tmp stays behind), or just after each
+    real_replace = event_log._durably_replace
+    for kill_at in range(-1, writes):
+        copy = tmp_path_factory.mktemp(f"killed-{kill_at}") / "store"
+        shutil.copytree(pristine, copy)
+        done = []
+
+        def replace_then_die(staging, path, kill_at=kill_at, done=done):
+            if kill_at == -1:
+                raise Killed
+            real_replace(staging, path)
+            done.append(path.name)
+            if len(done) == kill_at + 1:
+                raise Killed
+
+        monkeypatch.setattr(event_log, "_durably_replace", replace_then_die)
+        with pytest.raises(Killed):
+            compact_event_log(copy)
+        monkeypatch.setattr(event_log, "_durably_replace", real_replace)
+        left = read_event_log(copy)  # what a reader sees meanwhile: every event, once
+        pd.testing.assert_frame_equal(left, expected["log"], check_dtype=False)
+        if kill_at == 0:  # killed between writing compacted.parquet and deleting the batch files
+            assert list(log_dir(copy).glob("batch-*.parquet")) and (log_dir(copy) / COMPACTED).exists()
+
+        if kill_at == 0:  # the command line repairs it as well as the function
+            done_cli = subprocess.run([sys.executable, "-m", "recsys.cli", "features", "compact", "--data-dir",
+                                       str(copy)], check=False, capture_output=True, text=True, timeout=300,
+                                      cwd=PROJECT_ROOT)
+            assert done_cli.returncode == 0, done_cli.stderr[-2000:]
+            # every event of the batch files left behind is already in the compacted log
+            read_twice = f"{len(first) + 20:,}"
+            assert f"({read_twice} events, {read_twice} duplicate event ids dropped)" in done_cli.stderr
+            assert "views rebuilt" in done_cli.stderr
+        else:
+            repaired = compact_event_log(copy)
+            # rebuilt unless the kill came after the last write (views.json), when all was done
+            assert repaired.views_rebuilt == (kill_at < writes - 1) and repaired.log_events == len(first)
+        assert_same_state(frames(copy), expected)
+
+    (log_dir(directory) / VIEWS_RECORD).unlink()  # views whose record is lost are rebuilt, the same
+    assert compact_event_log(directory).views_rebuilt
+    assert_same_state(frames(directory), expected)
+
+    stream(broker, store, directory, second + first[:5])  # a later stream, with events logged before
+    report = compact_event_log(directory)
+    assert report.duplicates == 5 and report.log_events == len(events)
+    examples = examples_from_store(store, directory)
+    whole = build_examples(ml100k_tables.with_interactions(pd.concat([past, future])).joined(), schema)
+    assert_same_examples(examples, whole, ML_HISTORY)
+
+
+def test_a_reload_drops_the_views_of_the_previous_stream_and_compaction_extends_the_new_ones(
+        broker, movielens_past, ml100k_tables):
+    """`features load` again rewrites the views from the data set alone; the next compaction notices
+    and extends the new views with the log (its events that the new load holds count once)."""
+    store, directory, past, future = movielens_past
+    schema = ml100k_tables.schema
+    stream(broker, store, directory, schema_events(future, schema))
+    assert compact_event_log(directory).stream_interactions == len(future)
+    everything = pd.concat([past, future])
+    load_into_store(store, ml100k_tables.with_interactions(everything), directory, history_length=ML_HISTORY)
+    report = compact_event_log(directory)
+    assert report.views_rebuilt and report.already_loaded == len(future) and report.stream_interactions == 0
+    whole = build_examples(ml100k_tables.with_interactions(everything).joined(), schema)
+    assert_same_examples(examples_from_store(store, directory), whole, ML_HISTORY)
+
+
+def test_logged_events_become_rows_by_the_schemas_rules():
+    """The label the ingester gave an event decides the row's label, also in a rating schema where an
+    explicit label field overrode the rating or came without one; the timestamp is in the schema's
+    unit; context text a categorical integer column cannot hold is missing, not an error; a split
+    column's streamed rows are training rows."""
+    from recsys.data.movielens import movielens_schema
+
+    logged = pd.DataFrame({
+        "event_id": ["a", "b", "c", "d"], "user_id": [1, 1, 2, 2], "item_id": [5, 6, 7, 8],
+        "event_timestamp": pd.to_datetime([1_000_999, 2_000_000, 3_000_500, 4_000_000], unit="ms", utc=True),
+        "value": [5.0, None, 5.0, 2.0], "label": [1, 1, 0, 0],
+        "context": ['{"tab": "3"}', '{"tab": "x"}', "{}", '{"tab": "2.0", "device": "tv"}']})
+    ratings = stream_interactions(logged, movielens_schema(), {})
+    assert ratings["timestamp"].tolist() == [1000, 2000, 3000, 4000]  # seconds, as the ingester converts
+    assert ratings["rating"].tolist() == [5.0, 4.0, 3.0, 2.0]  # the value where it agrees with the label
+    kuairand = DatasetSchema.from_yaml(KUAIRAND_SCHEMA)
+    impressions = stream_interactions(logged, kuairand, {"tab": "Int64"})
+    assert impressions["timestamp"].tolist() == [1_000_999, 2_000_000, 3_000_500, 4_000_000]
+    assert impressions["is_click"].tolist() == [1, 1, 0, 0]
+    assert impressions["tab"].tolist() == [3, pd.NA, pd.NA, 2]
+    synthetic = stream_interactions(logged, DatasetSchema.from_yaml(SYNTHETIC_SCHEMA), {})
+    assert synthetic["split"].tolist() == ["train"] * 4
