@@ -175,7 +175,11 @@ class Trainer:
 
     @_torchrec_call
     def __init__(self, config: RunConfig, *, examples: Examples | None = None,
-                 ctx: DistributedContext | None = None, out_dir: str | Path | None = None) -> None:
+                 ctx: DistributedContext | None = None, out_dir: str | Path | None = None,
+                 vocab_sizes: dict[str, int] | None = None) -> None:
+        """``vocab_sizes``: the tables of a run being continued (its checkpoint's meta records them), not
+        of this data's training split; ``load_checkpoint`` then fills in the vocabularies themselves (a
+        full-vocabulary model keeps them in its state). recsys/continual.py uses it."""
         self.config = config
         self.ctx = ctx or init_distributed()
         self.out_dir = Path(out_dir or config.train.out_dir)
@@ -198,7 +202,8 @@ class Trainer:
         self.eval_examples = {"valid": examples.split_part(VALID), "test": examples.split_part(TEST)}
         self.dense_names = examples.dense_names
         self.schema = examples.schema
-        self.vocabularies = vocabularies_of(self.train_examples, self.feature_names)
+        self.vocabularies = (vocabularies_of(self.train_examples, self.feature_names) if vocab_sizes is None else
+                             {name: torch.zeros(vocab_sizes[name], dtype=torch.int64) for name in self.feature_names})
         self.vocab_sizes = {name: int(len(v)) for name, v in self.vocabularies.items()}
         self.fingerprint = model_fingerprint(config, self.vocab_sizes, self.dense_names)
 
@@ -325,7 +330,8 @@ class Trainer:
     def _write_checkpoint_meta(self, path: Path) -> None:
         if self.ctx.is_main:
             meta = {"fingerprint": self.fingerprint, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                    "global_step": self.global_step, "world_size": self.ctx.world_size, "epoch_log": self.epoch_log}
+                    "global_step": self.global_step, "world_size": self.ctx.world_size, "epoch_log": self.epoch_log,
+                    "vocab_sizes": self.vocab_sizes}
             (path / CHECKPOINT_META).write_text(json.dumps(meta, indent=2))
 
     @_torchrec_call
@@ -424,7 +430,11 @@ class Trainer:
         test = self.evaluate("test")
         final = {"test": test, "valid": best, "best_epoch": best["epoch"] if best else self.epoch,
                  "embedding_parameters": self.embedding_parameters, "epochs": self.epoch,
-                 "stopped_early": stopped_early}
+                 "stopped_early": stopped_early,
+                 # the newest event of the run's data (schema's unit): a learner that follows the stream from
+                 # this model takes streamed events after it (recsys/learn.py)
+                 "data_until": max(int(part.timestamp.max()) for part in (self.train_examples,
+                                                                          *self.eval_examples.values()) if len(part))}
         if self.ctx.is_main:
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"final": True, "best_epoch": final["best_epoch"], "epochs": self.epoch,
