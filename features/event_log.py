@@ -66,6 +66,7 @@ VIEWS_RECORD = "views.json"
 LOCK = ".compaction.lock"
 STREAM_SPLIT = "train"  # a schema's split column describes the bulk rows; streamed ones are new training data
 READ_ATTEMPTS = 10
+LOADED_KEY = ["user_id", "item_id", "timestamp"]  # a logged event with these of a loaded row is that row
 
 
 def log_dir(directory: str | Path) -> Path:
@@ -168,8 +169,7 @@ def _extend_views(directory: Path, compacted: pd.DataFrame, report: Compaction) 
     schema, history_length = stored_schema(directory), int(meta["history_length"])
     bulk = pd.read_parquet(offline / "interactions.parquet")
     stream = stream_interactions(compacted, schema, meta["types"]) if len(compacted) else bulk.iloc[:0]
-    key = ["user_id", "item_id", "timestamp"]
-    loaded = pd.MultiIndex.from_frame(stream[key]).isin(pd.MultiIndex.from_frame(bulk[key]))
+    loaded = _rows_of(stream, bulk)
     stream = stream[~loaded].reset_index(drop=True)
     report.already_loaded, report.stream_interactions = int(loaded.sum()), len(stream)
     # bulk rows first: among equal (user, time), the loaded behaviours come before the streamed
@@ -181,6 +181,49 @@ def _extend_views(directory: Path, compacted: pd.DataFrame, report: Compaction) 
     _write(counters, offline / "item_counters.parquet")
     _write_text(json.dumps(_basis(offline, meta, digest), indent=2) + "\n", record_path)  # last: see the doc
     report.views_rebuilt = True
+
+
+def positions(logged: pd.DataFrame) -> pd.Series:
+    """Where each logged event was read: ``<topic incarnation>/<partition>`` (a recreated topic, or
+    another topic into the same store, counts its offsets from 0 again)."""
+    source = logged["source"].astype(str) if "source" in logged else pd.Series("", index=logged.index)
+    return source + "/" + logged["partition"].astype(str)
+
+
+def last_offsets(logged: pd.DataFrame) -> dict[str, int]:
+    """Per position (``positions``), the highest offset among ``logged``."""
+    if not len(logged):
+        return {}
+    return {str(k): int(v) for k, v in logged["offset"].groupby(positions(logged)).max().items()}
+
+
+def events_after(directory: str | Path, offsets: dict[str, int]) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The compacted log's label events past ``offsets`` (position -> the last offset taken, see
+    ``positions``) as interaction rows in event-time order, without those that are rows of the bulk
+    load; and the offsets they reach (a position with nothing new keeps its offset). What a job that
+    follows the stream (recsys/learn.py) takes next; call compact_event_log first."""
+    from features.store import read_store_meta, stored_schema
+
+    directory = Path(directory)
+    path = log_dir(directory) / COMPACTED
+    compacted = pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+    if not len(compacted):
+        return pd.DataFrame(), dict(offsets)
+    taken = positions(compacted).map(lambda position: offsets.get(position, -1)).to_numpy(np.int64)
+    new = compacted[compacted["offset"].to_numpy(np.int64) > taken].reset_index(drop=True)
+    reached = {**offsets, **last_offsets(new)}
+    if not len(new):
+        return pd.DataFrame(), reached
+    schema = stored_schema(directory)
+    rows = stream_interactions(new, schema, read_store_meta(directory)["types"])
+    bulk = pd.read_parquet(directory / "offline" / "interactions.parquet", columns=LOADED_KEY)
+    rows = rows[~_rows_of(rows, bulk)]
+    return rows.sort_values("timestamp", kind="stable").reset_index(drop=True), reached
+
+
+def _rows_of(rows: pd.DataFrame, bulk: pd.DataFrame) -> np.ndarray:
+    """Which of ``rows`` are rows of the bulk load (the same user, item and instant)."""
+    return pd.MultiIndex.from_frame(rows[LOADED_KEY]).isin(pd.MultiIndex.from_frame(bulk[LOADED_KEY]))
 
 
 def stream_interactions(compacted: pd.DataFrame, schema, types: dict[str, str]) -> pd.DataFrame:

@@ -588,6 +588,7 @@ class Ingester:
             "label": [r.label for r in events],  # as the store's schema labelled it
             "context": [json.dumps(dict(r.event.context), sort_keys=True) for r in events],
             "item_attributes": [json.dumps(dict(r.event.item_attributes), sort_keys=True) for r in events],
+            "source": self.incarnation,  # the topic's incarnation: its partitions' offsets start at 0 again
             "partition": [r.partition for r in events],
             "offset": [r.offset for r in events],
         })

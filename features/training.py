@@ -33,17 +33,19 @@ log = logging.getLogger("plexrec.features")
 STRICTLY_BEFORE = pd.Timedelta(microseconds=1)
 
 
-def historical_frame(store, directory=None) -> pd.DataFrame:
-    """The label events joined point-in-time with the ``ranker`` feature service.
+def historical_frame(store, directory=None, events: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The label events (default: every loaded and compacted one; or ``events``, rows of the same
+    columns) joined point-in-time with the ``ranker`` feature service.
 
     Feast's DuckDB join pairs every label event with every feature row of its user before
     keeping the latest: its cost grows with the square of the rows per user (measured: ML-100K's
     80k ratings with 200-long histories in 15 s), so rows a schema marks "context" are left out."""
     schema = stored_schema(directory)
     offline = data_dir(directory) / "offline"
-    events = pd.read_parquet(offline / "interactions.parquet")
-    if (offline / STREAM_INTERACTIONS).exists():  # the label events streamed since the load, if compacted
-        events = pd.concat([events, pd.read_parquet(offline / STREAM_INTERACTIONS)], ignore_index=True)
+    if events is None:
+        events = pd.read_parquet(offline / "interactions.parquet")
+        if (offline / STREAM_INTERACTIONS).exists():  # the label events streamed since the load, if compacted
+            events = pd.concat([events, pd.read_parquet(offline / STREAM_INTERACTIONS)], ignore_index=True)
     if schema.split:  # history-only rows are never examples: joining them would only cost time
         events = events[events[schema.split].astype(str).str.lower() != "context"]
     entity_rows = events.assign(
@@ -59,11 +61,13 @@ def historical_frame(store, directory=None) -> pd.DataFrame:
     return joined.sort_values("row").reset_index(drop=True)
 
 
-def examples_from_store(store, directory=None, *, split: SplitRule = SplitRule(), compact: bool = True) -> Examples:
+def examples_from_store(store, directory=None, *, split: SplitRule = SplitRule(), compact: bool = True,
+                        events: pd.DataFrame | None = None) -> Examples:
     """Examples of every label event, loaded or streamed (``compact``: compact the event log first;
-    without it, the events of the last compaction); history items take their category from the
-    item profiles."""
-    if compact:
+    without it, the events of the last compaction), or of ``events`` alone (interaction rows, e.g.
+    features.event_log.events_after: the caller has compacted); history items take their category
+    from the item profiles."""
+    if compact and events is None:
         log.info("event log: %s", compact_event_log(data_dir(directory)).summary())
     schema = stored_schema(directory)
     categories = None
@@ -71,5 +75,5 @@ def examples_from_store(store, directory=None, *, split: SplitRule = SplitRule()
         items = pd.read_parquet(data_dir(directory) / "offline" / "item_profile.parquet",
                                 columns=["item_id", "item_category"])
         categories = dict(zip(items["item_id"].to_numpy(np.int64), items["item_category"]))
-    return examples_from_feature_rows(historical_frame(store, directory), schema, split=split,
+    return examples_from_feature_rows(historical_frame(store, directory, events), schema, split=split,
                                       item_categories=categories)

@@ -23,7 +23,7 @@ def configure_logging(verbose: bool = False) -> None:
 # jobs with their own parsers, dispatched before anything imports torch (ingest, replay and score never do)
 STANDALONE_COMMANDS = {"ingest": "features.ingest:main", "replay": "features.events:replay_main",
                        "serve": "serving.server:main", "score": "serving.client:main",
-                       "quickstart": "recsys.quickstart:main"}
+                       "quickstart": "recsys.quickstart:main", "learn": "recsys.learn:main"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("quickstart", help="the whole loop on one machine: broker, store, training, "
                                            "ingester, server, events, scores (see --help)")
     commands.add_parser("serve", help="the gRPC scoring server over an exported model (see --help)")
+    commands.add_parser("learn", help="keep training the served model on streamed events, exporting new "
+                                      "versions (see --help)")
     commands.add_parser("score", help="score items for a user on a running server (see --help)")
 
     from recsys.train import add_train_arguments

@@ -1,0 +1,139 @@
+"""`plexrec learn` against the real embedded broker, the real ingester and a real local Feast store:
+a model trained on the store's past follows the events streamed after it, exports new versions with
+the offsets they learned up to, publishes their item embeddings, and after SIGKILL resumes so that
+the surviving model learned every event exactly once."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from features.event_log import events_after, last_offsets, read_event_log
+from features.events import schema_events
+from features.online import OnlineFeatures
+from features.store import open_store
+from features.training import examples_from_store
+from recsys.continual import ContinualLearner, latest_checkpoint
+from recsys.export import read_manifest, version_directories
+from recsys.learn import LearnConfig, StreamLearner
+from recsys.train import CHECKPOINT_META, Trainer
+
+from .conftest import small_config
+from .test_event_log import loaded, split_by_time, stream
+
+HISTORY = 50
+
+
+@pytest.fixture
+def trained_on_the_past(ml100k_tables, tmp_path):
+    """A store of the first 70% of 60 MovieLens users' ratings, a DARE model trained on it (from the
+    store), and the remaining 30%: (store, store directory, models root, future rows)."""
+    schema = ml100k_tables.schema
+    ratings = ml100k_tables.interactions
+    past, future = split_by_time(ratings[ratings[schema.user] <= 60], schema, 0.7)
+    store_dir = tmp_path / "store"
+    store = loaded(ml100k_tables, past, store_dir, HISTORY)
+    config = small_config(epochs=1)
+    config.sequence.mode, config.sequence.top_k, config.data.max_history = "dare", 8, HISTORY
+    Trainer(config, examples=examples_from_store(store, store_dir), out_dir=tmp_path / "run").fit(progress=False)
+    return store, store_dir, tmp_path / "run" / "models", future
+
+
+def learned_so_far(run_dir):
+    """(examples learned, offsets) of the learner's latest checkpoint."""
+    checkpoint = latest_checkpoint(run_dir)
+    progress = json.loads((checkpoint / CHECKPOINT_META).read_text())["continual"]["progress"]
+    return progress["examples"], progress["position"]["offsets"]
+
+
+def log_offsets(directory) -> dict[str, int]:
+    return last_offsets(read_event_log(directory))
+
+
+def test_the_learner_learns_each_streamed_event_once_exports_and_publishes(broker, trained_on_the_past,
+                                                                           ml100k_tables):
+    store, store_dir, models, future = trained_on_the_past
+    base = version_directories(models)[0][-1]
+    stream(broker, store, store_dir, schema_events(future, ml100k_tables.schema), max_batch=200)
+    learner = StreamLearner(LearnConfig(model_dir=str(models), data_dir=str(store_dir), export_events=10**9,
+                                        export_seconds=10**9))
+    assert learner.step() == len(future)  # every streamed rating, none of the loaded past
+    assert learner.step() == 0  # nothing new: nothing learned again
+    version = learner.export()
+    assert version is not None and version != base and version_directories(models)[0][-1] == version
+    examples, offsets = learned_so_far(models.parent)
+    assert examples == len(future) and offsets == log_offsets(store_dir)
+    assert read_manifest(version)["metrics"]["continual"]["position"]["offsets"] == offsets
+
+    # the new version learned the stream: its log loss on the streamed events is below the base's
+    rows, _ = events_after(store_dir, {})
+    window = examples_from_store(store, store_dir, compact=False, events=rows)
+    before = ContinualLearner.from_model_dir(base, window).evaluate(window)["logloss"]
+    after = learner.learner.evaluate(window)["logloss"]
+    assert after < before - 0.005, (before, after)
+
+    # its item embeddings are published, tagged with the new version; serving's read sees that version
+    online = OnlineFeatures(store)
+    items = online.items([int(i) for i in future["item_id"].unique()[:20]])
+    assert {item.model_version for item in items.values()} == {read_manifest(version)["model_version"]}
+
+    # a second learner resumes from the checkpoint: the same events are not learned again
+    again = StreamLearner(LearnConfig(model_dir=str(models), data_dir=str(store_dir)))
+    assert again.step() == 0 and again.export() is None
+
+
+def wait_for_line(path, text: str, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        assert process.poll() is None, path.read_text()[-3000:]
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} in {path} after {timeout} s:\n{path.read_text()[-3000:]}")
+
+
+def test_after_sigkill_the_learner_resumes_and_learns_no_event_twice(broker, trained_on_the_past, ml100k_tables,
+                                                                      tmp_path):
+    """Three waves of events (40%, 20%, 40%); the learner exports once 40% are learned. It learns the
+    first wave and exports; it learns the second (not yet due for export: no checkpoint) and is killed
+    with SIGKILL; the restarted one resumes from the first wave's checkpoint. At the end the surviving
+    model learned every streamed event exactly once (a learner that saved its offsets apart from its
+    weights would have lost the second wave; one that ignored them would have learned the first twice)."""
+    store, store_dir, models, future = trained_on_the_past
+    events = schema_events(future, ml100k_tables.schema)
+    cuts = [int(len(events) * 0.4), int(len(events) * 0.6)]
+    waves = [events[:cuts[0]], events[cuts[0]:cuts[1]], events[cuts[1]:]]
+    command = [sys.executable, "-m", "recsys.cli", "learn", "--model-dir", str(models), "--data-dir",
+               str(store_dir), "--export-events", str(len(waves[0])), "--export-seconds", "100000",
+               "--poll-seconds", "0.2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    stream(broker, store, store_dir, waves[0])
+    first_log = tmp_path / "learn-1.log"
+    first = subprocess.Popen(command, stderr=first_log.open("w"), env=env)
+    try:
+        wait_for_line(first_log, "exported", first)
+        assert learned_so_far(models.parent)[0] == len(waves[0])
+        first.send_signal(signal.SIGSTOP)  # the whole second wave logged before the learner looks again
+        stream(broker, store, store_dir, waves[1])
+        first.send_signal(signal.SIGCONT)
+        wait_for_line(first_log, f"learned {len(waves[1])} events", first)
+        first.send_signal(signal.SIGKILL)  # learned, not checkpointed
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    assert first_log.read_text().count("exported") == 1
+    assert learned_so_far(models.parent)[0] == len(waves[0])  # the second wave's learning died with the process
+
+    stream(broker, store, store_dir, waves[2])
+    second_log = tmp_path / "learn-2.log"
+    second = subprocess.run([*command, "--stop-after-idle-seconds", "2"], stderr=second_log.open("w"),
+                            env=env, timeout=300)
+    assert second.returncode == 0, second_log.read_text()[-3000:]
+    assert "resuming from" in second_log.read_text()
+    examples, offsets = learned_so_far(models.parent)
+    assert examples == len(events) and offsets == log_offsets(store_dir)
