@@ -8,12 +8,16 @@
   3. train the unified-embedding + DARE ranker on the store's point-in-time examples
      (configs/ml100k_sequence.yaml for MovieLens, configs/quickstart.yaml for any other schema)
   4. publish the trained item embeddings into the store
-  5. start `plexrec ingest` and `plexrec serve` as processes of their own
-  6. rank unseen items for a known user with the most new behaviours, replay the last 20% as
-     events through Kafka, wait until the ingester has applied them, and rank again
+  5. start `plexrec ingest`, `plexrec serve` and `plexrec learn` as processes of their own
+  6. rank unseen items for a known user with the most new behaviours; replay the first half of
+     the last 20% as events through Kafka and wait until the served model has learned them
+     (the learner exports a version, the server reloads it: the freshness); score the second
+     half's events with the model trained before the replay and with the served one (the AUC
+     of the frozen and of the updated model on the next window); replay the second half, wait
+     until the ingester has applied it, and rank again
   7. write a report (metrics table, PNG plots) into <data-dir>/quickstart/
   8. stop every process it started, also on Ctrl-C or an error (--serve: keep the
-     server and ingester running until Ctrl-C)
+     server, the ingester and the learner running until Ctrl-C)
 
 Everything lives in <data-dir>/quickstart/, emptied at the start.
 """
@@ -44,6 +48,7 @@ MOVIELENS_CONFIG = PROJECT_ROOT / "configs" / "ml100k_sequence.yaml"
 GENERIC_CONFIG = PROJECT_ROOT / "configs" / "quickstart.yaml"
 TOPIC = "user-events"
 TOP = 10
+LEARN_EXPORT_SECONDS = 2
 
 
 def stopped_process(process: subprocess.Popen, name: str) -> None:
@@ -171,13 +176,18 @@ def run(args: argparse.Namespace) -> dict:
                 "--data-dir", str(store_dir)], home / "logs" / "ingest.log"),
             "server": start_process(stack, "the scoring server", [
                 "serve", "--model-dir", str(home / "run" / "models"), "--data-dir", str(store_dir),
-                "--port", str(port), "--metrics-port", str(metrics_port)], home / "logs" / "serve.log"),
+                "--port", str(port), "--metrics-port", str(metrics_port), "--reload-seconds", "1"],
+                home / "logs" / "serve.log"),
+            # exports more often than its default (30 s): the demo's stream lasts seconds
+            "learner": start_process(stack, "the learner", [
+                "learn", "--model-dir", str(home / "run" / "models"), "--data-dir", str(store_dir),
+                "--export-seconds", str(LEARN_EXPORT_SECONDS), "--poll-seconds", "0.5"], home / "logs" / "learn.log"),
         }
         target = f"127.0.0.1:{port}"
         client = stack.enter_context(ScoringClient(target, timeout=30))
         wait_for(client.serving, "the scoring server", 180, children)
 
-        demo = _demo(tables, past, future, client, children, bootstrap, store, args, report)
+        demo = _demo(tables, past, future, client, children, bootstrap, store, args, report, trainer)
         report["seconds"] = round(time.monotonic() - started, 1)
         write_report(home, report, demo, trainer, tables.title_of())
         print_summary(report, demo, home, tables.title_of())
@@ -203,8 +213,10 @@ def request_context(rows: pd.DataFrame, schema) -> dict[str, str]:
     return context
 
 
-def _demo(tables, past, future, client, children, bootstrap, store, args, report) -> dict:
-    """Rank for the user with the most new behaviours, replay the future, rank again."""
+def _demo(tables, past, future, client, children, bootstrap, store, args, report, trainer) -> dict:
+    """Rank for the user with the most new behaviours; replay the first half of the future until the
+    served model has learned it, compare it with the frozen model on the second half; replay that,
+    rank again."""
     from features.events import EventProducer, schema_events
     from features.event_log import read_event_log
     from features.online import OnlineFeatures
@@ -230,11 +242,26 @@ def _demo(tables, past, future, client, children, bootstrap, store, args, report
     context = request_context(future[future[user_column] == user], schema)
     before = dict(zip(candidates, client.score(user, candidates, context=context)[0]))
 
-    events = schema_events(future, schema)
+    events = schema_events(future, schema)  # in time order
+    halves = [events[:len(events) // 2], events[len(events) // 2:]]
+    directory = Path(report["data_dir"]) / "store"
     producer = EventProducer(bootstrap, TOPIC)
     replay_started = time.monotonic()
-    sent = producer.send_all(_progress(events, "replaying events", args.no_progress),
+    sent = producer.send_all(_progress(halves[0], "replaying events (first half)", args.no_progress),
                              rate_per_second=args.rate or None)
+    first_ids = len({event.event_id for event in halves[0]})  # a data set's duplicate rows are one event
+    served = wait_for(lambda: _serves_a_model_of_every_logged_event(client, directory, first_ids),
+                      "the served model to learn the first half", 300, children)
+    version = client.score(user, candidates[:1], context=context)[1]
+    report["learning"] = {"events": len(halves[0]), "served_version": version,
+                          "seconds_from_replay_end_to_served": round(served, 2),
+                          "seconds_from_first_event_to_served": round(time.monotonic() - replay_started, 2),
+                          **_next_window_auc(tables, past, future, trainer, Path(report["data_dir"]), version)}
+    log.info("the served model %s learned the first %d events %.1f s after their replay ended; on the next "
+             "window AUC %.4f (frozen: %.4f)", version, len(halves[0]), served, report["learning"]["updated_auc"],
+             report["learning"]["frozen_auc"])
+    sent += producer.send_all(_progress(halves[1], "replaying events (second half)", args.no_progress),
+                              rate_per_second=args.rate or None)
     producer.close()
     log.info("replayed %d events to %s in %.1f s", sent, TOPIC, time.monotonic() - replay_started)
 
@@ -243,7 +270,6 @@ def _demo(tables, past, future, client, children, bootstrap, store, args, report
     catch_up = wait_for(lambda: online.user(user).interaction_count >= expected,
                         f"the ingester to apply user {user}'s events", 300, children)
     after = dict(zip(candidates, client.score(user, candidates, context=context)[0]))
-    directory = Path(report["data_dir"]) / "store"
     # one row per event id: a data set's exact duplicate rows are one event (KuaiRand has some)
     distinct = len({event.event_id for event in events})
     wait_for(lambda: len(read_event_log(directory)) >= distinct, "every event in the offline log", 300, children)
@@ -266,6 +292,48 @@ def _demo(tables, past, future, client, children, bootstrap, store, args, report
     label = schema.rating or schema.label
     return {"user": user, "before": before, "after": after,
             "latest": list(zip(latest[item_column].tolist(), latest[label].tolist()))[-5:]}
+
+
+def _serves_a_model_of_every_logged_event(client, directory: Path, at_least: int) -> bool:
+    """Whether the event log holds ``at_least`` events and the model the server answers with learned up
+    to the last of each position (its manifest's offsets, recsys/learn.py)."""
+    from features.event_log import last_offsets, read_event_log
+    from recsys.export import read_manifest
+
+    logged = read_event_log(directory)
+    if len(logged) < at_least:
+        return False
+    version = client.score(0, [0])[1]
+    manifest = read_manifest(directory.parent / "run" / "models" / version)
+    learned = ((manifest.get("metrics") or {}).get("continual") or {}).get("position", {}).get("offsets", {})
+    return all(learned.get(position, -1) >= offset for position, offset in last_offsets(logged).items())
+
+
+def _next_window_auc(tables, past, future, trainer, home: Path, version: str) -> dict:
+    """AUC on the second half of the replay (not streamed yet) of the model trained before the replay
+    and of the served one, which has learned the first half; each event with the features of its time
+    (the direct loader over the whole data)."""
+    from recsys.data.batching import iterate_batches, model_inputs
+    from recsys.data.examples import build_examples
+    from recsys.export import load_model
+    from recsys.metrics import auc
+
+    schema = tables.schema
+    frame = pd.concat([past, future], ignore_index=True)
+    examples = build_examples(tables.with_interactions(frame).joined(), schema)
+    learned_until = future[schema.timestamp].iloc[len(future) // 2 - 1]  # the first half's last instant
+    window = examples.subset(np.flatnonzero(examples.timestamp > learned_until))
+    model, manifest = load_model(home / "run" / "models" / version)
+    window = window.keep_dense(manifest["dense_features"])
+    features, history_length = model_inputs(trainer.config, window.feature_names)
+    import torch
+
+    with torch.inference_mode():
+        updated = np.concatenate([torch.sigmoid(model(b.dense, b.sparse)).numpy() for b in iterate_batches(
+            window, features, 4096, shuffle=False, history_length=history_length)])
+    frozen = trainer.predict(window.keep_dense(trainer.config.data.dense))
+    return {"next_window_events": len(window), "frozen_auc": float(auc(window.label, frozen)),
+            "updated_auc": float(auc(window.label, updated))}
 
 
 def _progress(events, description: str, disable: bool):
@@ -301,6 +369,11 @@ def print_summary(report: dict, demo: dict, home: Path, names: dict) -> None:
     print(f"  replayed {report['events']['replayed']:,} events through Kafka; "
           f"{report['events']['in_offline_log']:,} in the offline event log")
     print(f"  serving: p50 {report['serving']['p50_ms_100_candidates']:.1f} ms for 100 candidates")
+    learning = report["learning"]
+    print(f"  learning: the served model learned the first {learning['events']:,} replayed events "
+          f"{learning['seconds_from_replay_end_to_served']:.1f} s after their replay ended (version "
+          f"{learning['served_version']}); AUC on the next {learning['next_window_events']:,} events: "
+          f"{learning['updated_auc']:.4f} (the model before the replay: {learning['frozen_auc']:.4f})")
     context = "".join(f", context {k}={v}" for k, v in report["demo"]["context"].items())
     print(f"\nuser {demo['user']}: top {TOP} of {report['demo']['candidates']} unseen popular items{context}, before "
           f"and after their {report['demo']['new_behaviours']} new behaviours arrived through Kafka")
@@ -343,6 +416,11 @@ def write_report(home: Path, report: dict, demo: dict, trainer, names: dict) -> 
              f"{report['events']['in_offline_log']:,} in the offline log |",
              f"| serving | p50 {report['serving']['p50_ms_100_candidates']:.1f} ms, p99 "
              f"{report['serving']['p99_ms_100_candidates']:.1f} ms (100 candidates) |",
+             f"| learning from the stream | the served model learned the first {report['learning']['events']:,} "
+             f"replayed events {report['learning']['seconds_from_replay_end_to_served']:.1f} s after their replay "
+             f"ended (version {report['learning']['served_version']}); next {report['learning']['next_window_events']:,}"
+             f" events: AUC {report['learning']['updated_auc']:.4f} updated, {report['learning']['frozen_auc']:.4f} "
+             f"frozen |",
              f"| freshness demo | user {demo['user']}, {report['demo']['new_behaviours']} new behaviours, largest "
              f"score change {report['demo']['max_score_change']:.3f} |", "",
              "![training](training.png) ![scores](scores_before_after.png)", "",
