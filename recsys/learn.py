@@ -1,7 +1,7 @@
 """`plexrec learn`: the served model follows the stream.
 
     plexrec learn --model-dir runs/ml100k_sequence/models [--data-dir .plexrec]
-                  [--export-seconds 30] [--export-events 5000] [--poll-seconds 2]
+                  [--export-seconds 10] [--export-events 5000] [--poll-seconds 2] [--keep-versions 10]
 
 A loop, every ``--poll-seconds``:
 
@@ -48,7 +48,7 @@ from features.load import microseconds
 from features.store import data_dir, open_store, read_store_meta, stored_schema
 from recsys.config import RunConfig
 from recsys.continual import ContinualLearner, latest_checkpoint
-from recsys.export import MANIFEST_FILE, latest_model_dir, read_manifest
+from recsys.export import MANIFEST_FILE, latest_model_dir, read_manifest, version_directories
 from recsys.train import CHECKPOINT_META
 
 log = logging.getLogger("plexrec.learn")
@@ -60,14 +60,16 @@ class LearnConfig:
     data_dir: str | None = None
     profile: str = "local"
     redis_url: str | None = None
-    export_seconds: float = 30.0
+    export_seconds: float = 10.0  # an export (checkpoint, version, publish) takes about a second here
     export_events: int = 5000
     poll_seconds: float = 2.0
+    keep_versions: int = 10  # the learner's own versions kept under the models root, newest first
     stop_after_idle_seconds: float | None = None  # None: run until stopped
 
     def check(self) -> None:
-        if self.export_seconds <= 0 or self.export_events < 1 or self.poll_seconds <= 0:
-            raise ValueError("--export-seconds and --poll-seconds must be > 0, --export-events >= 1")
+        if self.export_seconds <= 0 or self.export_events < 1 or self.poll_seconds <= 0 or self.keep_versions < 2:
+            raise ValueError("--export-seconds and --poll-seconds must be > 0, --export-events >= 1, "
+                             "--keep-versions >= 2 (a server may still be loading the one before the newest)")
 
 
 @dataclass
@@ -180,9 +182,20 @@ class StreamLearner:
         self.stats.versions.append(version.name)
         published = self._publish(version)
         self.stats.published += published
+        self._prune_versions()
         log.info("exported %s (%d events learned in all, offsets %s); published %d changed item embeddings",
                  version.name, self.learner.progress.examples, self.offsets, published)
         return version
+
+    def _prune_versions(self) -> None:
+        """Only the newest ``keep_versions`` of the learner's versions stay (one every --export-seconds
+        would fill the disk, and serving lists them all); a training run's exports are never removed."""
+        import shutil
+
+        versions, _ = version_directories(self.models)
+        learned = [v for v in versions if "continual" in (read_manifest(v).get("metrics") or {})]
+        for old in learned[:-self.config.keep_versions]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _publish(self, version: Path) -> int:
         """The catalogue's items whose vectors differ from the last published version's, tagged with
@@ -244,13 +257,18 @@ def add_learn_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="the feature store's data directory (default: $PLEXREC_DATA_DIR or .plexrec)")
     parser.add_argument("--profile", default="local", choices=["local", "redis"], help="store profile")
     parser.add_argument("--redis-url", help="host:port of Redis for --profile redis")
-    parser.add_argument("--export-seconds", type=float, default=30.0,
+    parser.add_argument("--export-seconds", type=float, default=10.0,
                         help="export a new version at least this often while events arrive")
     parser.add_argument("--export-events", type=int, default=5000,
                         help="... or as soon as this many events were learned since the last version")
     parser.add_argument("--poll-seconds", type=float, default=2.0, help="how often to look for new events")
     parser.add_argument("--stop-after-idle-seconds", type=float,
                         help="stop (after a last export) once no event arrived for this long")
+    parser.add_argument("--keep-versions", type=int, default=10,
+                        help="the learner's own newest versions kept under --model-dir (older ones are removed)")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="intra-op threads (measured on 2 cores beside the ingester: 1 learns 8-16x faster "
+                             "than 2)")
     parser.add_argument("--verbose", action="store_true", help="also TorchRec's, fbgemm's and torch's log lines")
 
 
@@ -263,9 +281,13 @@ def main(argv: list[str] | None = None) -> None:
     add_learn_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
     config = LearnConfig(model_dir=args.model_dir, data_dir=args.data_dir, profile=args.profile,
                          redis_url=args.redis_url, export_seconds=args.export_seconds,
                          export_events=args.export_events, poll_seconds=args.poll_seconds,
+                         keep_versions=args.keep_versions,
                          stop_after_idle_seconds=args.stop_after_idle_seconds)
     try:
         stats = StreamLearner(config).run()

@@ -42,6 +42,7 @@ class WaitingCall:
     request: Any  # whatever ``score`` reads of the call
     rows: int
     future: asyncio.Future
+    counted: bool = True  # its rows are in ``queued_rows``
 
 
 class Overloaded(Exception):
@@ -52,7 +53,7 @@ class ModelBatcher:
     def __init__(self, score: ScoreBatch, max_rows: int = 4096, max_queued_rows: int = 16384) -> None:
         self.score, self.max_rows, self.max_queued_rows = score, max_rows, max_queued_rows
         self.pending: deque[WaitingCall] = deque()
-        self.queued_rows = 0  # rows of the calls waiting (not of the batch being scored)
+        self.queued_rows = 0  # rows of the calls waiting (not of the batch being scored, nor of abandoned ones)
         self.batches = 0
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._runner: asyncio.Task | None = None
@@ -71,6 +72,9 @@ class ModelBatcher:
         call = WaitingCall(model, request, rows, loop.create_future())
         self.pending.append(call)
         self.queued_rows += rows
+        # a caller that gives up (deadline, disconnect) frees its room at once, not when its turn comes:
+        # else abandoned calls fill the queue while a long batch is scored and live ones are refused
+        call.future.add_done_callback(lambda future: self._uncount(call) if future.cancelled() else None)
         if self._runner is None:
             self._runner = loop.create_task(self._run())
         return call.future
@@ -86,11 +90,16 @@ class ModelBatcher:
         rows = 0
         while self.pending and (not taken or rows + self.pending[0].rows <= self.max_rows):
             call = self.pending.popleft()
-            self.queued_rows -= call.rows
+            self._uncount(call)
             if not call.future.cancelled():
                 taken.append(call)
                 rows += call.rows
         return taken
+
+    def _uncount(self, call: WaitingCall) -> None:
+        if call.counted:
+            call.counted = False
+            self.queued_rows -= call.rows
 
     async def _run(self) -> None:
         """Batches until nobody waits; the next call starts a new runner."""

@@ -500,7 +500,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token-file", help="require 'authorization: Bearer <token>' with the token in this file "
                                              "(or set $PLEXREC_TOKEN)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # force: importing fbgemm has already given the root logger a WARNING handler, which would swallow
+    # every INFO line of the server (its address, model swaps)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     try:  # before anything loads: a server meant to be closed must not come up open
         token = read_token(args.token_file)
     except TokenError as exc:

@@ -81,6 +81,14 @@ def test_the_learner_learns_each_streamed_event_once_exports_and_publishes(broke
     items = online.items([int(i) for i in future["item_id"].unique()[:20]])
     assert {item.model_version for item in items.values()} == {read_manifest(version)["model_version"]}
 
+    # only the learner's newest versions stay; the training run's export is never removed
+    learner.config.keep_versions = 2
+    for _ in range(2):
+        learner._unexported = 1  # as if an event had been learned since
+        newest = learner.export()
+    remaining = version_directories(models)[0]
+    assert remaining[0] == base and len(remaining) == 3 and remaining[-1] == newest and version not in remaining
+
     # a second learner resumes from the checkpoint: the same events are not learned again
     again = StreamLearner(LearnConfig(model_dir=str(models), data_dir=str(store_dir)))
     assert again.step() == 0 and again.export() is None

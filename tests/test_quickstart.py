@@ -83,7 +83,8 @@ def test_quickstart_runs_every_stage_serves_and_stops_everything_on_ctrl_c(tmp_p
     # learned the first half of the replay; both models were scored on the second half
     learning = report["learning"]
     versions = sorted(p.name for p in (home / "run" / "models").iterdir())
-    assert learning["served_version"] in versions[1:] and learning["served_version"] != versions[0]
+    # (the learner keeps its newest 10 versions: the one served then may be gone since)
+    assert len(versions) >= 2 and learning["served_version"] > versions[0]
     assert learning["next_window_events"] > 500 and 0.5 < learning["frozen_auc"] < 1
     assert 0.5 < learning["updated_auc"] < 1 and learning["seconds_from_replay_end_to_served"] < 120
 

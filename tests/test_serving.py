@@ -607,8 +607,9 @@ def test_a_stream_of_unknown_ids_keeps_the_item_cache_within_its_bounds(store_di
 def test_the_model_queue_refuses_calls_past_its_row_bound_and_batches_what_waits():
     """A batcher of 300-row forwards and a 600-row queue, on an event loop: the calls submitted in one
     turn of the loop wait together; past the queue's bound they are refused at once, naming the flag;
-    the admitted ones are scored in row-bounded batches, in order, a cancelled one is not scored, one
-    call's own failure fails it alone, and once the queue has drained it takes calls again."""
+    the admitted ones are scored in row-bounded batches, in order, a cancelled one is not scored and
+    frees its room at once, one call's own failure fails it alone, and once the queue has drained it
+    takes calls again."""
     from serving.batcher import ModelBatcher, Overloaded
 
     batches: list[list[str]] = []
@@ -628,6 +629,10 @@ def test_the_model_queue_refuses_calls_past_its_row_bound_and_batches_what_waits
         assert len(admitted) == 2 and len(refused) == 2 and batcher.queued_rows == 600
         assert "600 rows wait for the model, a call of 300 more would pass the queue's 600 (--max-queued-rows)" \
             in refused[0]
+        admitted[1].cancel()  # its caller gave up: its rows make room at once, not when its turn comes
+        await asyncio.sleep(0)  # the model thread has taken "a"; "b" waits, cancelled
+        assert batcher.queued_rows == 0 and len(batcher.pending) == 1
+        admitted[1] = batcher.submit("model-1", ("b", 300), 300)
         assert await asyncio.gather(*admitted) == [("model-1", "a", 300), ("model-1", "b", 300)]
         assert batches == [["a"], ["b"]]  # 300 rows per forward: one call each
         assert batcher.queued_rows == 0
