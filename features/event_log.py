@@ -229,13 +229,11 @@ def _rows_of(rows: pd.DataFrame, bulk: pd.DataFrame) -> np.ndarray:
 def stream_interactions(compacted: pd.DataFrame, schema, types: dict[str, str]) -> pd.DataFrame:
     """Logged events as rows of offline/interactions.parquet: user_id, item_id, timestamp in the
     schema's unit, the label or rating column, the split column, the context columns as stored."""
-    from features.load import microseconds, stored_column
+    from features.load import stored_column
 
-    event_ms = microseconds(compacted["event_timestamp"]) // 1000
     rows = pd.DataFrame({"user_id": compacted["user_id"].to_numpy(np.int64),
                          "item_id": compacted["item_id"].to_numpy(np.int64),
-                         # as the ingester converts it for the online history
-                         "timestamp": event_ms * schema.units_per_second // 1000})
+                         "timestamp": event_times(compacted, schema)})
     label = compacted["label"].to_numpy(np.int64)  # the ingester's, by the store's schema (features/events.py)
     if schema.label:
         rows[schema.label] = label
@@ -251,6 +249,13 @@ def stream_interactions(compacted: pd.DataFrame, schema, types: dict[str, str]) 
             values = numbers.where(numbers == numbers.round())
         rows[column] = stored_column(values, types[column])
     return rows
+
+
+def event_times(logged: pd.DataFrame, schema) -> np.ndarray:
+    """Logged events' times in the schema's unit, as the ingester converts them for the online history."""
+    from features.load import microseconds
+
+    return microseconds(logged["event_timestamp"]) // 1000 * schema.units_per_second // 1000
 
 
 def rating_of(value: pd.Series, label: np.ndarray, threshold: float) -> np.ndarray:

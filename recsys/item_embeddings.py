@@ -35,28 +35,37 @@ def item_embeddings(model: Ranker, item_ids: np.ndarray,
     return representation.numpy(), attention.numpy()
 
 
-def publish_model_embeddings(model_dir, store, directory) -> tuple[int, str]:
-    """Every catalogue item's embeddings of an exported model (a version directory, or a models/
-    root: its newest) into the store's online and offline item_embeddings; (rows, model version)."""
+def catalogue_embeddings(model: Ranker, directory) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(item ids, representation, attention) of every item of the store in ``directory`` (its offline
+    item_profile: the catalogue), from ``model``."""
     from pathlib import Path
 
     import pandas as pd
 
     from features.examples import category_id
-    from features.publish import publish_item_embeddings
     from features.store import StoreError
+
+    items_path = Path(directory) / "offline" / "item_profile.parquet"
+    if not items_path.exists():
+        raise StoreError(f"{items_path} is missing: run `plexrec features load` first")
+    items = pd.read_parquet(items_path, columns=["item_id", "item_category"])
+    ids = items["item_id"].to_numpy(np.int64)
+    representation, attention = item_embeddings(model, ids, items["item_category"].map(category_id).to_numpy())
+    return ids, representation, attention
+
+
+def publish_model_embeddings(model_dir, store, directory) -> tuple[int, str]:
+    """Every catalogue item's embeddings of an exported model (a version directory, or a models/
+    root: its newest) into the store's online and offline item_embeddings; (rows, model version)."""
+    from pathlib import Path
+
+    from features.publish import publish_item_embeddings
     from recsys.export import MANIFEST_FILE, latest_model_dir, load_model
 
     model_dir = Path(model_dir)
     if not (model_dir / MANIFEST_FILE).exists():
         model_dir = latest_model_dir(model_dir)
     model, manifest = load_model(model_dir)
-    items_path = Path(directory) / "offline" / "item_profile.parquet"
-    if not items_path.exists():
-        raise StoreError(f"{items_path} is missing: run `plexrec features load` first")
-    items = pd.read_parquet(items_path)
-    categories = items["item_category"].map(category_id).to_numpy()
-    representation, attention = item_embeddings(model, items["item_id"].to_numpy(), categories)
-    rows = publish_item_embeddings(store, items["item_id"].to_numpy(), representation, attention,
-                                   manifest["model_version"], directory)
+    ids, representation, attention = catalogue_embeddings(model, directory)
+    rows = publish_item_embeddings(store, ids, representation, attention, manifest["model_version"], directory)
     return rows, manifest["model_version"]

@@ -43,12 +43,22 @@ from pathlib import Path
 
 import numpy as np
 
-from features.event_log import compact_event_log, events_after, last_offsets, read_event_log
-from features.load import microseconds
+from features.event_log import (
+    compact_event_log,
+    event_times,
+    events_after,
+    last_offsets,
+    read_event_log,
+)
 from features.store import data_dir, open_store, read_store_meta, stored_schema
 from recsys.config import RunConfig
 from recsys.continual import ContinualLearner, latest_checkpoint
-from recsys.export import MANIFEST_FILE, latest_model_dir, read_manifest, version_directories
+from recsys.export import (
+    MANIFEST_FILE,
+    latest_model_dir,
+    read_manifest,
+    version_directories,
+)
 from recsys.train import CHECKPOINT_META
 
 log = logging.getLogger("plexrec.learn")
@@ -78,6 +88,13 @@ class LearnStats:
     windows: int = 0
     versions: list[str] = field(default_factory=list)
     published: int = 0
+
+
+def learned_offsets(manifest: dict) -> dict[str, int]:
+    """Per position, the last offset a version learned up to, from its manifest ({} for a version no
+    learner exported)."""
+    continual = (manifest.get("metrics") or {}).get("continual") or {}
+    return {str(p): int(o) for p, o in ((continual.get("position") or {}).get("offsets") or {}).items()}
 
 
 class StreamLearner:
@@ -131,8 +148,7 @@ class StreamLearner:
         logged = read_event_log(self.directory)
         if not len(logged):
             return {}
-        units_per_second = stored_schema(self.directory).units_per_second
-        stamps = microseconds(logged["event_timestamp"]) // 1000 * units_per_second // 1000  # as the views convert it
+        stamps = event_times(logged, stored_schema(self.directory))
         return last_offsets(logged[stamps <= int(self._data_until)])
 
     # --- one window ---
@@ -200,17 +216,12 @@ class StreamLearner:
     def _publish(self, version: Path) -> int:
         """The catalogue's items whose vectors differ from the last published version's, tagged with
         ``version``: with shared (hashed) rows any item may change, so all are compared."""
-        import pandas as pd
-
-        from features.examples import category_id
         from features.publish import publish_item_embeddings
         from recsys.export import load_model
-        from recsys.item_embeddings import item_embeddings
+        from recsys.item_embeddings import catalogue_embeddings
 
         model, manifest = load_model(version)
-        items = pd.read_parquet(self.directory / "offline" / "item_profile.parquet", columns=["item_id", "item_category"])
-        ids = items["item_id"].to_numpy(np.int64)
-        representation, attention = item_embeddings(model, ids, items["item_category"].map(category_id).to_numpy())
+        ids, representation, attention = catalogue_embeddings(model, self.directory)
         changed = np.ones(len(ids), dtype=bool)
         if self._published is not None and len(self._published["ids"]) == len(ids):
             changed = ~(np.isclose(representation, self._published["representation"], rtol=0, atol=1e-7).all(axis=1)
