@@ -248,6 +248,7 @@ class StackWatch:
 
         from features.event_log import positions
         from recsys.export import read_manifest, version_directories
+        from recsys.learn import learned_offsets
 
         while not self.stop.is_set():
             for path in sorted(self.log_dir.glob("batch-*.parquet")) if self.log_dir.is_dir() else []:
@@ -272,11 +273,9 @@ class StackWatch:
                     seen = time.time()
                     manifest = read_manifest(directory)
                     continual = (manifest.get("metrics") or {}).get("continual") or {}
-                    offsets = (continual.get("position") or {}).get("offsets") or {}
                     self.versions[manifest["model_version"]] = {
                         "visible": seen, "created_at": manifest.get("created_at"),
-                        "offsets": {str(k): int(v) for k, v in offsets.items()},
-                        "examples": continual.get("examples")}
+                        "offsets": learned_offsets(manifest), "examples": continual.get("examples")}
             time.sleep(interval)
 
     def poll_server(self, target: str, user: int, items: list[int], context: dict, interval: float) -> None:

@@ -217,8 +217,8 @@ def _demo(tables, past, future, client, children, bootstrap, store, args, report
     """Rank for the user with the most new behaviours; replay the first half of the future until the
     served model has learned it, compare it with the frozen model on the second half; replay that,
     rank again."""
-    from features.events import EventProducer, schema_events
     from features.event_log import read_event_log
+    from features.events import EventProducer, schema_events
     from features.online import OnlineFeatures
     from features.store import read_store_meta
 
@@ -299,13 +299,13 @@ def _serves_a_model_of_every_logged_event(client, directory: Path, at_least: int
     to the last of each position (its manifest's offsets, recsys/learn.py)."""
     from features.event_log import last_offsets, read_event_log
     from recsys.export import read_manifest
+    from recsys.learn import learned_offsets
 
     logged = read_event_log(directory)
     if len(logged) < at_least:
         return False
     version = client.score(0, [0])[1]
-    manifest = read_manifest(directory.parent / "run" / "models" / version)
-    learned = ((manifest.get("metrics") or {}).get("continual") or {}).get("position", {}).get("offsets", {})
+    learned = learned_offsets(read_manifest(directory.parent / "run" / "models" / version))
     return all(learned.get(position, -1) >= offset for position, offset in last_offsets(logged).items())
 
 
@@ -313,6 +313,8 @@ def _next_window_auc(tables, past, future, trainer, home: Path, version: str) ->
     """AUC on the second half of the replay (not streamed yet) of the model trained before the replay
     and of the served one, which has learned the first half; each event with the features of its time
     (the direct loader over the whole data)."""
+    import torch
+
     from recsys.data.batching import iterate_batches, model_inputs
     from recsys.data.examples import build_examples
     from recsys.export import load_model
@@ -326,8 +328,6 @@ def _next_window_auc(tables, past, future, trainer, home: Path, version: str) ->
     model, manifest = load_model(home / "run" / "models" / version)
     window = window.keep_dense(manifest["dense_features"])
     features, history_length = model_inputs(trainer.config, window.feature_names)
-    import torch
-
     with torch.inference_mode():
         updated = np.concatenate([torch.sigmoid(model(b.dense, b.sparse)).numpy() for b in iterate_batches(
             window, features, 4096, shuffle=False, history_length=history_length)])

@@ -255,12 +255,13 @@ class InputBuilder:
         vectors = self.ranker.items(self._ids(self.item_readers, items), self._categories(items), len(items))
         parts = [torch.cat([vectors.columns, self._dense(self.item_dense, items)], dim=1)]
         published = [(vectors.attention, "attention_embedding"), (vectors.representation, "representation_embedding")]
+        outcomes = ["absent" if item.model_version is None else
+                    "used" if item.model_version == self.model_version else "stale" for item in items]
+        self.published.update(outcomes)
+        own = [item for item, outcome in zip(enumerate(items), outcomes) if outcome == "used"]
         for computed, field in published:
             if computed is not None:
-                parts.append(self._with_published(computed, items, field))
-        for item in items:
-            self.published["absent" if item.model_version is None else
-                           "used" if item.model_version == self.model_version else "stale"] += 1
+                parts.append(self._with_published(computed, own, field))
         return parts
 
     def take_published(self) -> dict[str, int]:
@@ -269,14 +270,13 @@ class InputBuilder:
         self.published.clear()
         return counts
 
-    def _with_published(self, computed: torch.Tensor, items: list[ItemFeatures], field: str) -> torch.Tensor:
-        """``computed`` with the rows of items whose store holds this version's vector replaced by it:
-        the model's own vectors, so the scores do not change (tests/test_inference.py); another
-        version's never replace them."""
+    @staticmethod
+    def _with_published(computed: torch.Tensor, own: list[tuple[int, ItemFeatures]], field: str) -> torch.Tensor:
+        """``computed`` with the rows of ``own`` ((position, item) of the items whose store holds this
+        version's vectors) replaced by their ``field``: the model's own vectors, so the scores do not
+        change (tests/test_inference.py); another version's never replace them."""
         width = computed.shape[1]
-        rows = [(position, vector) for position, item in enumerate(items)
-                if item.model_version == self.model_version and self.model_version is not None
-                and len(vector := getattr(item, field)) == width > 0]
+        rows = [(position, vector) for position, item in own if len(vector := getattr(item, field)) == width > 0]
         if rows:
             computed[[position for position, _ in rows]] = torch.tensor([v for _, v in rows], dtype=computed.dtype)
         return computed
