@@ -258,7 +258,7 @@ class InputBuilder:
         outcomes = ["absent" if item.model_version is None else
                     "used" if item.model_version == self.model_version else "stale" for item in items]
         self.published.update(outcomes)
-        own = [item for item, outcome in zip(enumerate(items), outcomes) if outcome == "used"]
+        own = [(position, item) for (position, item), outcome in zip(enumerate(items), outcomes) if outcome == "used"]
         for computed, field in published:
             if computed is not None:
                 parts.append(self._with_published(computed, own, field))
