@@ -62,7 +62,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import os
 import signal
 import sys
 import time
@@ -573,10 +572,12 @@ class Ingester:
             self.stats.item_profiles += len(rows)
 
     def _log(self, events: list[Received]) -> None:
-        """Append the batch to the offline event log (at-least-once; dedupe by event_id)."""
+        """Append the batch to the offline event log (at-least-once; dedupe by event_id), durably."""
         import json
 
         import pandas as pd
+
+        from features.event_log import _durably_replace
 
         frame = pd.DataFrame({
             "event_id": [r.event.event_id for r in events],
@@ -596,7 +597,9 @@ class Ingester:
         path = self.log_dir / f"batch-{time.time_ns()}-p{first[0]}-o{first[1]}.parquet"
         staging = path.with_suffix(".parquet.tmp")  # a kill mid-write leaves only a .tmp behind
         frame.to_parquet(staging, index=False)
-        os.replace(staging, path)
+        # on disk (the file, then its name in the directory) before the offsets are committed: a power
+        # loss after the commit must not lose a batch that Kafka will not deliver again
+        _durably_replace(staging, path)
 
     # --- the loop ---
 
