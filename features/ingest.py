@@ -16,8 +16,9 @@ One loop, a batch at a time:
      rows back in one batch. What is a behaviour is the schema's history rule, as the
      loader applies it to rows: every event (history: all) or those labelled 1 (history:
      positive). History timestamps are in the schema's unit, like the loaded ones
-  4. append the events to the offline event log (Parquet, one file per batch; compacted into
-     training data by features/event_log.py)
+  4. append the events to the offline event log (Parquet, one file per batch, on disk before
+     the commit; every row stamped with the store's schema fingerprint, features/log_stamp.py;
+     compacted into training data by features/event_log.py)
   5. re-key every behaviour, and every event that carries item attributes, onto
      ``<topic>.item-deltas`` with the item id as key, so that one partition owns an item
      too; the same consumer reads that topic, applies behaviours to the item counters
@@ -261,6 +262,9 @@ class Ingester:
         if dedupe_window < 1:
             raise IngestError(f"--dedupe-window {dedupe_window}: remember at least 1 event id per user and item")
         self.schema, self.types = stored_schema(directory), dict(meta["types"])
+        # stamped on every logged row (features/log_stamp.py): a log left behind by a store of another
+        # schema can be told apart after the directory is loaded again
+        self.schema_fingerprint = str(meta.get("schema_fingerprint") or self.schema.fingerprint())
         self.history_length = history_length_of(meta, history_length)
         self.item_profile_columns = [*self.schema.items.columns, "item_category"]
 
@@ -592,6 +596,7 @@ class Ingester:
             "source": self.incarnation,  # the topic's incarnation: its partitions' offsets start at 0 again
             "partition": [r.partition for r in events],
             "offset": [r.offset for r in events],
+            "schema_fingerprint": self.schema_fingerprint,  # of the store it was ingested into
         })
         first = min((r.partition, r.offset) for r in events)
         path = self.log_dir / f"batch-{time.time_ns()}-p{first[0]}-o{first[1]}.parquet"

@@ -61,3 +61,54 @@ def test_a_batch_file_is_on_disk_before_its_offsets_are_committed(broker, empty_
             durable |= renamed
         elif kind == "commit":
             assert set(what) <= durable, f"committed before these batch files were durable: {set(what) - durable}"
+
+
+def test_the_log_is_stamped_with_the_stores_schema_and_another_stores_files_are_named(
+        broker, empty_store, movielens_catalogue):  # noqa: F811
+    """Every logged row carries the fingerprint of the schema of the store it was ingested into;
+    after another schema is loaded into the same directory, foreign_log_files names the old
+    stream's files (and a file logged before the stamp existed), not the new store's."""
+    import dataclasses
+
+    import pandas as pd
+
+    from features.load import load_into_store
+    from features.log_stamp import STAMP_COLUMN, foreign_log_files, log_files, store_fingerprint
+    from features.store import read_store_meta
+    from recsys.data.tables import DatasetTables
+    from tests.test_ingest import PLACEHOLDER_ID, run_ingester
+
+    store, directory = empty_store
+    first_fingerprint = read_store_meta(directory)["schema_fingerprint"]
+    name = topic()
+    publish(broker, name, [make_event(user_id=1, item_id=100 + i, event_type=RATING, value=4.0,
+                                      event_time_ms=1_700_000_000_000 + i) for i in range(20)])
+    run_ingester(broker, store, directory, name)
+    old_stream = log_files(directory)
+    assert old_stream
+    for path in old_stream:
+        assert set(pd.read_parquet(path)[STAMP_COLUMN]) == {first_fingerprint}
+    assert foreign_log_files(directory) == []
+
+    # another schema into the same directory (MovieLens, only clicks of 4+ stars enter histories)
+    other = dataclasses.replace(movielens_catalogue.schema, history="positive")
+    placeholder = pd.DataFrame({"user_id": [PLACEHOLDER_ID], "item_id": [PLACEHOLDER_ID], "rating": [5],
+                                "timestamp": [1]})
+    load_into_store(store, DatasetTables(other, placeholder, movielens_catalogue.users, movielens_catalogue.items),
+                    directory, history_length=200)
+    assert store_fingerprint(directory) == other.fingerprint() != first_fingerprint
+    unstamped = directory / "offline" / "events" / "batch-1-p0-o0.parquet"  # as an older ingester logged
+    pd.read_parquet(old_stream[0]).drop(columns=[STAMP_COLUMN]).to_parquet(unstamped, index=False)
+    name = topic()
+    publish(broker, name, [make_event(user_id=2, item_id=200 + i, event_type=RATING, value=5.0,
+                                      event_time_ms=1_700_000_100_000 + i) for i in range(5)])
+    run_ingester(broker, store, directory, name)
+    new_stream = sorted(set(log_files(directory)) - set(old_stream) - {unstamped})
+    assert new_stream and all(set(pd.read_parquet(p)[STAMP_COLUMN]) == {other.fingerprint()} for p in new_stream)
+    assert foreign_log_files(directory) == sorted([*old_stream, unstamped])
+    assert foreign_log_files(directory, unstamped_foreign=False) == old_stream
+    # a compacted file mixing both stores' rows is foreign (its column is read, not just its statistics)
+    mixed = directory / "offline" / "events" / "compacted.parquet"
+    pd.concat([pd.read_parquet(p) for p in [*old_stream, *new_stream]]).to_parquet(mixed, index=False)
+    assert mixed in foreign_log_files(directory)
+    mixed.unlink()
