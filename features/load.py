@@ -7,10 +7,9 @@ views from the same schema):
 
     user_profile   one row per user: the schema's ``users`` columns, stamped at the epoch
     item_profile   one row per item: the ``items`` columns and the item's category (as text)
-    user_history   one row per (user, instant with a behaviour): the user's last
-                   ``history_length`` behaviours up to that instant, their timestamps,
-                   and the running behaviour count
-    item_counters  one row per (item, instant): the running behaviour count
+    user_history   one row per user, its latest state: the last ``history_length``
+                   behaviours, their timestamps, and the behaviour count
+    item_counters  one row per item: its behaviour count
     interactions   the label events themselves (not a feature view): ids, timestamp,
                    label or rating, context columns; what training joins the features to
 
@@ -43,12 +42,13 @@ STORE_META = "store.json"
 
 
 def running_state(keys: np.ndarray, times: np.ndarray, items: np.ndarray | None,
-                  history_length: int, unit: str = "s") -> pd.DataFrame:
+                  history_length: int, unit: str = "s", latest_only: bool = False) -> pd.DataFrame:
     """One row per (key, instant): behaviours up to it, and (with ``items``) the last
-    ``history_length`` of them, oldest first. Rows of one key must be in time order."""
+    ``history_length`` of them, oldest first; ``latest_only``: one row per key, its last instant's.
+    Rows of one key must be in time order."""
     n = len(keys)
     last_of_instant = np.ones(n, dtype=bool)
-    last_of_instant[:-1] = (keys[1:] != keys[:-1]) | (times[1:] != times[:-1])
+    last_of_instant[:-1] = (keys[1:] != keys[:-1]) | ((times[1:] != times[:-1]) & (not latest_only))
     key_start = np.searchsorted(keys, keys, side="left") if n else keys
     ends = np.flatnonzero(last_of_instant) + 1  # exclusive end of each state, in the key's sequence
     starts = key_start[ends - 1]
@@ -151,8 +151,11 @@ def behaviour_views(frame: pd.DataFrame, schema: DatasetSchema,
                     history_length: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The user_history and item_counters tables of interactions in the store's columns (user_id,
     item_id, timestamp in the schema's unit, the label or rating column), sorted by user and time
-    (a stable sort: among equal times, the order behaviours entered). The bulk load and the event
-    log's compaction (features/event_log.py) both build the views here."""
+    (a stable sort: among equal times, the order behaviours entered): one row per user and per item,
+    its latest state, which is what ``materialize`` copies into the online store. Training never
+    joins these views (features/example_tables.py computes every example's state from the events),
+    so no per-behaviour snapshot is kept: that was O(behaviours x history length) on disk and
+    quadratic per user in Feast's point-in-time join."""
     from recsys.data.examples import labels_of  # the label rule, as training applies it
 
     unit = schema.timestamp_unit
@@ -160,7 +163,7 @@ def behaviour_views(frame: pd.DataFrame, schema: DatasetSchema,
     behaviours = frame[label == 1] if schema.history == "positive" else frame
     times = behaviours["timestamp"].to_numpy(dtype=np.int64)
     history = running_state(behaviours["user_id"].to_numpy(np.int64), times,
-                            behaviours["item_id"].to_numpy(np.int64), history_length, unit)
+                            behaviours["item_id"].to_numpy(np.int64), history_length, unit, latest_only=True)
     history = history.rename(columns={"key": "user_id"})
     # the offline views carry no stream watermarks: those are the online rows' (features/ingest.py)
     history["ingest_source"], history["ingest_offset"] = "", -1
@@ -168,7 +171,7 @@ def behaviour_views(frame: pd.DataFrame, schema: DatasetSchema,
     history["stamp_us"] = microseconds(history["event_timestamp"])
     by_item = behaviours.sort_values(["item_id", "timestamp"], kind="stable")
     counters = running_state(by_item["item_id"].to_numpy(np.int64), by_item["timestamp"].to_numpy(np.int64),
-                             None, history_length, unit).rename(columns={"key": "item_id"})
+                             None, history_length, unit, latest_only=True).rename(columns={"key": "item_id"})
     counters["ingest_topic"] = ""
     counters["ingest_offsets"] = [np.zeros(0, dtype=np.int64) for _ in range(len(counters))]  # typed: list<int64>
     counters["recent_event_ids"] = b""

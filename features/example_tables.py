@@ -1,0 +1,334 @@
+"""The offline store -> point-in-time example tables, in SQL: linear in the rows, memory set by a setting.
+
+Every label event (a loaded interaction that is not a ``context`` row, or a streamed one) is an
+example with what was known strictly before its instant:
+
+    counters   the user's and the item's behaviours with an earlier timestamp: one window
+               function per key (``RANGE BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING`` over the
+               integer timestamps), over the behaviours and the examples together
+    history    the user's behaviours, in (time, load order), of which the example takes those
+               before it: the count above is where its history ends in its user's sequence, so
+               nothing is copied per example (the Examples layout of recsys/data/examples.py)
+    profiles   the newest user_profile / item_profile row stamped strictly before the instant:
+               an as-of join
+
+So the cost is a sort of the rows by user and by item, not the square of the rows per user that
+Feast's point-in-time join over per-behaviour history snapshots costs (issue 20: 12.5 minutes and
+21 GB for 487k ratings there). The offline user_history / item_counters views hold one row per
+entity (its latest state: what ``materialize`` copies online); training never joins them.
+
+The result is written as Parquet shards: shard ``s`` holds the examples and the behaviours of
+the users with ``user_id mod shards == s``, so each shard is an Examples of its own and a reader
+needs one shard in memory at a time (``read_shard``). Tables are registered by name (bulk, stream,
+user_profile, item_profile, events), so the queries are engine-neutral SQL except the as-of join,
+which each engine writes its own way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger("plexrec.features")
+
+EXAMPLES, BEHAVIOURS, MANIFEST = "examples", "behaviours", "manifest.json"
+STREAM_ORDINAL_BASE = 1 << 50  # streamed rows come after every loaded one among equal (user, time)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the query engine may use the machine: the memory it may hold (it spills past it to
+    ``temp_dir``) and its threads (None: all cores); Spark's master URL (None: $PLEXREC_SPARK_MASTER,
+    else ``local[*]``, a Spark inside this process's JVM)."""
+
+    memory_limit: str = "2GB"
+    threads: int | None = None
+    temp_dir: str | None = None
+    spark_master: str | None = None
+
+
+@dataclass
+class ExampleTables:
+    """Where a build wrote its shards, and what it found."""
+
+    directory: Path
+    shards: int
+    examples: int
+    behaviours: int
+    seconds: float
+    valid_from: int | None = None  # a time split's cuts, computed over every example
+    test_from: int | None = None
+
+    def shard_paths(self, shard: int) -> tuple[Path, Path]:
+        return (self.directory / EXAMPLES / f"shard-{shard:05d}.parquet",
+                self.directory / BEHAVIOURS / f"shard-{shard:05d}.parquet")
+
+    def summary(self) -> str:
+        return (f"{self.examples:,} examples and {self.behaviours:,} behaviours in {self.shards} shard(s) "
+                f"in {self.seconds:.1f} s")
+
+    @classmethod
+    def open(cls, directory: str | Path) -> ExampleTables:
+        meta = json.loads((Path(directory) / MANIFEST).read_text())
+        return cls(directory=Path(directory), **meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# the queries (engine-neutral SQL over registered tables)
+
+
+def label_expression(schema) -> str:
+    """The 0/1 label of a row, as recsys.data.examples.labels_of computes it."""
+    if schema.label:
+        return f"CAST({quote(schema.label)} AS DOUBLE) = 1"
+    return f"CAST({quote(schema.rating)} AS DOUBLE) >= {float(schema.rating_threshold)!r}"
+
+
+def quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def interaction_columns(schema) -> list[str]:
+    """The columns of offline/interactions.parquet (and of stream_interactions.parquet)."""
+    return ["user_id", "item_id", "timestamp", schema.rating or schema.label,
+            *([schema.split] if schema.split else []), *schema.context.columns]
+
+
+def rows_query(schema, has_stream: bool) -> str:
+    """Loaded and streamed interactions with a load order, a behaviour flag and an example flag."""
+    columns = ", ".join(quote(c) for c in interaction_columns(schema))
+    parts = [f"SELECT {columns}, ordinal FROM bulk"]
+    if has_stream:
+        parts.append(f"SELECT {columns}, ordinal + {STREAM_ORDINAL_BASE} AS ordinal FROM stream")
+    behaviour = "TRUE" if schema.history == "all" else label_expression(schema)
+    example = "TRUE" if not schema.split else f"LOWER(CAST({quote(schema.split)} AS VARCHAR)) <> 'context'"
+    return (f"SELECT *, CASE WHEN {behaviour} THEN 1 ELSE 0 END AS is_behaviour, "
+            f"CASE WHEN {example} THEN 1 ELSE 0 END AS is_example FROM ({' UNION ALL '.join(parts)}) AS r")
+
+
+def counted_examples_query(schema, examples_from: str, window_only: bool) -> str:
+    """Each example with the user's and the item's behaviours strictly before its instant.
+
+    The behaviours (weight 1) and the examples (weight 0) are put in one frame per key, ordered
+    by time; ``RANGE ... 1 PRECEDING`` sums the weights of strictly earlier integer timestamps, so
+    behaviours of the example's own instant never count, wherever they sort. With ``window_only``
+    only the behaviours of the examples' users and items are read."""
+    user_filter = " AND user_id IN (SELECT user_id FROM ex)" if window_only else ""
+    item_filter = " AND item_id IN (SELECT item_id FROM ex)" if window_only else ""
+    before = "RANGE BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING"
+    return f"""
+    WITH ex AS ({examples_from}),
+    by_user AS (
+        SELECT ordinal, user_id, timestamp, 1 AS weight, 0 AS is_ex FROM rows WHERE is_behaviour = 1{user_filter}
+        UNION ALL SELECT ordinal, user_id, timestamp, 0, 1 FROM ex),
+    user_counts AS (
+        SELECT ordinal, COALESCE(SUM(weight) OVER (PARTITION BY user_id ORDER BY timestamp {before}), 0)
+               AS user_interaction_count, is_ex FROM by_user),
+    by_item AS (
+        SELECT ordinal, item_id, timestamp, 1 AS weight, 0 AS is_ex FROM rows WHERE is_behaviour = 1{item_filter}
+        UNION ALL SELECT ordinal, item_id, timestamp, 0, 1 FROM ex),
+    item_counts AS (
+        SELECT ordinal, COALESCE(SUM(weight) OVER (PARTITION BY item_id ORDER BY timestamp {before}), 0)
+               AS item_interaction_count, is_ex FROM by_item)
+    SELECT {", ".join("ex." + quote(c) for c in interaction_columns(schema))}, ex.ordinal,
+           u.user_interaction_count, i.item_interaction_count
+    FROM ex
+    JOIN (SELECT * FROM user_counts WHERE is_ex = 1) AS u ON u.ordinal = ex.ordinal
+    JOIN (SELECT * FROM item_counts WHERE is_ex = 1) AS i ON i.ordinal = ex.ordinal
+    """
+
+
+def behaviours_query(schema, examples_from: str, window_only: bool) -> str:
+    """Every behaviour (of the examples' users, with ``window_only``) with its item's category."""
+    category = "p.item_category" if schema.category else "CAST(NULL AS VARCHAR)"
+    user_filter = f" AND r.user_id IN (SELECT user_id FROM ({examples_from}) AS ex)" if window_only else ""
+    return f"""
+    SELECT r.user_id, r.item_id, r.timestamp, r.ordinal, {category} AS item_category
+    FROM rows AS r LEFT JOIN latest_item_profile AS p ON p.item_id = r.item_id
+    WHERE r.is_behaviour = 1{user_filter}
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# DuckDB
+
+
+class DuckDBEngine:
+    """The embedded engine: the offline Parquet files as views, spilling past ``memory_limit``."""
+
+    name = "duckdb"
+
+    def __init__(self, offline: Path, schema, settings: EngineSettings = EngineSettings(),
+                 events: pd.DataFrame | None = None):
+        import duckdb
+
+        self.schema = schema
+        self.connection = duckdb.connect()
+        temp_dir = settings.temp_dir or tempfile.mkdtemp(prefix="plexrec-duckdb-")
+        self.connection.execute(f"SET memory_limit = '{settings.memory_limit}'")
+        self.connection.execute(f"SET temp_directory = '{temp_dir}'")
+        self.connection.execute("SET preserve_insertion_order = false")
+        if settings.threads:
+            self.connection.execute(f"SET threads = {int(settings.threads)}")
+        columns = ", ".join(quote(c) for c in interaction_columns(schema))
+        self.connection.execute(
+            f"CREATE VIEW bulk AS SELECT {columns}, CAST(file_row_number AS BIGINT) AS ordinal "
+            f"FROM read_parquet('{offline / 'interactions.parquet'}', file_row_number = true)")
+        self.has_stream = (offline / "stream_interactions.parquet").exists()
+        if self.has_stream:
+            self.connection.execute(
+                f"CREATE VIEW stream AS SELECT {columns}, CAST(file_row_number AS BIGINT) AS ordinal "
+                f"FROM read_parquet('{offline / 'stream_interactions.parquet'}', file_row_number = true)")
+        self.has_users = (offline / "user_profile.parquet").exists() and bool(schema.users.columns)
+        for name in ("user_profile", "item_profile") if self.has_users else ("item_profile",):
+            self.connection.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{offline / name}.parquet')")
+        self.connection.execute("CREATE VIEW latest_item_profile AS SELECT * FROM item_profile "
+                                "QUALIFY ROW_NUMBER() OVER (PARTITION BY item_id ORDER BY event_timestamp DESC) = 1")
+        self.connection.execute(f"CREATE VIEW rows AS {rows_query(schema, self.has_stream)}")
+        if events is not None:
+            # after every stored row: the window's own rows are examples, never behaviours here
+            ordered = events.assign(ordinal=np.arange(len(events), dtype=np.int64) + 2 * STREAM_ORDINAL_BASE)
+            self.connection.register("events_frame", ordered)
+            self.connection.execute(f"CREATE VIEW events AS SELECT {columns}, ordinal FROM events_frame")
+
+    def with_profiles(self, counted: str) -> str:
+        """The as-of join: each example gets the newest profile rows stamped strictly before it."""
+        unit = 1_000_000 // self.schema.units_per_second
+        joins, columns = [], []
+        views = [("user_profile", "user_id", self.schema.users.columns)] if self.has_users else []
+        views.append(("item_profile", "item_id", [*self.schema.items.columns, "item_category"]))
+        for alias, (view, key, profile_columns) in enumerate(views):
+            joins.append(f"ASOF LEFT JOIN (SELECT *, epoch_us(event_timestamp) AS at_us FROM {view}) AS p{alias} "
+                         f"ON c.{key} = p{alias}.{key} AND c.at_us > p{alias}.at_us")
+            columns += [f"p{alias}.{quote(column)}" for column in profile_columns]
+        return (f"SELECT c.* EXCLUDE (at_us){''.join(', ' + c for c in columns)} "
+                f"FROM (SELECT *, timestamp * {unit} AS at_us FROM ({counted})) AS c {' '.join(joins)}")
+
+    def scalar(self, sql: str):
+        return self.connection.execute(sql).fetchone()[0]
+
+    def copy_sharded(self, sql: str, folder: Path, shards: int) -> None:
+        """Write ``sql``'s rows as one Parquet file per user shard (user_id mod shards)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self.connection.execute(
+            f"COPY (SELECT *, CAST(((user_id % {shards}) + {shards}) % {shards} AS INTEGER) AS shard FROM ({sql})) "
+            f"TO '{folder}' (FORMAT parquet, PARTITION_BY (shard), OVERWRITE_OR_IGNORE true, "
+            f"FILENAME_PATTERN 'part-{{i}}')")
+        for partition in folder.glob("shard=*"):  # shard=K/part-*.parquet -> shard-0000K.parquet
+            parts = sorted(partition.glob("*.parquet"))
+            target = folder / f"shard-{int(partition.name.split('=')[1]):05d}.parquet"
+            if len(parts) == 1:
+                os.replace(parts[0], target)
+            else:
+                pq.write_table(pa.concat_tables([pq.read_table(p) for p in parts]), target)
+            shutil.rmtree(partition)
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# building and reading
+
+
+def build_example_tables(offline: Path, schema, out: Path, *, shards: int = 1, split=None,
+                         events: pd.DataFrame | None = None, settings: EngineSettings = EngineSettings(),
+                         engine: str = "duckdb") -> ExampleTables:
+    """Every label event's example (or, given ``events``, interaction rows of the store's columns:
+    those events' examples alone, with the features of their instants) as Parquet shards in
+    ``out``; ``split``: a SplitRule whose time cuts are computed here over every example."""
+    started = time.perf_counter()
+    if engine == "spark":
+        from features.example_tables_spark import SparkEngine
+
+        runner = SparkEngine(offline, schema, settings, events)
+    elif engine == "duckdb":
+        runner = DuckDBEngine(offline, schema, settings, events)
+    else:
+        raise ValueError(f"unknown example engine {engine!r}: choose duckdb or spark")
+    try:
+        window_only = events is not None
+        examples_from = "SELECT * FROM events" if window_only else "SELECT * FROM rows WHERE is_example = 1"
+        counted = counted_examples_query(schema, examples_from, window_only)
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        runner.copy_sharded(runner.with_profiles(counted), out / EXAMPLES, shards)
+        behaviours_sql = behaviours_query(schema, examples_from, window_only)
+        runner.copy_sharded(behaviours_sql, out / BEHAVIOURS, shards)
+        examples = runner.scalar(f"SELECT COUNT(*) FROM ({examples_from}) AS e")
+        behaviours = runner.scalar(f"SELECT COUNT(*) FROM ({behaviours_sql}) AS b")
+        valid_from = test_from = None
+        if split is not None and split.kind == "time" and not schema.split and examples:
+            valid_from, test_from = time_cuts(runner, examples_from, examples, split)
+    finally:
+        runner.close()
+    tables = ExampleTables(out, shards, int(examples), int(behaviours), time.perf_counter() - started,
+                           valid_from, test_from)
+    meta = {k: v for k, v in dataclasses.asdict(tables).items() if k != "directory"}
+    (out / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n")
+    return tables
+
+
+def time_cuts(runner, examples_from: str, n: int, split) -> tuple[int, int]:
+    """SplitRule.time_cuts over every example's timestamp, without holding them: the k-th smallest."""
+    def kth(fraction: float) -> int:
+        if fraction is None:
+            return None
+        k = min(n - 1, int(n * fraction))
+        return int(runner.scalar(f"SELECT timestamp FROM ({examples_from}) AS e ORDER BY timestamp "
+                                 f"LIMIT 1 OFFSET {k}"))
+
+    test_from = split.test_from if split.test_from is not None else kth(1 - split.test_fraction)
+    valid_from = split.valid_from if split.valid_from is not None else kth(
+        1 - split.test_fraction - split.valid_fraction)
+    return valid_from, test_from
+
+
+def read_shard(tables: ExampleTables, shard: int, schema, split, history_length: int):
+    """One shard's Examples: its examples' features, labels and split, and its users' behaviour
+    sequences, each history at most ``history_length`` long (the store's)."""
+    from features.examples import category_id, feature_row_schema
+    from recsys.data.examples import build_examples
+
+    examples_path, behaviours_path = tables.shard_paths(shard)
+    if not examples_path.exists():
+        return None
+    rows = pd.read_parquet(examples_path).sort_values(["user_id", "timestamp", "ordinal"]).reset_index(drop=True)
+    if split is not None and tables.test_from is not None:
+        split = dataclasses.replace(split, valid_from=tables.valid_from, test_from=tables.test_from)
+    examples = build_examples(rows, feature_row_schema(schema), split)
+    examples.dense[:, 0] = np.log1p(rows["user_interaction_count"].to_numpy(np.int64)).astype(np.float32)
+    examples.dense[:, 1] = np.log1p(rows["item_interaction_count"].to_numpy(np.int64)).astype(np.float32)
+
+    behaviours = (pd.read_parquet(behaviours_path) if behaviours_path.exists() else
+                  pd.DataFrame({"user_id": [], "item_id": [], "timestamp": [], "ordinal": [], "item_category": []}))
+    behaviours = behaviours.sort_values(["user_id", "timestamp", "ordinal"]).reset_index(drop=True)
+    behaviour_users = behaviours["user_id"].to_numpy(np.int64)
+    user_ids = rows["user_id"].to_numpy(np.int64)
+    first = np.searchsorted(behaviour_users, user_ids, side="left")
+    end = first + rows["user_interaction_count"].to_numpy(np.int64)  # the behaviours strictly before
+    start = np.maximum(first, end - history_length)
+    examples.sequence_items = behaviours["item_id"].to_numpy(np.int64)
+    examples.sequence_timestamps = behaviours["timestamp"].to_numpy(np.int64)
+    if schema.category:
+        categories = behaviours["item_category"]
+        codes, distinct = pd.factorize(categories, use_na_sentinel=True)
+        ids = np.fromiter((category_id(c) for c in distinct), dtype=np.int64, count=len(distinct))
+        examples.sequence_categories = np.where(codes >= 0, ids[np.maximum(codes, 0)], category_id(None))
+    examples.sequence_start = start.astype(np.int64)
+    examples.history_length = (end - start).astype(np.int64)
+    examples.schema = schema
+    return examples
