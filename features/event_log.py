@@ -1,51 +1,46 @@
-"""The offline event log: what the stream ingester saw, compacted into training data.
+"""The offline event log: what the stream ingester saw, appended to training data as it comes.
 
     plexrec features compact [--data-dir .plexrec]
 
 The ingester appends every batch it consumes to ``offline/events/batch-*.parquet``
 (features/ingest.py, ``Ingester._log``). That log is at-least-once: a re-delivered batch is
 logged again, and so is an event its producer sent twice. ``compact_event_log`` makes it
-training data, in two steps:
+training data by appending, never rewriting what it has:
 
-  1. the log: the batch files and the previous compacted log become one file,
-     ``offline/events/compacted.parquet``, one row per event id (its first logging) in
-     event-time order (stable: among equal times, the order of logging); then the batch
-     files it holds are deleted
-  2. the views: the logged events become interaction rows in the store's columns
-     (``offline/stream_interactions.parquet``: label or rating by the schema's rule, its
-     context columns, its timestamp unit), which training joins features to next to the
-     bulk-loaded ``offline/interactions.parquet``; and user_history and item_counters are
-     rebuilt over bulk + stream (features/load.py ``behaviour_views``, as the load builds
-     them), so every row is the state at its instant
+  1. the new events (the batch files' rows whose event id the log does not hold yet: only the
+     log's parts of the same event dates are read, a re-delivery has the event's own time)
+     become one part per event date, ``offline/events/log/date=YYYY-MM-DD/part-<seq>.parquet``,
+     in event-time order (stable: among equal times, the order of logging)
+  2. the same events as interaction rows in the store's columns, one part per compaction,
+     ``offline/stream_interactions/part-<seq>.parquet`` (label or rating by the schema's rule,
+     context columns, the schema's time unit, and an ``ordinal``: the order of logging), which
+     training reads next to the bulk-loaded ``offline/interactions.parquet``
+  3. ``offline/events/manifest.json`` names the committed parts: readers see only those
+  4. the batch files are deleted
 
-Bulk and stream. Compaction never writes interactions.parquet: the load's rows stay as
-loaded, and the views are a function of them and of the compacted log alone, rebuilt whole.
-A logged event that is a row of the bulk data (the same user, item and instant: a replay of
-what was loaded) is neither a second example nor a second behaviour.
+So a compaction's cost is its new events (and the event ids of the dates they touch), not the
+log's size. The views are not rebuilt: training computes every example's history and counters
+from the events themselves (features/example_tables.py), and a logged event that is a row of
+the bulk load (the same user, item and instant: a replay of what was loaded) is dropped there,
+so it is neither a second example nor a second behaviour, also after a later load.
 
-Crash safety. Every file is written under a temporary name and renamed over its target
-(``os.replace``: a reader sees the whole old file or the whole new one). The log step
-replaces compacted.parquet before it deletes a batch file: a kill in between leaves events
-in both, and the next compaction's dedupe by event id keeps them once; a kill before the
-rename leaves the previous state. ``offline/events/views.json`` records what the views were
-built from (the log's digest, the store's load, the files as written), and is written last:
-after a kill mid-rebuild it does not match, and the next compaction builds the views again.
-So compaction is idempotent, and a kill anywhere leaves a state the next one repairs. One
-compaction runs at a time (a lock file: the ranks of a training job may start together);
-the ingester may go on writing batch files meanwhile, which the next compaction takes.
+Crash safety. Every file is written under a temporary name and renamed into place (fsynced).
+The manifest is the commit: a kill before it leaves parts nobody reads, which the next
+compaction deletes before it does the same work again from the same batch files; a kill after
+it leaves batch files whose events the log already holds, which the next compaction drops as
+duplicates. So compaction is idempotent, and a kill anywhere leaves a state the next one
+repairs. One compaction runs at a time (a lock file: the ranks of a training job may start
+together); the ingester may go on writing batch files meanwhile, which the next one takes.
 
-Point in time. A view row stamped t holds the behaviours at or before t; training joins as
-of just before each label event (features/training.py), so an example sees exactly the
-behaviours strictly before it, whether they were loaded or streamed.
+A store whose event log was written under another schema (another data set loaded into the
+same directory: features/log_stamp.py) refuses to compact it, naming the files to move away.
 
-No torch on import (the ingester's side of the store); building the views uses
-the label rule of recsys.data.examples, which compaction loads when it runs.
+No torch on import (the ingester's side of the store).
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -56,21 +51,45 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 log = logging.getLogger("plexrec.features")
 
-COMPACTED = "compacted.parquet"
+LOG = "log"  # offline/events/log/date=YYYY-MM-DD/part-<seq>.parquet
+MANIFEST = "manifest.json"  # offline/events/manifest.json: the committed parts
 BATCH_FILES = "batch-*.parquet"  # the ingester's; its half-written ones end in .tmp
-STREAM_INTERACTIONS = "stream_interactions.parquet"
-VIEWS_RECORD = "views.json"
+STREAM_INTERACTIONS = "stream_interactions"  # offline/stream_interactions/part-<seq>.parquet
 LOCK = ".compaction.lock"
 STREAM_SPLIT = "train"  # a schema's split column describes the bulk rows; streamed ones are new training data
 READ_ATTEMPTS = 10
 LOADED_KEY = ["user_id", "item_id", "timestamp"]  # a logged event with these of a loaded row is that row
+ROWS_PER_PART = 1 << 28  # a stream row's ordinal: part seq * ROWS_PER_PART + its row in the part
 
 
 def log_dir(directory: str | Path) -> Path:
     return Path(directory) / "offline" / "events"
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """The committed parts: {"next": the next part's seq, "parts": {seq: {"log": [paths under
+    events/], "stream": path under offline/ or null, "events": n}}}."""
+    path = log_dir(directory) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {"next": 0, "parts": {}}
+
+
+def log_parts(directory: str | Path, manifest: dict | None = None) -> list[Path]:
+    """The committed log part files, in the order they were committed."""
+    manifest = manifest or read_manifest(directory)
+    return [log_dir(directory) / path for _, part in sorted(manifest["parts"].items(), key=lambda kv: int(kv[0]))
+            for path in part["log"]]
+
+
+def stream_parts(directory: str | Path, manifest: dict | None = None) -> list[Path]:
+    """The committed stream interaction parts (offline/stream_interactions/part-*.parquet), oldest first."""
+    manifest = manifest or read_manifest(directory)
+    offline = Path(directory) / "offline"
+    return [offline / part["stream"] for _, part in sorted(manifest["parts"].items(), key=lambda kv: int(kv[0]))
+            if part.get("stream")]
 
 
 def read_event_log(directory: str | Path) -> pd.DataFrame:
@@ -78,11 +97,11 @@ def read_event_log(directory: str | Path) -> pd.DataFrame:
     frame when nothing was logged)."""
     events = log_dir(directory)
     for _ in range(READ_ATTEMPTS):
-        paths = ([events / COMPACTED] if (events / COMPACTED).is_file() else []) + sorted(events.glob(BATCH_FILES))
+        paths = log_parts(directory) + sorted(events.glob(BATCH_FILES))
         try:
             return merged([pd.read_parquet(path) for path in paths])
         except FileNotFoundError:
-            continue  # a compaction folded a batch file into compacted.parquet, then deleted it: list again
+            continue  # a compaction folded a batch file into the log, then deleted it: list again
     raise RuntimeError(f"the event log in {events} kept changing while it was read ({READ_ATTEMPTS} attempts)")
 
 
@@ -99,88 +118,99 @@ def merged(frames: list[pd.DataFrame]) -> pd.DataFrame:
 @dataclass
 class Compaction:
     """What one compaction did."""
-    batch_files: int = 0  # batch files folded into the compacted log, then deleted
+    batch_files: int = 0  # batch files folded into the log, then deleted
     events_read: int = 0  # their rows
     duplicates: int = 0  # of which event ids the log already held (re-deliveries, producers' retries)
-    log_events: int = 0  # events in the compacted log
-    stream_interactions: int = 0  # logged events that are training examples
-    already_loaded: int = 0  # logged events that are rows of the bulk load (counted once, as loaded)
-    views_rebuilt: bool = False
+    new_events: int = 0  # appended to the log
+    log_events: int = 0  # events in the log
+    stream_interactions: int = 0  # new events that are interaction rows
+    orphans_removed: int = 0  # part files of a compaction killed before its commit
     seconds: float = 0.0
 
     def summary(self) -> str:
-        if not self.log_events and not self.views_rebuilt:
-            return f"no events logged; {self.seconds:.1f} s"
-        views = (f"views rebuilt with {self.stream_interactions:,} streamed interactions "
-                 f"({self.already_loaded:,} events already loaded in bulk)" if self.views_rebuilt
-                 else "views already up to date")
-        batches = (f"{self.batch_files} batch files ({self.events_read:,} events, {self.duplicates:,} duplicate "
-                   f"event ids dropped) compacted into a log of {self.log_events:,} events" if self.batch_files
-                   else f"no new batch files, a log of {self.log_events:,} events")
-        return f"{batches}; {views}; {self.seconds:.1f} s"
+        if not self.batch_files:
+            return f"no new batch files, a log of {self.log_events:,} events; {self.seconds:.1f} s"
+        return (f"{self.batch_files} batch files ({self.events_read:,} events, {self.duplicates:,} duplicate "
+                f"event ids dropped): {self.new_events:,} events appended, a log of {self.log_events:,}; "
+                f"{self.seconds:.1f} s")
 
 
 def compact_event_log(directory: str | Path) -> Compaction:
-    """Compact the store's event log and extend the offline views from it (see the module's doc)."""
+    """Append the ingester's batch files to the log and to the stream interactions (see the module's doc)."""
     directory = Path(directory)
     started = time.perf_counter()
     report = Compaction()
     events = log_dir(directory)
     if events.is_dir():
         with _exclusive(events / LOCK):
-            compacted = _compact_log(events, report)
-            _extend_views(directory, compacted, report)
+            _append(directory, report)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _compact_log(events: Path, report: Compaction) -> pd.DataFrame:
-    path = events / COMPACTED
-    previous = pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+def _append(directory: Path, report: Compaction) -> None:
+    from features.log_stamp import file_fingerprints, store_fingerprint
+    from features.store import StoreError, read_store_meta, stored_schema
+
+    events = log_dir(directory)
+    manifest = read_manifest(directory)
+    report.orphans_removed = _remove_orphans(directory, manifest)
+    report.log_events = sum(part["events"] for part in manifest["parts"].values())
     batches = sorted(events.glob(BATCH_FILES))  # by name: the time each was logged
     if not batches:
-        report.log_events = len(previous)
-        return previous
-    fresh = [pd.read_parquet(batch) for batch in batches]
-    report.batch_files, report.events_read = len(batches), sum(len(frame) for frame in fresh)
-    compacted = merged([previous, *fresh])
-    report.duplicates = len(previous) + report.events_read - len(compacted)
-    report.log_events = len(compacted)
-    _write(compacted, path)
-    for batch in batches:  # only now: every event of theirs is in the compacted log
-        batch.unlink(missing_ok=True)
-    return compacted
-
-
-def _extend_views(directory: Path, compacted: pd.DataFrame, report: Compaction) -> None:
-    from features.load import behaviour_views
-    from features.store import read_store_meta, stored_schema
-
-    offline = directory / "offline"
-    meta = read_store_meta(directory)
-    digest = _digest(log_dir(directory) / COMPACTED)
-    record_path = log_dir(directory) / VIEWS_RECORD
-    record = json.loads(record_path.read_text()) if record_path.is_file() else None
-    if record == _basis(offline, meta, digest):
         return
-    if record is None and digest is None and not (offline / STREAM_INTERACTIONS).exists():
-        return  # nothing was ever streamed: the views are the load's
+    mine = store_fingerprint(directory)  # a batch file logged before stamps existed (None) is taken
+    foreign = [batch for batch in batches if file_fingerprints(batch) - {mine, None}]
+    if foreign:
+        raise StoreError(f"{len(foreign)} event log file(s) in {events} were logged into a store of another "
+                         f"schema (e.g. {foreign[0].name}): move them away (or delete them) and compact again")
+    fresh = merged([pd.read_parquet(batch) for batch in batches])
+    report.batch_files, report.events_read = len(batches), sum(pq.ParquetFile(b).metadata.num_rows for b in batches)
+    dates = _dates(fresh)
+    known = _event_ids(directory, manifest, set(dates.unique()))
+    new = fresh[~fresh["event_id"].isin(known)].reset_index(drop=True)
+    report.duplicates = report.events_read - len(new)
+    if len(new):
+        seq = int(manifest["next"])
+        part = {"log": [], "stream": None, "events": len(new)}
+        for date, rows in new.groupby(_dates(new), sort=True):
+            relative = f"{LOG}/date={date}/part-{seq:08d}.parquet"
+            _write(rows.reset_index(drop=True), events / relative)
+            part["log"].append(relative)
+        rows = stream_interactions(new, stored_schema(directory), read_store_meta(directory)["types"])
+        rows["ordinal"] = seq * ROWS_PER_PART + np.arange(len(rows), dtype=np.int64)
+        part["stream"] = f"{STREAM_INTERACTIONS}/part-{seq:08d}.parquet"
+        _write(rows, directory / "offline" / part["stream"])
+        manifest = {"next": seq + 1, "parts": {**manifest["parts"], str(seq): part}}
+        _write_text(json.dumps(manifest, indent=1) + "\n", events / MANIFEST)  # the commit
+        report.new_events, report.stream_interactions = len(new), len(rows)
+        report.log_events += len(new)
+    for batch in batches:  # only now: every event of theirs is in a committed part
+        batch.unlink(missing_ok=True)
 
-    schema, history_length = stored_schema(directory), int(meta["history_length"])
-    bulk = pd.read_parquet(offline / "interactions.parquet")
-    stream = stream_interactions(compacted, schema, meta["types"]) if len(compacted) else bulk.iloc[:0]
-    loaded = _rows_of(stream, bulk)
-    stream = stream[~loaded].reset_index(drop=True)
-    report.already_loaded, report.stream_interactions = int(loaded.sum()), len(stream)
-    # bulk rows first: among equal (user, time), the loaded behaviours come before the streamed
-    # ones, as the ingester merges them into the online history
-    both = pd.concat([bulk, stream], ignore_index=True).sort_values(["user_id", "timestamp"], kind="stable")
-    history, counters = behaviour_views(both.reset_index(drop=True), schema, history_length)
-    _write(stream, offline / STREAM_INTERACTIONS)
-    _write(history, offline / "user_history.parquet")
-    _write(counters, offline / "item_counters.parquet")
-    _write_text(json.dumps(_basis(offline, meta, digest), indent=2) + "\n", record_path)  # last: see the doc
-    report.views_rebuilt = True
+
+def _dates(frame: pd.DataFrame) -> pd.Series:
+    return pd.to_datetime(frame["event_timestamp"], utc=True).dt.strftime("%Y-%m-%d")
+
+
+def _event_ids(directory: Path, manifest: dict, dates: set[str]) -> set:
+    """The event ids the committed log holds on ``dates`` (a re-delivered event keeps its time)."""
+    paths = [path for path in log_parts(directory, manifest) if path.parent.name.removeprefix("date=") in dates]
+    ids = set()
+    for path in paths:
+        ids.update(pq.read_table(path, columns=["event_id"]).column(0).to_pylist())
+    return ids
+
+
+def _remove_orphans(directory: Path, manifest: dict) -> int:
+    """Delete the part files no committed part names (a compaction killed before its commit)."""
+    committed = {path.resolve() for path in log_parts(directory, manifest) + stream_parts(directory, manifest)}
+    candidates = [*(log_dir(directory) / LOG).glob("date=*/part-*"),
+                  *(directory / "offline" / STREAM_INTERACTIONS).glob("part-*")]
+    orphans = [path for path in candidates if path.resolve() not in committed]
+    for path in orphans:
+        path.unlink(missing_ok=True)
+    return len(orphans)
 
 
 def positions(logged: pd.DataFrame) -> pd.Series:
@@ -198,27 +228,40 @@ def last_offsets(logged: pd.DataFrame) -> dict[str, int]:
 
 
 def events_after(directory: str | Path, offsets: dict[str, int]) -> tuple[pd.DataFrame, dict[str, int]]:
-    """The compacted log's label events past ``offsets`` (position -> the last offset taken, see
+    """The committed log's label events past ``offsets`` (position -> the last offset taken, see
     ``positions``) as interaction rows in event-time order, without those that are rows of the bulk
     load; and the offsets they reach (a position with nothing new keeps its offset). What a job that
-    follows the stream (recsys/learn.py) takes next; call compact_event_log first."""
+    follows the stream (recsys/learn.py) takes next; call compact_event_log first. Reads the
+    positions of the log, then the rows of the new events only."""
     from features.store import read_store_meta, stored_schema
 
     directory = Path(directory)
-    path = log_dir(directory) / COMPACTED
-    compacted = pd.read_parquet(path) if path.is_file() else pd.DataFrame()
-    if not len(compacted):
+    parts = log_parts(directory)
+    if not parts:
         return pd.DataFrame(), dict(offsets)
-    taken = positions(compacted).map(lambda position: offsets.get(position, -1)).to_numpy(np.int64)
-    new = compacted[compacted["offset"].to_numpy(np.int64) > taken].reset_index(drop=True)
+    where = pq.ParquetDataset(parts).read(columns=[c for c in ("source", "partition", "offset")
+                                                    if c in pq.read_schema(parts[0]).names]).to_pandas()
+    taken = positions(where).map(lambda position: offsets.get(position, -1)).to_numpy(np.int64)
+    is_new = where["offset"].to_numpy(np.int64) > taken
+    if not is_new.any():
+        return pd.DataFrame(), dict(offsets)
+    new = merged([pd.read_parquet(path) for path in _files_holding(parts, is_new)])
+    new = new[new["offset"].to_numpy(np.int64) > positions(new).map(lambda p: offsets.get(p, -1)).to_numpy(np.int64)]
     reached = {**offsets, **last_offsets(new)}
-    if not len(new):
-        return pd.DataFrame(), reached
     schema = stored_schema(directory)
-    rows = stream_interactions(new, schema, read_store_meta(directory)["types"])
-    bulk = pd.read_parquet(directory / "offline" / "interactions.parquet", columns=LOADED_KEY)
+    rows = stream_interactions(new.reset_index(drop=True), schema, read_store_meta(directory)["types"])
+    users = sorted(set(rows["user_id"].tolist()))
+    bulk = pd.read_parquet(directory / "offline" / "interactions.parquet", columns=LOADED_KEY,
+                           filters=[("user_id", "in", users)])  # row groups of other users are skipped
     rows = rows[~_rows_of(rows, bulk)]
     return rows.sort_values("timestamp", kind="stable").reset_index(drop=True), reached
+
+
+def _files_holding(parts: list[Path], is_new: np.ndarray) -> list[Path]:
+    """The part files that hold a True of ``is_new`` (rows in the order of ``parts``)."""
+    counts = [pq.ParquetFile(path).metadata.num_rows for path in parts]
+    ends = np.cumsum(counts)
+    return [path for path, end, count in zip(parts, ends, counts) if is_new[end - count:end].any()]
 
 
 def _rows_of(rows: pd.DataFrame, bulk: pd.DataFrame) -> np.ndarray:
@@ -267,27 +310,8 @@ def rating_of(value: pd.Series, label: np.ndarray, threshold: float) -> np.ndarr
     return np.where(agrees, rating, np.where(label == 1, threshold, threshold - 1))
 
 
-def _basis(offline: Path, meta: dict, log_digest: str | None) -> dict:
-    """What the views are built from and what they are: the log, the load, each file's size and time."""
-    files = {}
-    for name in ("interactions", "user_history", "item_counters", "stream_interactions"):
-        path = offline / f"{name}.parquet"
-        files[name] = [path.stat().st_size, path.stat().st_mtime_ns] if path.exists() else None
-    return {"log": log_digest, "loaded_at": meta.get("loaded_at"), "history_length": meta.get("history_length"),
-            "files": files}
-
-
-def _digest(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(path.name + ".tmp")
     frame.to_parquet(staging, index=False)
     _durably_replace(staging, path)
@@ -322,7 +346,7 @@ def _exclusive(lock_path: Path):
 
 
 def main(directory: str | Path | None = None) -> Compaction:
-    """`plexrec features compact`: compact the store's event log, extend the views, log what it did."""
+    """`plexrec features compact`: append the store's new logged events to the log and the training rows."""
     from features.store import data_dir, read_store_meta
 
     directory = data_dir(directory)

@@ -41,10 +41,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from features.event_log import stream_parts
+
 log = logging.getLogger("plexrec.features")
 
 EXAMPLES, BEHAVIOURS, MANIFEST = "examples", "behaviours", "manifest.json"
-STREAM_ORDINAL_BASE = 1 << 50  # streamed rows come after every loaded one among equal (user, time)
+# streamed rows come after every loaded one among equal (user, time); their own ordinals (the
+# order of logging, features/event_log.py) stay below 2^62
+STREAM_ORDINAL_BASE = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -107,13 +111,16 @@ def interaction_columns(schema) -> list[str]:
 
 
 def rows_query(schema, has_stream: bool) -> str:
-    """Loaded and streamed interactions with a load order, a behaviour flag and an example flag."""
+    """Loaded and streamed interactions with a load order, a behaviour flag and an example flag; a
+    streamed row that is a loaded row (the same user, item and instant: a replay) is left out."""
     columns = ", ".join(quote(c) for c in interaction_columns(schema))
     parts = [f"SELECT {columns}, ordinal FROM bulk"]
     if has_stream:
-        parts.append(f"SELECT {columns}, ordinal + {STREAM_ORDINAL_BASE} AS ordinal FROM stream")
+        parts.append(f"SELECT {columns}, ordinal + {STREAM_ORDINAL_BASE} AS ordinal FROM stream AS s "
+                     "WHERE NOT EXISTS (SELECT 1 FROM bulk AS b WHERE b.user_id = s.user_id "
+                     "AND b.item_id = s.item_id AND b.timestamp = s.timestamp)")
     behaviour = "TRUE" if schema.history == "all" else label_expression(schema)
-    example = "TRUE" if not schema.split else f"LOWER(CAST({quote(schema.split)} AS VARCHAR)) <> 'context'"
+    example = "TRUE" if not schema.split else f"LOWER(CAST({quote(schema.split)} AS STRING)) <> 'context'"
     return (f"SELECT *, CASE WHEN {behaviour} THEN 1 ELSE 0 END AS is_behaviour, "
             f"CASE WHEN {example} THEN 1 ELSE 0 END AS is_example FROM ({' UNION ALL '.join(parts)}) AS r")
 
@@ -134,14 +141,14 @@ def counted_examples_query(schema, examples_from: str, window_only: bool) -> str
         SELECT ordinal, user_id, timestamp, 1 AS weight, 0 AS is_ex FROM rows WHERE is_behaviour = 1{user_filter}
         UNION ALL SELECT ordinal, user_id, timestamp, 0, 1 FROM ex),
     user_counts AS (
-        SELECT ordinal, COALESCE(SUM(weight) OVER (PARTITION BY user_id ORDER BY timestamp {before}), 0)
-               AS user_interaction_count, is_ex FROM by_user),
+        SELECT ordinal, CAST(COALESCE(SUM(weight) OVER (PARTITION BY user_id ORDER BY timestamp {before}), 0)
+               AS BIGINT) AS user_interaction_count, is_ex FROM by_user),
     by_item AS (
         SELECT ordinal, item_id, timestamp, 1 AS weight, 0 AS is_ex FROM rows WHERE is_behaviour = 1{item_filter}
         UNION ALL SELECT ordinal, item_id, timestamp, 0, 1 FROM ex),
     item_counts AS (
-        SELECT ordinal, COALESCE(SUM(weight) OVER (PARTITION BY item_id ORDER BY timestamp {before}), 0)
-               AS item_interaction_count, is_ex FROM by_item)
+        SELECT ordinal, CAST(COALESCE(SUM(weight) OVER (PARTITION BY item_id ORDER BY timestamp {before}), 0)
+               AS BIGINT) AS item_interaction_count, is_ex FROM by_item)
     SELECT {", ".join("ex." + quote(c) for c in interaction_columns(schema))}, ex.ordinal,
            u.user_interaction_count, i.item_interaction_count
     FROM ex
@@ -152,7 +159,7 @@ def counted_examples_query(schema, examples_from: str, window_only: bool) -> str
 
 def behaviours_query(schema, examples_from: str, window_only: bool) -> str:
     """Every behaviour (of the examples' users, with ``window_only``) with its item's category."""
-    category = "p.item_category" if schema.category else "CAST(NULL AS VARCHAR)"
+    category = "p.item_category" if schema.category else "CAST(NULL AS STRING)"
     user_filter = f" AND r.user_id IN (SELECT user_id FROM ({examples_from}) AS ex)" if window_only else ""
     return f"""
     SELECT r.user_id, r.item_id, r.timestamp, r.ordinal, {category} AS item_category
@@ -186,11 +193,11 @@ class DuckDBEngine:
         self.connection.execute(
             f"CREATE VIEW bulk AS SELECT {columns}, CAST(file_row_number AS BIGINT) AS ordinal "
             f"FROM read_parquet('{offline / 'interactions.parquet'}', file_row_number = true)")
-        self.has_stream = (offline / "stream_interactions.parquet").exists()
+        streamed = stream_parts(offline.parent)
+        self.has_stream = bool(streamed)
         if self.has_stream:
-            self.connection.execute(
-                f"CREATE VIEW stream AS SELECT {columns}, CAST(file_row_number AS BIGINT) AS ordinal "
-                f"FROM read_parquet('{offline / 'stream_interactions.parquet'}', file_row_number = true)")
+            files = ", ".join(f"'{path}'" for path in streamed)
+            self.connection.execute(f"CREATE VIEW stream AS SELECT {columns}, ordinal FROM read_parquet([{files}])")
         self.has_users = (offline / "user_profile.parquet").exists() and bool(schema.users.columns)
         for name in ("user_profile", "item_profile") if self.has_users else ("item_profile",):
             self.connection.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{offline / name}.parquet')")
@@ -198,8 +205,8 @@ class DuckDBEngine:
                                 "QUALIFY ROW_NUMBER() OVER (PARTITION BY item_id ORDER BY event_timestamp DESC) = 1")
         self.connection.execute(f"CREATE VIEW rows AS {rows_query(schema, self.has_stream)}")
         if events is not None:
-            # after every stored row: the window's own rows are examples, never behaviours here
-            ordered = events.assign(ordinal=np.arange(len(events), dtype=np.int64) + 2 * STREAM_ORDINAL_BASE)
+            # an ordinal of their own: the window's rows are matched among the examples only
+            ordered = events.assign(ordinal=np.arange(len(events), dtype=np.int64))
             self.connection.register("events_frame", ordered)
             self.connection.execute(f"CREATE VIEW events AS SELECT {columns}, ordinal FROM events_frame")
 

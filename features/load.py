@@ -187,6 +187,24 @@ def store_meta(schema: DatasetSchema, types: dict[str, str], history_length: int
             "loaded_at": datetime.now(timezone.utc).isoformat()}
 
 
+def archive_foreign_stream(directory: Path) -> Path | None:
+    """Move the event log and its training rows away when they were streamed into a store of another
+    schema (features/log_stamp.py): they would become the new data set's examples. Where they went."""
+    from features.log_stamp import foreign_log_files
+
+    foreign = foreign_log_files(directory, unstamped_foreign=False)
+    if not foreign:
+        return None
+    archive = directory / f"archived-stream-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
+    archive.mkdir()
+    for name in ("events", "stream_interactions"):
+        if (directory / "offline" / name).exists():
+            (directory / "offline" / name).rename(archive / name)
+    log.warning("the event log in %s was streamed into a store of another schema (%d file(s)): moved to %s",
+                directory / "offline" / "events", len(foreign), archive)
+    return archive
+
+
 def load_into_store(store, tables: DatasetTables, directory: Path, history_length: int) -> dict[str, int]:
     """Write the offline tables and store.json, apply the definitions, materialise the online store."""
     from features.store import apply_definitions
@@ -203,6 +221,7 @@ def load_into_store(store, tables: DatasetTables, directory: Path, history_lengt
         log.info("wrote %s: %d rows", offline / f"{name}.parquet", len(table))
     meta = store_meta(tables.schema, types, history_length)
     (directory / STORE_META).write_text(json.dumps(meta, indent=2) + "\n")
+    archive_foreign_stream(directory)
     apply_definitions(store, directory)
     last = int(offline_data["interactions"]["timestamp"].max())
     end = datetime.fromtimestamp(last / tables.schema.units_per_second + 1, tz=timezone.utc)

@@ -75,9 +75,18 @@ def main(argv: list[str] | None = None) -> None:
     publish.add_argument("--redis-url", help="host:port of Redis for --profile redis")
 
     compact = feature_commands.add_parser(
-        "compact", help="compact the ingester's event log and extend the offline views with it (training "
-                        "from the store does this first)")
+        "compact", help="append the ingester's new logged events to the event log and the training rows "
+                        "(training from the store does this first)")
     compact.add_argument("--data-dir", help="the store's data directory (default: $PLEXREC_DATA_DIR or .plexrec)")
+
+    examples = feature_commands.add_parser(
+        "examples", help="write every label event's point-in-time training example as Parquet shards by user")
+    examples.add_argument("--out", required=True, help="the folder to write (replaced)")
+    examples.add_argument("--shards", type=int, default=16, help="user shards (default 16)")
+    examples.add_argument("--engine", default="duckdb", choices=["duckdb", "spark"],
+                          help="query engine (spark: local[*], or $PLEXREC_SPARK_MASTER)")
+    examples.add_argument("--memory", default="2GB", help="the engine's memory before it spills (default 2GB)")
+    examples.add_argument("--data-dir", help="the store's data directory (default: $PLEXREC_DATA_DIR or .plexrec)")
 
     show = feature_commands.add_parser(
         "show", help="what the online store holds for one user or item, as JSON (for debugging a pipeline)")
@@ -121,6 +130,29 @@ def main(argv: list[str] | None = None) -> None:
         show_features(args)
     elif args.command == "features" and args.features_command == "compact":
         compact_features(args)
+    elif args.command == "features" and args.features_command == "examples":
+        write_examples(args)
+
+
+def write_examples(args: argparse.Namespace) -> None:
+    """`plexrec features examples`: the store's point-in-time examples as Parquet shards."""
+    from pathlib import Path
+
+    from features.event_log import compact_event_log
+    from features.example_tables import EngineSettings, build_example_tables
+    from features.store import StoreError, data_dir, stored_schema
+    from recsys.data.schema import DataError
+
+    log = logging.getLogger("plexrec.features")
+    try:
+        directory = data_dir(args.data_dir)
+        schema = stored_schema(directory)
+        log.info("event log: %s", compact_event_log(directory).summary())
+        tables = build_example_tables(directory / "offline", schema, Path(args.out), shards=args.shards,
+                                      settings=EngineSettings(memory_limit=args.memory), engine=args.engine)
+    except (StoreError, DataError) as exc:
+        sys.exit(f"plexrec features examples: {exc}")
+    log.info("wrote %s: %s", args.out, tables.summary())
 
 
 def compact_features(args: argparse.Namespace) -> None:

@@ -53,10 +53,14 @@ class DataConfig:
     # user and the item) and every numeric column of the schema; a list = exactly those; [] = none
     dense: list[str] | None = None
     synthetic: dict = field(default_factory=dict)  # generator overrides for a synthetic schema
-    # "direct": read the files; "feast": point-in-time joins from the feature store in
+    # "direct": read the files; "feast": point-in-time examples from the feature store in
     # store_dir (after `plexrec features load`), the same examples
     source: str = "direct"
     store_dir: str | None = None
+    # how "feast" builds them (features/example_tables.py): "duckdb" in this process, or "spark"
+    # (local[*], or the cluster at $PLEXREC_SPARK_MASTER); the engine's memory before it spills
+    example_engine: str = "duckdb"
+    engine_memory: str = "2GB"
 
 
 @dataclass
@@ -195,6 +199,8 @@ class RunConfig:
                                   "set embedding.kind = unified")
         if self.data.source not in ("direct", "feast"):
             raise ConfigError(f"data.source = {self.data.source!r}: choose direct or feast")
+        if self.data.example_engine not in ("duckdb", "spark"):
+            raise ConfigError(f"data.example_engine = {self.data.example_engine!r}: choose duckdb or spark")
         if not self.data.schema:
             raise ConfigError("data.schema: name the data set's schema file (e.g. data/ml-100k/schema.yaml)")
         return self

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from features import event_log
-from features.event_log import (COMPACTED, STREAM_INTERACTIONS, VIEWS_RECORD, compact_event_log, log_dir,
-                                read_event_log, stream_interactions)
+from features.event_log import (MANIFEST, compact_event_log, log_dir, log_parts, read_event_log, read_manifest,
+                                stream_interactions, stream_parts)
 from features.events import EventProducer, schema_events
 from features.ingest import Ingester
 from features.load import load_into_store
@@ -30,7 +30,6 @@ from .conftest import KUAIRAND_SCHEMA, SYNTHETIC_SCHEMA
 from .test_feature_store import assert_same_examples
 
 ML_HISTORY, KUAIRAND_HISTORY = 50, 20
-VIEWS = ("user_history", "item_counters", "stream_interactions")
 
 
 def split_by_time(frame, schema, fraction):
@@ -105,7 +104,8 @@ def test_movielens_events_streamed_after_the_load_are_the_next_examples(broker, 
     assert report.batch_files == batch_files and not list(log_dir(directory).glob("batch-*.parquet"))
     assert report.events_read == len(events) + len(retried) + len(replayed)
     assert report.duplicates == len(retried) and report.log_events == len(events) + len(replayed)
-    assert report.already_loaded == len(replayed) and report.stream_interactions == len(future)
+    # the replayed rows are logged (the log is what was sent) and left out of training by the examples
+    assert report.stream_interactions == len(future) + len(replayed)
     examples = examples_from_store(store, directory)
     whole = build_examples(ml100k_tables.with_interactions(pd.concat([past, future])).joined(), schema)
     assert_same_examples(examples, whole, ML_HISTORY)
@@ -145,7 +145,7 @@ def test_kuairand_events_streamed_after_the_load_are_the_next_examples(broker, k
         examples, pd.concat([past, future]), schema, user, KUAIRAND_HISTORY, first_streamed) >= 3
     # the context column streamed as text comes back as the loaded values
     key = ["user_id", "item_id", "timestamp", "tab"]
-    streamed = pd.read_parquet(tmp_path / "offline" / STREAM_INTERACTIONS)[key]
+    streamed = pd.concat([pd.read_parquet(path) for path in stream_parts(tmp_path)])[key]
     sent = future.rename(columns={schema.item: "item_id", schema.timestamp: "timestamp"})[key]
     assert sorted(streamed.itertuples(index=False)) == sorted(sent.itertuples(index=False))
 
@@ -155,19 +155,18 @@ class Killed(BaseException):
 
 
 def frames(directory):
-    """What compaction leaves behind: the log, the views, and which files remain."""
-    offline = directory / "offline"
-    state = {"log": read_event_log(directory)}
-    for name in VIEWS:
-        path = offline / f"{name}.parquet"
-        state[name] = pd.read_parquet(path) if path.exists() else None
-    state["files"] = sorted(p.name for p in log_dir(directory).iterdir() if not p.name.endswith(".tmp"))
-    return state
+    """What compaction leaves behind: the log, the streamed training rows, and which files remain."""
+    streamed = [pd.read_parquet(path) for path in stream_parts(directory)]
+    return {"log": read_event_log(directory),
+            "stream": pd.concat(streamed, ignore_index=True) if streamed else None,
+            "files": sorted(str(p.relative_to(directory)) for folder in ("events", "stream_interactions")
+                            for p in (directory / "offline" / folder).rglob("*")
+                            if p.is_file() and not p.name.endswith(".tmp"))}
 
 
 def assert_same_state(state, expected):
     assert state["files"] == expected["files"]
-    for name in ("log", *VIEWS):
+    for name in ("log", "stream"):
         pd.testing.assert_frame_equal(state[name], expected[name], check_dtype=False, obj=name)
 
 
@@ -176,7 +175,8 @@ def test_compaction_is_idempotent_and_a_kill_anywhere_loses_and_duplicates_nothi
                                                                                    monkeypatch):
     """Compaction killed after each file it writes (before the first, too): what it left is read as
     the whole log without a duplicate, and the next compaction leaves what an uninterrupted one
-    does. Compacting again changes nothing; a second stream extends the compacted log."""
+    does. Compacting again changes nothing; a second stream appends to the log and rewrites none
+    of the files it had."""
     store, directory, past, future = movielens_past
     schema = ml100k_tables.schema
     events = schema_events(future, schema)
@@ -186,17 +186,17 @@ def test_compaction_is_idempotent_and_a_kill_anywhere_loses_and_duplicates_nothi
     shutil.copytree(directory, pristine)
 
     report = compact_event_log(directory)
-    assert report.duplicates == 20 and report.log_events == len(first) and report.views_rebuilt
+    assert report.duplicates == 20 and report.log_events == len(first) == report.new_events
     expected = frames(directory)
-    assert expected["files"] == [".compaction.lock", COMPACTED, VIEWS_RECORD]
-    assert len(expected["stream_interactions"]) == len(first)
+    dates = {path.parent.name for path in log_parts(directory)}
+    assert len(expected["stream"]) == len(first) and len(log_parts(directory)) == len(dates) > 1  # a part per date
 
-    again = compact_event_log(directory)  # idempotent: nothing new, nothing rewritten
-    assert (again.batch_files, again.duplicates, again.views_rebuilt) == (0, 0, False)
+    again = compact_event_log(directory)  # idempotent: nothing new, nothing written
+    assert (again.batch_files, again.duplicates, again.new_events) == (0, 0, 0)
     assert_same_state(frames(directory), expected)
 
-    writes = 5  # compacted.parquet (then the batch files go), stream_interactions, user_history, item_counters,
-    # views.json; killed just before the first rename (its .tmp stays behind), or just after each
+    writes = len(log_parts(directory)) + 2  # the log's parts, the stream part, the manifest (the commit)
+    # killed just before the first rename (its .tmp stays behind), or just after each
     real_replace = event_log._durably_replace
     for kill_at in range(-1, writes):
         copy = tmp_path_factory.mktemp(f"killed-{kill_at}") / "store"
@@ -217,48 +217,44 @@ def test_compaction_is_idempotent_and_a_kill_anywhere_loses_and_duplicates_nothi
         monkeypatch.setattr(event_log, "_durably_replace", real_replace)
         left = read_event_log(copy)  # what a reader sees meanwhile: every event, once
         pd.testing.assert_frame_equal(left, expected["log"], check_dtype=False)
-        if kill_at == 0:  # killed between writing compacted.parquet and deleting the batch files
-            assert list(log_dir(copy).glob("batch-*.parquet")) and (log_dir(copy) / COMPACTED).exists()
-
-        if kill_at == 0:  # the command line repairs it as well as the function
+        committed = kill_at == writes - 1
+        assert bool(read_manifest(copy)["parts"]) == committed
+        if kill_at == writes - 1:  # killed between the commit and deleting the batch files
             done_cli = subprocess.run([sys.executable, "-m", "recsys.cli", "features", "compact", "--data-dir",
                                        str(copy)], check=False, capture_output=True, text=True, timeout=300,
                                       cwd=PROJECT_ROOT)
             assert done_cli.returncode == 0, done_cli.stderr[-2000:]
-            # every event of the batch files left behind is already in the compacted log
+            # every event of the batch files left behind is already in the log
             read_twice = f"{len(first) + 20:,}"
             assert f"({read_twice} events, {read_twice} duplicate event ids dropped)" in done_cli.stderr
-            assert "views rebuilt" in done_cli.stderr
         else:
             repaired = compact_event_log(copy)
-            # rebuilt unless the kill came after the last write (views.json), when all was done
-            assert repaired.views_rebuilt == (kill_at < writes - 1) and repaired.log_events == len(first)
+            assert repaired.new_events == len(first) and repaired.orphans_removed == max(kill_at + 1, 1)  # renamed parts, or the .tmp
         assert_same_state(frames(copy), expected)
+        assert_same_examples(examples_from_store(open_store("local", copy), copy, compact=False),
+                             examples_from_store(store, directory, compact=False), ML_HISTORY)
 
-    (log_dir(directory) / VIEWS_RECORD).unlink()  # views whose record is lost are rebuilt, the same
-    assert compact_event_log(directory).views_rebuilt
-    assert_same_state(frames(directory), expected)
-
+    written = {path: path.stat().st_mtime_ns for path in log_parts(directory) + stream_parts(directory)}
     stream(broker, store, directory, second + first[:5])  # a later stream, with events logged before
     report = compact_event_log(directory)
     assert report.duplicates == 5 and report.log_events == len(events)
+    assert all(path.stat().st_mtime_ns == stamp for path, stamp in written.items())  # appended, not rewritten
     examples = examples_from_store(store, directory)
     whole = build_examples(ml100k_tables.with_interactions(pd.concat([past, future])).joined(), schema)
     assert_same_examples(examples, whole, ML_HISTORY)
 
 
-def test_a_reload_drops_the_views_of_the_previous_stream_and_compaction_extends_the_new_ones(
-        broker, movielens_past, ml100k_tables):
-    """`features load` again rewrites the views from the data set alone; the next compaction notices
-    and extends the new views with the log (its events that the new load holds count once)."""
+def test_a_reload_that_holds_the_streamed_events_counts_each_once(broker, movielens_past, ml100k_tables):
+    """`features load` again, of a data set that now holds what was streamed: the logged events that
+    are loaded rows (the same user, item and instant) are neither a second example nor a second
+    behaviour."""
     store, directory, past, future = movielens_past
     schema = ml100k_tables.schema
     stream(broker, store, directory, schema_events(future, schema))
     assert compact_event_log(directory).stream_interactions == len(future)
     everything = pd.concat([past, future])
     load_into_store(store, ml100k_tables.with_interactions(everything), directory, history_length=ML_HISTORY)
-    report = compact_event_log(directory)
-    assert report.views_rebuilt and report.already_loaded == len(future) and report.stream_interactions == 0
+    assert compact_event_log(directory).new_events == 0
     whole = build_examples(ml100k_tables.with_interactions(everything).joined(), schema)
     assert_same_examples(examples_from_store(store, directory), whole, ML_HISTORY)
 

@@ -358,6 +358,7 @@ def load_dataset(data_config) -> tuple[Examples, DatasetSchema]:
     """The examples a run config's ``data`` section describes."""
     split = SplitRule.of(data_config)
     if data_config.source == "feast":  # the feature store's point-in-time view of the same data
+        from features.example_tables import EngineSettings
         from features.store import open_store, stored_schema
         from features.training import examples_from_store
 
@@ -369,7 +370,9 @@ def load_dataset(data_config) -> tuple[Examples, DatasetSchema]:
                             f"({schema.name}): {'; '.join(differences[:5])}; set data.schema to that data set's "
                             "schema (or load the store again)")
         store = open_store("local", data_config.store_dir)
-        return examples_from_store(store, data_config.store_dir, split=split), schema
+        settings = EngineSettings(memory_limit=data_config.engine_memory)
+        return examples_from_store(store, data_config.store_dir, split=split, settings=settings,
+                                   engine=data_config.example_engine), schema
     from recsys.data.tables import read_tables
 
     schema = load_schema(data_config)
