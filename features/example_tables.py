@@ -252,10 +252,13 @@ class DuckDBEngine:
 
 def build_example_tables(offline: Path, schema, out: Path, *, shards: int = 1, split=None,
                          events: pd.DataFrame | None = None, settings: EngineSettings = EngineSettings(),
-                         engine: str = "duckdb") -> ExampleTables:
+                         engine: str = "duckdb", shard_examples: int | None = None,
+                         min_shards: int = 1) -> ExampleTables:
     """Every label event's example (or, given ``events``, interaction rows of the store's columns:
     those events' examples alone, with the features of their instants) as Parquet shards in
-    ``out``; ``split``: a SplitRule whose time cuts are computed here over every example."""
+    ``out``: ``shards`` of them, or with ``shard_examples``, as many as hold about that many
+    examples each (at least ``min_shards``: a torchrun job's ranks); ``split``: a SplitRule whose
+    time cuts are computed here over every example."""
     started = time.perf_counter()
     if engine == "spark":
         from features.example_tables_spark import SparkEngine
@@ -269,6 +272,9 @@ def build_example_tables(offline: Path, schema, out: Path, *, shards: int = 1, s
         window_only = events is not None
         examples_from = "SELECT * FROM events" if window_only else "SELECT * FROM rows WHERE is_example = 1"
         counted = counted_examples_query(schema, examples_from, window_only)
+        if shard_examples:
+            count = runner.scalar(f"SELECT COUNT(*) FROM ({examples_from}) AS e")
+            shards = max(min_shards, -(-int(count) // shard_examples))
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)

@@ -61,6 +61,11 @@ class DataConfig:
     # (local[*], or the cluster at $PLEXREC_SPARK_MASTER); the engine's memory before it spills
     example_engine: str = "duckdb"
     engine_memory: str = "2GB"
+    # training from the store streams its examples from user shards of about this many examples
+    # (0: all in memory), buffer_shards of them open at once (recsys/data/example_stream.py):
+    # memory is set by these two, not by the data
+    shard_examples: int = 200_000
+    buffer_shards: int = 4
 
 
 @dataclass
@@ -199,6 +204,8 @@ class RunConfig:
                                   "set embedding.kind = unified")
         if self.data.source not in ("direct", "feast"):
             raise ConfigError(f"data.source = {self.data.source!r}: choose direct or feast")
+        if self.data.shard_examples < 0 or self.data.buffer_shards < 1:
+            raise ConfigError("data.shard_examples must be >= 0 (0: in memory) and data.buffer_shards >= 1")
         if self.data.example_engine not in ("duckdb", "spark"):
             raise ConfigError(f"data.example_engine = {self.data.example_engine!r}: choose duckdb or spark")
         if not self.data.schema:

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from recsys.config import STOPPING_METRICS, ConfigError, RunConfig, default_features, load_config
 from recsys.data.batching import iterate_batches, model_inputs, num_steps
+from recsys.data.example_stream import ShardedExamples, ShardedPart
 from recsys.data.examples import TEST, TRAIN, VALID, Examples, load_dataset
 from recsys.embeddings import UNIFIED_TABLE
 from recsys.export import export_model, model_fingerprint
@@ -93,9 +94,41 @@ def init_distributed() -> DistributedContext:
     return DistributedContext(rank, world_size, device)
 
 
-def vocabularies_of(train: Examples, feature_names: list[str]) -> dict[str, torch.Tensor]:
+def vocabularies_of(train: Examples | ShardedPart, feature_names: list[str]) -> dict[str, torch.Tensor]:
     """The raw ids seen in training, per feature (the full-vocabulary tables' rows)."""
+    if isinstance(train, ShardedPart):
+        return {name: torch.from_numpy(train.distinct_ids(name)) for name in feature_names}
     return {name: torch.from_numpy(np.unique(train.feature_values[name])) for name in feature_names}
+
+
+def training_examples(config: RunConfig, ctx: DistributedContext, out_dir: Path) -> Examples | ShardedExamples:
+    """The examples a run reads: in memory (load_dataset), or, from the feature store with
+    ``data.shard_examples`` > 0, streamed from user shards that rank 0 builds in the run directory
+    (recsys/data/example_stream.py: memory set by the shuffle buffer, not by the data)."""
+    data = config.data
+    if data.source != "feast" or data.shard_examples <= 0:
+        return load_dataset(data)[0]
+    from features.event_log import compact_event_log
+    from features.example_tables import EngineSettings, ExampleTables, build_example_tables
+    from features.store import data_dir, read_store_meta, stored_schema
+    from recsys.data.examples import SplitRule, check_store_schema
+
+    directory = data_dir(data.store_dir)
+    schema = stored_schema(directory)
+    check_store_schema(data, schema)
+    split = SplitRule.of(data)
+    folder = out_dir / "examples"
+    if ctx.is_main:
+        log.info("event log: %s", compact_event_log(directory).summary())
+        tables = build_example_tables(directory / "offline", schema, folder, split=split,
+                                      shard_examples=data.shard_examples, min_shards=ctx.world_size,
+                                      settings=EngineSettings(memory_limit=data.engine_memory),
+                                      engine=data.example_engine)
+        log.info("examples from the store, streamed from %s: %s", folder, tables.summary())
+    if ctx.world_size > 1:
+        dist.barrier()
+    return ShardedExamples(ExampleTables.open(folder), schema, split, int(read_store_meta(directory)["history_length"]),
+                           buffer_shards=data.buffer_shards)
 
 
 def sharding_plan(model: Ranker, ctx: DistributedContext,
@@ -184,7 +217,7 @@ class Trainer:
         self.ctx = ctx or init_distributed()
         self.out_dir = Path(out_dir or config.train.out_dir)
         if examples is None:
-            examples, _ = load_dataset(config.data)
+            examples = training_examples(config, self.ctx, self.out_dir)
         examples = examples.keep_dense(config.data.dense)
         if not config.features:  # every feature the data set offers
             config = dataclasses.replace(config, features=default_features(examples.feature_names))
@@ -238,10 +271,14 @@ class Trainer:
 
     @property
     def steps_per_epoch(self) -> int:
+        if isinstance(self.train_examples, ShardedPart):
+            return self.train_examples.steps(self.config.train.batch_size, self.ctx.world_size)
         return num_steps(len(self.train_examples), self.config.train.batch_size)
 
     def batches(self):
-        return iterate_batches(self.train_examples, self.batch_features, self.config.train.batch_size,
+        batches = self.train_examples.batches if isinstance(self.train_examples, ShardedPart) else functools.partial(
+            iterate_batches, self.train_examples)
+        return batches(self.batch_features, self.config.train.batch_size,
                                shuffle=True, seed=self.config.train.seed, epoch=self.epoch,
                                rank=self.ctx.rank, world_size=self.ctx.world_size,
                                start_step=self.step_in_epoch, history_length=self.history_length)
@@ -314,7 +351,46 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict[str, float]:
         examples = self.eval_examples[split]
+        if isinstance(examples, ShardedPart):
+            return ranking_metrics(*self._predict_streamed(examples))
         return ranking_metrics(examples.user_id, examples.label, self.predict(examples))
+
+    @torch.no_grad()
+    @_torchrec_call
+    def _predict_streamed(self, part: ShardedPart) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(users, labels, click probabilities) of a streamed part: each rank scores its own shards,
+        then every rank gets all of them. A sharded model's forward is collective, so a rank with
+        fewer batches scores its last one again (discarded) until every rank is done."""
+        self.model.eval()
+        size = self.config.train.batch_size * 4
+        users, labels, scores = [], [], []
+        per_rank = [sum(-(-int(part.counts[s]) // size) for s in part.shards_of(r, self.ctx.world_size))
+                    for r in range(self.ctx.world_size)]
+        last = None
+        batches = (batch for examples in part.in_order(self.ctx.rank, self.ctx.world_size)
+                   for batch in iterate_batches(examples, self.batch_features, size, shuffle=False,
+                                                history_length=self.history_length))
+        for i in range(max(per_rank)):
+            batch = next(batches, None)
+            if batch is not None:
+                last = batch
+            elif last is None:  # nothing of this part here: any one example of the rank's will do
+                shards = range(self.ctx.rank, part.source.tables.shards, self.ctx.world_size)
+                any_examples = next(e for e in map(part.source.read, shards) if e is not None)
+                last = iterate_batches(any_examples, self.batch_features, 1, shuffle=False,
+                                       history_length=self.history_length).__next__()
+            device_batch = (batch or last).to(self.ctx.device)
+            probabilities = torch.sigmoid(self.model(device_batch.dense, device_batch.sparse)).cpu().numpy()
+            if batch is not None:
+                scores.append(probabilities)
+                users.append(batch.user_ids.numpy())
+                labels.append(batch.labels.numpy())
+        local = [np.concatenate(x) if x else np.zeros(0) for x in (users, labels, scores)]
+        if self.ctx.world_size == 1:
+            return tuple(local)
+        gathered: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(gathered, local)
+        return tuple(np.concatenate([g[k] for g in gathered]) for k in range(3))
 
     # --- checkpoints ---
 
@@ -433,8 +509,7 @@ class Trainer:
                  "stopped_early": stopped_early,
                  # the newest event of the run's data (schema's unit): a learner that follows the stream from
                  # this model takes streamed events after it (recsys/learn.py)
-                 "data_until": max(int(part.timestamp.max()) for part in (self.train_examples,
-                                                                          *self.eval_examples.values()) if len(part))}
+                 "data_until": self._data_until()}
         if self.ctx.is_main:
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"final": True, "best_epoch": final["best_epoch"], "epochs": self.epoch,
@@ -457,6 +532,12 @@ class Trainer:
         if not math.isfinite(new):
             return False
         return not math.isfinite(old) or (new - old) * STOPPING_METRICS[metric] > 0
+
+    def _data_until(self) -> int:
+        if isinstance(self.train_examples, ShardedPart):
+            return int(self.train_examples.source.timestamp_max)
+        return max(int(part.timestamp.max()) for part in (self.train_examples, *self.eval_examples.values())
+                   if len(part))
 
     def best_epoch(self) -> dict[str, Any] | None:
         """The epoch record with the best validation metric (the earliest among equals)."""

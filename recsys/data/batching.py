@@ -49,39 +49,44 @@ def model_inputs(config, available_features: list[str]) -> tuple[list[str], int]
     return feature_names, history_length
 
 
-def features_to_kjt(feature_names: list[str], values: dict[str, np.ndarray],
-                    offsets: dict[str, np.ndarray]) -> KeyedJaggedTensor:
-    """Jagged raw ids per feature -> one KJT (key-major, then batch)."""
-    all_values = np.concatenate([values[name] for name in feature_names])
-    all_lengths = np.concatenate([np.diff(offsets[name]) for name in feature_names])
-    return KeyedJaggedTensor(
-        keys=list(feature_names),
-        values=torch.from_numpy(all_values.astype(np.int64, copy=False)),
-        lengths=torch.from_numpy(all_lengths.astype(np.int32, copy=False)),
-    )
-
-
 def make_batch(examples: Examples, index: np.ndarray, feature_names: list[str], history_length: int = 0) -> Batch:
-    values, offsets = {}, {}
-    for name in feature_names:
-        values[name], offsets[name] = take_jagged(examples.feature_values[name], examples.feature_offsets[name], index)
+    return make_batch_from_pieces([(examples, index)], feature_names, history_length)
+
+
+def make_batch_from_pieces(pieces: list[tuple[Examples, np.ndarray]], feature_names: list[str],
+                           history_length: int = 0) -> Batch:
+    """One batch of the examples ``index`` of each piece, in piece order (a streamed batch draws
+    from the several shards of its shuffle buffer: recsys/data/example_stream.py)."""
+    values: dict[str, list[np.ndarray]] = {}
+    lengths: dict[str, list[np.ndarray]] = {}
     truncated = 0
-    if history_length > 0:
-        start, end, truncated = examples.history_ranges(index, history_length)
-        history_offsets = np.zeros(len(index) + 1, dtype=np.int64)
-        np.cumsum(end - start, out=history_offsets[1:])
-        positions = np.repeat(start - history_offsets[:-1], end - start) + np.arange(history_offsets[-1])
-        values[HISTORY_ITEMS], offsets[HISTORY_ITEMS] = examples.sequence_items[positions], history_offsets
-        feature_names = [*feature_names, HISTORY_ITEMS]
-        if examples.sequence_categories is not None:
-            values[HISTORY_CATEGORIES] = examples.sequence_categories[positions]
-            offsets[HISTORY_CATEGORIES] = history_offsets
-            feature_names.append(HISTORY_CATEGORIES)
+    keys = list(feature_names)
+
+    def add(name: str, piece_values: np.ndarray, piece_offsets: np.ndarray) -> None:
+        values.setdefault(name, []).append(piece_values)
+        lengths.setdefault(name, []).append(np.diff(piece_offsets))
+
+    for examples, index in pieces:
+        for name in feature_names:
+            add(name, *take_jagged(examples.feature_values[name], examples.feature_offsets[name], index))
+        if history_length > 0:
+            start, end, cut = examples.history_ranges(index, history_length)
+            truncated += cut
+            history_offsets = np.zeros(len(index) + 1, dtype=np.int64)
+            np.cumsum(end - start, out=history_offsets[1:])
+            positions = np.repeat(start - history_offsets[:-1], end - start) + np.arange(history_offsets[-1])
+            add(HISTORY_ITEMS, examples.sequence_items[positions], history_offsets)
+            if examples.sequence_categories is not None:
+                add(HISTORY_CATEGORIES, examples.sequence_categories[positions], history_offsets)
+    keys += [key for key in (HISTORY_ITEMS, HISTORY_CATEGORIES) if key in values]
     return Batch(
-        dense=torch.from_numpy(examples.dense[index]),
-        sparse=features_to_kjt(feature_names, values, offsets),
-        labels=torch.from_numpy(examples.label[index]),
-        user_ids=torch.from_numpy(examples.user_id[index]),
+        dense=torch.from_numpy(np.concatenate([e.dense[i] for e, i in pieces])),
+        sparse=KeyedJaggedTensor(
+            keys=keys,
+            values=torch.from_numpy(np.concatenate([v for key in keys for v in values[key]]).astype(np.int64, copy=False)),
+            lengths=torch.from_numpy(np.concatenate([n for key in keys for n in lengths[key]]).astype(np.int32, copy=False))),
+        labels=torch.from_numpy(np.concatenate([e.label[i] for e, i in pieces])),
+        user_ids=torch.from_numpy(np.concatenate([e.user_id[i] for e, i in pieces])),
         truncated_histories=truncated,
     )
 

@@ -354,6 +354,16 @@ def load_schema(data_config) -> DatasetSchema:
     return DatasetSchema.from_yaml(resolve_path(data_config.schema))
 
 
+def check_store_schema(data_config, schema: DatasetSchema) -> None:
+    """Stop, naming the differences, when the store was loaded with another schema than the config's."""
+    differences = load_schema(data_config).differences(schema)
+    if differences:
+        raise DataError(f"data.schema {data_config.schema} is not the schema the store in "
+                        f"{data_config.store_dir or 'the default data directory'} was loaded with "
+                        f"({schema.name}): {'; '.join(differences[:5])}; set data.schema to that data set's "
+                        "schema (or load the store again)")
+
+
 def load_dataset(data_config) -> tuple[Examples, DatasetSchema]:
     """The examples a run config's ``data`` section describes."""
     split = SplitRule.of(data_config)
@@ -363,12 +373,7 @@ def load_dataset(data_config) -> tuple[Examples, DatasetSchema]:
         from features.training import examples_from_store
 
         schema = stored_schema(data_config.store_dir)
-        differences = load_schema(data_config).differences(schema)
-        if differences:
-            raise DataError(f"data.schema {data_config.schema} is not the schema the store in "
-                            f"{data_config.store_dir or 'the default data directory'} was loaded with "
-                            f"({schema.name}): {'; '.join(differences[:5])}; set data.schema to that data set's "
-                            "schema (or load the store again)")
+        check_store_schema(data_config, schema)
         store = open_store("local", data_config.store_dir)
         settings = EngineSettings(memory_limit=data_config.engine_memory)
         return examples_from_store(store, data_config.store_dir, split=split, settings=settings,

@@ -1,0 +1,144 @@
+"""Training examples streamed from Parquet shards: memory set by a shuffle buffer, not by the data.
+
+The store's examples are written as user shards (features/example_tables.py: shard ``s`` holds
+the examples and the behaviour sequences of the users with ``user_id mod shards == s``), so one
+shard is an Examples of its own. Training reads them as a stream:
+
+    epoch e, rank r   the rank's shards (s mod world_size == r), in an order drawn from
+                      (seed, epoch, rank)
+    shuffle buffer    up to ``buffer_shards`` shards are open at once; their remaining examples
+                      form one pool, drawn from in a random order; a shard whose examples are all
+                      drawn is closed and the next one opened (its examples join the pool, which
+                      is shuffled again)
+    steps             every rank takes the same number of steps per epoch (the fewest any rank
+                      can fill); a rank with more examples leaves its last few for the next epoch's
+                      order to reach
+
+Peak memory is ``buffer_shards`` shards plus a batch; the number of shards, chosen when the
+examples are built (``shard_examples`` per shard), sets a shard's size. One pass at open counts
+each shard's examples per split part and keeps the numbers a run needs (the newest timestamp,
+and for full-vocabulary tables the ids seen in training). Evaluation streams the rank's shards in
+order and gathers (user, label, prediction) from every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from features.example_tables import ExampleTables, read_shard
+from recsys.data.batching import Batch, make_batch_from_pieces
+from recsys.data.examples import Examples, SplitRule
+
+
+@dataclass
+class ShardedExamples:
+    """Examples on disk as user shards (an ExampleTables build), read a few shards at a time."""
+
+    tables: ExampleTables
+    schema: object
+    split: SplitRule
+    history_length: int  # the store's: histories are cut to it, as the online store keeps them
+    dense: list[str] | None = None  # DataConfig.dense: the dense features kept
+    buffer_shards: int = 4
+
+    def __post_init__(self) -> None:
+        self.part_counts: dict[int, np.ndarray] = {}  # split part -> examples per shard
+        self.timestamp_max = None
+        self.feature_names: list[str] = []
+        self.dense_names: list[str] = []
+        self._train_ids: dict[str, set] = {}
+        counts = {}
+        for shard in range(self.tables.shards):
+            examples = self.read(shard)
+            if examples is None:
+                continue
+            self.feature_names, self.dense_names = examples.feature_names, examples.dense_names
+            self.timestamp_max = max(int(examples.timestamp.max()), self.timestamp_max or int(examples.timestamp.min()))
+            for part in np.unique(examples.split):
+                counts.setdefault(int(part), np.zeros(self.tables.shards, dtype=np.int64))[shard] = int(
+                    (examples.split == part).sum())
+        self.part_counts = counts
+
+    def read(self, shard: int) -> Examples | None:
+        examples = read_shard(self.tables, shard, self.schema, self.split, self.history_length)
+        return None if examples is None else examples.keep_dense(self.dense)
+
+    def keep_dense(self, names: list[str] | None) -> ShardedExamples:
+        self.dense = names
+        if names is not None:
+            self.dense_names = list(names)
+        return self
+
+    def split_part(self, part: int) -> ShardedPart:
+        return ShardedPart(self, part)
+
+
+@dataclass
+class ShardedPart:
+    """One split part (train, valid or test) of sharded examples."""
+
+    source: ShardedExamples
+    part: int
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self.source.part_counts.get(self.part, np.zeros(self.source.tables.shards, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return int(self.counts.sum())
+
+    def shards_of(self, rank: int, world_size: int) -> list[int]:
+        return [shard for shard in range(rank, self.source.tables.shards, world_size) if self.counts[shard]]
+
+    def local_batch_sizes(self, global_batch_size: int, world_size: int) -> np.ndarray:
+        return np.diff(np.linspace(0, global_batch_size, world_size + 1).astype(int))
+
+    def steps(self, global_batch_size: int, world_size: int) -> int:
+        """Steps per epoch: the fewest that any rank's examples fill (the last batch may be short)."""
+        sizes = self.local_batch_sizes(global_batch_size, world_size)
+        per_rank = [int(self.counts[self.shards_of(r, world_size)].sum()) for r in range(world_size)]
+        return min(-(-n // max(int(size), 1)) for n, size in zip(per_rank, sizes))
+
+    def examples(self, shard: int) -> Examples:
+        examples = self.source.read(shard)
+        return examples.subset(np.flatnonzero(examples.split == self.part))
+
+    def in_order(self, rank: int = 0, world_size: int = 1) -> Iterator[Examples]:
+        """This rank's examples of the part, one shard at a time, in shard order."""
+        for shard in self.shards_of(rank, world_size):
+            yield self.examples(shard)
+
+    def distinct_ids(self, name: str) -> np.ndarray:
+        """The raw ids of feature ``name`` in this part (a pass over the shards)."""
+        seen = [np.unique(examples.feature_values[name]) for examples in self.in_order()]
+        return np.unique(np.concatenate(seen)) if seen else np.zeros(0, dtype=np.int64)
+
+    def batches(self, feature_names: list[str], global_batch_size: int, *, shuffle: bool, seed: int = 0,
+                epoch: int = 0, rank: int = 0, world_size: int = 1, start_step: int = 0,
+                history_length: int = 0) -> Iterator[Batch]:
+        """This rank's batches of one epoch through the shuffle buffer, from ``start_step`` on."""
+        size = int(self.local_batch_sizes(global_batch_size, world_size)[rank])
+        steps = self.steps(global_batch_size, world_size)
+        rng = np.random.default_rng([seed, epoch, rank])
+        shards = self.shards_of(rank, world_size)
+        waiting = list(rng.permutation(shards)) if shuffle else list(shards)
+        open_shards: dict[int, Examples] = {}
+        pool = np.zeros((0, 2), dtype=np.int64)  # (shard, example index) pairs not drawn yet
+        for step in range(steps):
+            while len(pool) < size and waiting or len(open_shards) < self.source.buffer_shards and waiting:
+                shard = int(waiting.pop(0))
+                open_shards[shard] = self.examples(shard)
+                pairs = np.stack([np.full(len(open_shards[shard]), shard), np.arange(len(open_shards[shard]))], 1)
+                pool = np.concatenate([pool, pairs])
+                if shuffle:
+                    pool = pool[rng.permutation(len(pool))]
+            drawn, pool = pool[:size], pool[size:]
+            if step >= start_step:
+                pieces = [(open_shards[int(shard)], drawn[drawn[:, 0] == shard, 1])
+                          for shard in dict.fromkeys(drawn[:, 0].tolist())]
+                yield make_batch_from_pieces(pieces, feature_names, history_length)
+            for shard in set(open_shards) - set(pool[:, 0].tolist()):
+                del open_shards[shard]  # every example drawn: its memory goes
