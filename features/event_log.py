@@ -175,14 +175,14 @@ def _append(directory: Path, report: Compaction) -> None:
         part = {"log": [], "stream": None, "events": len(new)}
         for date, rows in new.groupby(_dates(new), sort=True):
             relative = f"{LOG}/date={date}/part-{seq:08d}.parquet"
-            _write(rows.reset_index(drop=True), events / relative)
+            write_parquet(rows.reset_index(drop=True), events / relative)
             part["log"].append(relative)
         rows = stream_interactions(new, stored_schema(directory), read_store_meta(directory)["types"])
         rows["ordinal"] = seq * ROWS_PER_PART + np.arange(len(rows), dtype=np.int64)
         part["stream"] = f"{STREAM_INTERACTIONS}/part-{seq:08d}.parquet"
-        _write(rows, directory / "offline" / part["stream"])
+        write_parquet(rows, directory / "offline" / part["stream"])
         manifest = {"next": seq + 1, "parts": {**manifest["parts"], str(seq): part}}
-        _write_text(json.dumps(manifest, indent=1) + "\n", events / MANIFEST)  # the commit
+        write_text(json.dumps(manifest, indent=1) + "\n", events / MANIFEST)  # the commit
         report.new_events, report.stream_interactions = len(new), len(rows)
         report.log_events += len(new)
     for batch in batches:  # only now: every event of theirs is in a committed part
@@ -310,14 +310,14 @@ def rating_of(value: pd.Series, label: np.ndarray, threshold: float) -> np.ndarr
     return np.where(agrees, rating, np.where(label == 1, threshold, threshold - 1))
 
 
-def _write(frame: pd.DataFrame, path: Path) -> None:
+def write_parquet(frame: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(path.name + ".tmp")
     frame.to_parquet(staging, index=False)
     _durably_replace(staging, path)
 
 
-def _write_text(text: str, path: Path) -> None:
+def write_text(text: str, path: Path) -> None:
     staging = path.with_name(path.name + ".tmp")
     staging.write_text(text)
     _durably_replace(staging, path)
@@ -333,6 +333,12 @@ def _durably_replace(staging: Path, path: Path) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def compaction_lock(directory: str | Path):
+    """The lock compactions hold: whoever rewrites the offline store (a load) takes it too."""
+    log_dir(directory).mkdir(parents=True, exist_ok=True)
+    return _exclusive(log_dir(directory) / LOCK)
 
 
 @contextmanager

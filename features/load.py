@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from features.event_log import compaction_lock, write_parquet, write_text
 from recsys.data.schema import DataError, DatasetSchema, first_value, value_text
 from recsys.data.tables import DatasetTables
 from recsys.known_warnings import feast_calls
@@ -216,12 +217,13 @@ def load_into_store(store, tables: DatasetTables, directory: Path, history_lengt
     directory = Path(directory)
     offline = directory / "offline"
     offline.mkdir(parents=True, exist_ok=True)
-    for name, table in offline_data.items():
-        table.to_parquet(offline / f"{name}.parquet", index=False)
-        log.info("wrote %s: %d rows", offline / f"{name}.parquet", len(table))
     meta = store_meta(tables.schema, types, history_length)
-    (directory / STORE_META).write_text(json.dumps(meta, indent=2) + "\n")
-    archive_foreign_stream(directory)
+    with compaction_lock(directory):  # a compaction reads these files: it waits, and never sees half of one
+        for name, table in offline_data.items():
+            write_parquet(table, offline / f"{name}.parquet")
+            log.info("wrote %s: %d rows", offline / f"{name}.parquet", len(table))
+        write_text(json.dumps(meta, indent=2) + "\n", directory / STORE_META)
+        archive_foreign_stream(directory)
     apply_definitions(store, directory)
     last = int(offline_data["interactions"]["timestamp"].max())
     end = datetime.fromtimestamp(last / tables.schema.units_per_second + 1, tz=timezone.utc)
