@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -119,11 +119,13 @@ def item_categories(schema: DatasetSchema, items: pd.DataFrame) -> pd.Series:
     return items[schema.category].map(lambda cell: first_value(cell, separator)).astype(object)
 
 
-def offline_tables(tables: DatasetTables, history_length: int,
-                   types: dict[str, str] | None = None) -> dict[str, pd.DataFrame]:
+def offline_tables(tables: DatasetTables, history_length: int, types: dict[str, str] | None = None,
+                   stream: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     """The Parquet tables of every feature view, from a data set's tables (profiles from its
     users and items tables: a catalogue may be wider than the interactions); ``types``: the
-    columns' Feast types (column_types), computed here when not given."""
+    columns' Feast types (column_types), computed here when not given; ``stream``: interaction
+    rows streamed into the store since an earlier load, whose behaviours the views keep (those
+    that are rows of the data set count once)."""
     schema = tables.schema
     types = types or column_types(schema, tables)
     users = tables.users.rename(columns={schema.user: "user_id"})[["user_id", *schema.users.columns]].copy()
@@ -138,7 +140,7 @@ def offline_tables(tables: DatasetTables, history_length: int,
     frame = tables.joined().rename(columns={schema.user: "user_id", schema.item: "item_id",
                                             schema.timestamp: "timestamp"})
     frame = frame.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
-    history, counters = behaviour_views(frame, schema, history_length)
+    history, counters = behaviour_views(with_stream(frame, stream, schema), schema, history_length)
     label_column = schema.rating or schema.label
     interactions = frame[["user_id", "item_id", "timestamp", label_column,
                           *[c for c in (schema.split,) if c]]].copy()
@@ -146,6 +148,58 @@ def offline_tables(tables: DatasetTables, history_length: int,
         interactions[column] = stored_column(frame[column], types[column])
     return {"user_profile": users, "item_profile": items, "user_history": history,
             "item_counters": counters, "interactions": interactions}
+
+
+def with_stream(frame: pd.DataFrame, stream: pd.DataFrame | None, schema: DatasetSchema) -> pd.DataFrame:
+    """The loaded rows and the streamed ones that are not loaded rows, by user and time (the loaded
+    first among equal times: the order the examples give them, features/example_tables.py)."""
+    if stream is None or not len(stream):
+        return frame
+    columns = ["user_id", "item_id", "timestamp", schema.rating or schema.label]
+    key = ["user_id", "item_id", "timestamp"]
+    replayed = pd.MultiIndex.from_frame(stream[key]).isin(pd.MultiIndex.from_frame(frame[key]))
+    both = pd.concat([frame[columns], stream.loc[~replayed, columns]], ignore_index=True)
+    return both.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
+
+
+def committed_stream(directory: Path, schema: DatasetSchema) -> pd.DataFrame | None:
+    """The interaction rows streamed into the store in ``directory`` (compacted first), when it holds
+    ``schema``'s data set; None for a new store or another data set's."""
+    from features.event_log import compact_event_log, stream_parts
+    from features.store import read_store_meta
+
+    if not (directory / STORE_META).is_file() or read_store_meta(directory).get("schema_fingerprint") != \
+            schema.fingerprint():
+        return None
+    log.info("event log before the load: %s", compact_event_log(directory).summary())
+    parts = [pd.read_parquet(path) for path in stream_parts(directory)]
+    return pd.concat(parts, ignore_index=True) if parts else None
+
+
+def carry_stream_state(store, history: pd.DataFrame, counters: pd.DataFrame) -> None:
+    """Rows the ingester has written online keep its watermarks and event-id windows (so a
+    re-delivered event still changes nothing), and are stamped after them (Feast's Redis store
+    drops a write stamped at or before the stored one)."""
+    views = ((history, "user_id", "user_history", ["ingest_source", "ingest_offset"]),
+             (counters, "item_id", "item_counters", ["ingest_topic", "ingest_offsets"]))
+    for table, key, view, marks in views:
+        if not len(table):
+            continue
+        with feast_calls():
+            online = store.get_online_features(
+                features=[f"{view}:{c}" for c in (*marks, "recent_event_ids", "stamp_us")],
+                entity_rows=[{key: int(k)} for k in table[key]]).to_dict()
+        stamped = np.array([s is not None for s in online["stamp_us"]])
+        if not stamped.any():
+            continue
+        for column in (*marks, "recent_event_ids"):
+            values = pd.Series(online[column], index=table.index, dtype=object)
+            table[column] = table[column].astype(object).where(~stamped, values)
+        if "ingest_offset" in marks:
+            table["ingest_offset"] = table["ingest_offset"].astype("int64")
+        previous = np.array([s if s is not None else -1 for s in online["stamp_us"]], dtype=np.int64)
+        table["stamp_us"] = np.maximum(table["stamp_us"].to_numpy(np.int64), previous + 1)
+        table["event_timestamp"] = pd.to_datetime(table["stamp_us"], unit="us", utc=True)
 
 
 def behaviour_views(frame: pd.DataFrame, schema: DatasetSchema,
@@ -213,11 +267,15 @@ def load_into_store(store, tables: DatasetTables, directory: Path, history_lengt
     if tables.interactions.empty:
         raise DataError("the interactions are empty: nothing to load")
     types = column_types(tables.schema, tables)
-    offline_data = offline_tables(tables, history_length, types)
     directory = Path(directory)
+    stream = committed_stream(directory, tables.schema)  # a reload keeps what was streamed since
+    offline_data = offline_tables(tables, history_length, types, stream)
     offline = directory / "offline"
     offline.mkdir(parents=True, exist_ok=True)
     meta = store_meta(tables.schema, types, history_length)
+    if stream is not None:
+        apply_definitions(store, directory)  # the registry of the store as it is: read its online rows
+        carry_stream_state(store, offline_data["user_history"], offline_data["item_counters"])
     with compaction_lock(directory):  # a compaction reads these files: it waits, and never sees half of one
         for name, table in offline_data.items():
             write_parquet(table, offline / f"{name}.parquet")
@@ -226,7 +284,9 @@ def load_into_store(store, tables: DatasetTables, directory: Path, history_lengt
         archive_foreign_stream(directory)
     apply_definitions(store, directory)
     last = int(offline_data["interactions"]["timestamp"].max())
-    end = datetime.fromtimestamp(last / tables.schema.units_per_second + 1, tz=timezone.utc)
+    end = max(datetime.fromtimestamp(last / tables.schema.units_per_second + 1, tz=timezone.utc),
+              *(offline_data[view]["event_timestamp"].max().to_pydatetime() + timedelta(seconds=1)
+                for view in ("user_history", "item_counters") if len(offline_data[view])))
     views = (["user_profile"] if tables.schema.users.columns else []) + ["item_profile", "user_history", "item_counters"]
     with feast_calls():
         store.materialize(start_date=EPOCH.to_pydatetime(), end_date=end, feature_views=views)

@@ -281,3 +281,27 @@ def test_logged_events_become_rows_by_the_schemas_rules():
     assert impressions["tab"].tolist() == [3, pd.NA, pd.NA, 2]
     synthetic = stream_interactions(logged, DatasetSchema.from_yaml(SYNTHETIC_SCHEMA), {})
     assert synthetic["split"].tolist() == ["train"] * 4
+
+
+def test_a_load_after_streaming_keeps_the_streamed_history_and_the_ingesters_watermarks(
+        broker, movielens_past, ml100k_tables):
+    """`features load` of the same data set again, after events were streamed: the online history and
+    counts still hold the streamed behaviours, and a re-delivery of streamed events changes nothing
+    (the ingester's watermarks and event-id windows survive the load)."""
+    from .test_ingest import history_of, item_counts
+
+    store, directory, past, future = movielens_past
+    schema = ml100k_tables.schema
+    events = schema_events(future, schema)
+    stream(broker, store, directory, events)
+    user = int(future[schema.user].value_counts().index[0])
+    item = int(future[schema.item].value_counts().index[0])
+    streamed_history, streamed_count = history_of(store, user), item_counts(store, [item])[0]
+    everything = pd.concat([past, future])
+    assert streamed_history[2] == (everything[schema.user] == user).sum()
+
+    load_into_store(store, ml100k_tables.with_interactions(past), directory, history_length=ML_HISTORY)
+    assert history_of(store, user) == streamed_history  # not the past's alone
+    assert item_counts(store, [item])[0] == streamed_count
+    stream(broker, store, directory, events[:200])  # re-sent: the same event ids
+    assert history_of(store, user) == streamed_history and item_counts(store, [item])[0] == streamed_count
