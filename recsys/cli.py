@@ -47,11 +47,13 @@ def main(argv: list[str] | None = None) -> None:
                                       "versions (see --help)")
     commands.add_parser("score", help="score items for a user on a running server (see --help)")
 
-    from recsys.train import add_train_arguments
     train = commands.add_parser("train", help="train a ranker, evaluate it, export a versioned model",
                                 description="Train on one process (gloo on CPU). For many processes use "
                                             "`torchrun --nproc-per-node N -m recsys.train` with the same flags.")
-    add_train_arguments(train)
+    if argv and argv[0] == "train":  # its flags live with the trainer, which imports torch: only when training
+        from recsys.train import add_train_arguments
+
+        add_train_arguments(train)
 
     features = commands.add_parser("features", help="the Feast feature store: load a data set, ...")
     feature_commands = features.add_subparsers(dest="features_command", metavar="ACTION", required=True)

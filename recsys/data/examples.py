@@ -369,14 +369,13 @@ def load_dataset(data_config) -> tuple[Examples, DatasetSchema]:
     split = SplitRule.of(data_config)
     if data_config.source == "feast":  # the feature store's point-in-time view of the same data
         from features.example_tables import EngineSettings
-        from features.store import open_store, stored_schema
+        from features.store import stored_schema
         from features.training import examples_from_store
 
         schema = stored_schema(data_config.store_dir)
         check_store_schema(data_config, schema)
-        store = open_store("local", data_config.store_dir)
         settings = EngineSettings(memory_limit=data_config.engine_memory)
-        return examples_from_store(store, data_config.store_dir, split=split, settings=settings,
+        return examples_from_store(None, data_config.store_dir, split=split, settings=settings,
                                    engine=data_config.example_engine), schema
     from recsys.data.tables import read_tables
 
