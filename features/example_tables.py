@@ -115,8 +115,8 @@ def rows_query(schema, has_stream: bool) -> str:
     streamed row that is a loaded row (the same user, item and instant: a replay) is left out."""
     columns = ", ".join(quote(c) for c in interaction_columns(schema))
     parts = [f"SELECT {columns}, ordinal FROM bulk"]
-    if has_stream:
-        parts.append(f"SELECT {columns}, ordinal + {STREAM_ORDINAL_BASE} AS ordinal FROM stream AS s "
+    if has_stream:  # "stream" quoted: Spark SQL reads `FROM stream AS s` as a streaming table named AS
+        parts.append(f"SELECT {columns}, ordinal + {STREAM_ORDINAL_BASE} AS ordinal FROM \"stream\" AS s "
                      "WHERE NOT EXISTS (SELECT 1 FROM bulk AS b WHERE b.user_id = s.user_id "
                      "AND b.item_id = s.item_id AND b.timestamp = s.timestamp)")
     behaviour = "TRUE" if schema.history == "all" else label_expression(schema)

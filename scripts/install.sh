@@ -40,5 +40,9 @@ if ! command -v redis-server > /dev/null; then
     echo "plexrec: redis-server is missing; install it (apt-get install redis-server) for the redis profile" >&2
   fi
 fi
+# pyspark (the `spark` extra, in `dev`) runs Spark in a JVM: the spark example engine and its tests need Java 17 or 21.
+if ! command -v java > /dev/null; then
+  echo "plexrec: java is missing; the spark example engine and its tests need Java 17 or 21 (apt-get install openjdk-17-jre-headless)" >&2
+fi
 # Fail here, not in the first test, if the fbgemm/torchrec pair is broken.
 "$venv/bin/python" -c "import fbgemm_gpu, torchrec; print('plexrec: torch', __import__('torch').__version__, '| torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '1.8.0', '| install OK')"
