@@ -601,6 +601,9 @@ class Ingester:
         first = min((r.partition, r.offset) for r in events)
         path = self.log_dir / f"batch-{time.time_ns()}-p{first[0]}-o{first[1]}.parquet"
         staging = path.with_suffix(".parquet.tmp")  # a kill mid-write leaves only a .tmp behind
+        # (again: a `features load` of another schema moves the log directory aside; what this ingester
+        # logs after it carries the old schema's stamp, so compaction refuses it)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         frame.to_parquet(staging, index=False)
         # on disk (the file, then its name in the directory) before the offsets are committed: a power
         # loss after the commit must not lose a batch that Kafka will not deliver again

@@ -65,9 +65,10 @@ def test_a_batch_file_is_on_disk_before_its_offsets_are_committed(broker, empty_
 
 def test_the_log_is_stamped_with_the_stores_schema_and_another_stores_files_are_named(
         broker, empty_store, movielens_catalogue):  # noqa: F811
-    """Every logged row carries the fingerprint of the schema of the store it was ingested into;
-    after another schema is loaded into the same directory, foreign_log_files names the old
-    stream's files (and a file logged before the stamp existed), not the new store's."""
+    """Every logged row carries the fingerprint of the schema of the store it was ingested into.
+    Another schema is loaded into the same directory while an ingester started before the load
+    runs on: foreign_log_files names what that ingester logs afterwards (the old schema's), and a
+    file logged before the stamp existed, not what an ingester of the new store logs."""
     import dataclasses
 
     import pandas as pd
@@ -84,26 +85,37 @@ def test_the_log_is_stamped_with_the_stores_schema_and_another_stores_files_are_
     publish(broker, name, [make_event(user_id=1, item_id=100 + i, event_type=RATING, value=4.0,
                                       event_time_ms=1_700_000_000_000 + i) for i in range(20)])
     run_ingester(broker, store, directory, name)
-    old_stream = log_files(directory)
-    assert old_stream
-    for path in old_stream:
+    assert log_files(directory)
+    for path in log_files(directory):
         assert set(pd.read_parquet(path)[STAMP_COLUMN]) == {first_fingerprint}
     assert foreign_log_files(directory) == []
 
-    # another schema into the same directory (MovieLens, only clicks of 4+ stars enter histories)
+    # an ingester of this store starts; then another schema is loaded into the same directory
+    # (MovieLens, only ratings of 4+ enter histories)
+    late = topic()
+    running_before = Ingester(broker, store, directory, topic=late, group=late)
     other = dataclasses.replace(movielens_catalogue.schema, history="positive")
     placeholder = pd.DataFrame({"user_id": [PLACEHOLDER_ID], "item_id": [PLACEHOLDER_ID], "rating": [5],
                                 "timestamp": [1]})
     load_into_store(store, DatasetTables(other, placeholder, movielens_catalogue.users, movielens_catalogue.items),
                     directory, history_length=200)
     assert store_fingerprint(directory) == other.fingerprint() != first_fingerprint
+    before = set(log_files(directory))
+    publish(broker, late, [make_event(user_id=3, item_id=300 + i, event_type=RATING, value=5.0,
+                                      event_time_ms=1_700_000_200_000 + i) for i in range(5)])
+    try:
+        running_before.run(stop_after_idle_seconds=3)
+    finally:
+        running_before.close()
+    old_stream = sorted(set(log_files(directory)) - before)
+    assert old_stream and all(set(pd.read_parquet(p)[STAMP_COLUMN]) == {first_fingerprint} for p in old_stream)
     unstamped = directory / "offline" / "events" / "batch-1-p0-o0.parquet"  # as an older ingester logged
     pd.read_parquet(old_stream[0]).drop(columns=[STAMP_COLUMN]).to_parquet(unstamped, index=False)
     name = topic()
     publish(broker, name, [make_event(user_id=2, item_id=200 + i, event_type=RATING, value=5.0,
                                       event_time_ms=1_700_000_100_000 + i) for i in range(5)])
     run_ingester(broker, store, directory, name)
-    new_stream = sorted(set(log_files(directory)) - set(old_stream) - {unstamped})
+    new_stream = sorted(set(log_files(directory)) - before - set(old_stream) - {unstamped})
     assert new_stream and all(set(pd.read_parquet(p)[STAMP_COLUMN]) == {other.fingerprint()} for p in new_stream)
     assert foreign_log_files(directory) == sorted([*old_stream, unstamped])
     assert foreign_log_files(directory, unstamped_foreign=False) == old_stream
