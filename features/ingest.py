@@ -36,7 +36,16 @@ the event ids of its last ``--dedupe-window`` (1,000) behaviours, and an id amon
 earlier in the batch) changes nothing, for the user and for the item alike. Item rows are
 written only by the owner of the item's delta partition, so ingesters in a group never
 read-modify-write one row at once. So a user's history and every count change once per event
-id, however often the event is sent and however many ingesters die. Item attributes are not
+id, however often the event is sent and however many ingesters die.
+
+An event id is immutable: its first delivery wins, online as in the offline log (whose
+readers keep an id's first logging, features/event_log.py). Every valid event, behaviour or
+not, enters its user's window with its label (the key's lowest bit), so an id first delivered
+as an unclicked impression and then re-sent as a click is dropped (no behaviour, no delta),
+counted (``conflicting_event_ids``) and logged at WARNING once per batch. The limits: the window
+is bounded (an id older than its user's last ``--dedupe-window`` events is not recognised), and
+an id re-sent under another user is another partition's (the offline log keeps its first
+logging; online both count). Item attributes are not
 counted but overwritten: a re-delivered delta writes the same values again, and one whose
 event is older than the row's (to the second: the online store keeps seconds) is skipped.
 The offline log is at-least-once: a re-delivered batch is logged again, and readers drop
@@ -94,6 +103,7 @@ class IngestStats:
     item_deltas: int = 0
     skipped_duplicates: int = 0  # behaviours re-delivered (at or below the user's watermark) or seen before
     duplicate_event_ids: int = 0  # of which: an event id in the user's recent window
+    conflicting_event_ids: int = 0  # events whose id was first delivered with another label: dropped
     skipped_item_duplicates: int = 0  # the same two rules on the item side
     dead_letters: int = 0
     failed_commits: int = 0
@@ -125,8 +135,8 @@ class ItemDelta(NamedTuple):
 ITEM_DELTAS_SUFFIX = ".item-deltas"
 DEFAULT_PARTITIONS = 4
 MAX_REPORTED_CONTEXT_KEYS = 1000  # free-form context keys are logged once each, up to this many
-# event ids remembered per user and per item: a producer's retry or a second replay arrives
-# well within this many of the entity's later behaviours
+# event ids remembered per user (every event) and per item (behaviours): a producer's retry or a
+# second replay arrives well within this many of the entity's later events
 DEDUPE_WINDOW = 1000
 # how often the ingester asks the broker whether its topic was recreated: while idle, and anyway
 IDLE_INCARNATION_CHECK_SECONDS, INCARNATION_CHECK_SECONDS = 1.0, 30.0
@@ -191,6 +201,12 @@ def next_stamp_us(now_us: int, stored_us) -> int:
     host's clock, a clock step): Feast's Redis store silently drops a write stamped at or before
     the row's stamp."""
     return now_us if stored_us is None else max(now_us, int(stored_us) + 1)
+
+
+def with_label(key: int, label: int) -> int:
+    """An event id's key as a user's window keeps it: its lowest bit replaced by the event's label, so
+    an id re-sent with another label is told from a retry (ids compare by ``key >> 1``: 62 bits)."""
+    return (key & ~1) | (label & 1)
 
 
 def unpack_window(packed: bytes | None) -> list[int]:
@@ -327,9 +343,9 @@ class Ingester:
             except InvalidEvent as reason:
                 self._dead_letter(message, str(reason))
         if events:
-            self._apply_to_users(events)
+            dropped = self._apply_to_users(events)
             self._log(events)
-            self._send_item_deltas(events)
+            self._send_item_deltas(events, dropped)
         if deltas:
             self._apply_to_items(deltas)
             self._apply_item_attributes(deltas)
@@ -427,15 +443,15 @@ class Ingester:
         self.stats.reasons[reason.split(":")[0].split(" ")[0]] += 1
         log.warning("dead letter (partition %d offset %d): %s", message.partition, message.offset, reason)
 
-    def _apply_to_users(self, events: list[Received]) -> None:
+    def _apply_to_users(self, events: list[Received]) -> set[tuple[int, int]]:
+        """Every event enters its user's window of recent event ids (with its label); the fresh
+        behaviours enter the history and the count. Returns the (partition, offset) of the events
+        whose id was first delivered with another label: dropped, their item deltas are not sent."""
         import pandas as pd
 
         by_user: dict[int, list[Received]] = defaultdict(list)
         for received in events:
-            if received.behaviour:
-                by_user[received.event.user_id].append(received)
-        if not by_user:
-            return
+            by_user[received.event.user_id].append(received)
         now_us = int(self.clock() * 1_000_000)
         units_per_second = self.schema.units_per_second  # history timestamps in the schema's unit, as loaded
 
@@ -445,35 +461,64 @@ class Ingester:
                                                     "ingest_source", "ingest_offset", "recent_event_ids",
                                                     "stamp_us")],
             entity_rows=[{"user_id": u} for u in users]).to_dict()
-        rows = []
+        rows, dropped, conflicts = [], set(), []
         for i, user in enumerate(users):
             mark_source = current["ingest_source"][i]
             mark_offset = current["ingest_offset"][i] if current["ingest_offset"][i] is not None else -1
-            unseen = [r for r in sorted(by_user[user], key=lambda r: r.offset)
-                      if not (f"{self.incarnation}/{r.partition}" == mark_source and r.offset <= mark_offset)]
-            fresh, window = self._first_sightings(unseen, current["recent_event_ids"][i])
-            self.stats.skipped_duplicates += len(by_user[user]) - len(fresh)
-            self.stats.duplicate_event_ids += len(unseen) - len(fresh)
+            window = unpack_window(current["recent_event_ids"][i])
+            first_labels = {key >> 1: key & 1 for key in window}  # an id's first delivery's label
+            fresh, keys, last = [], [], None
+            for received in sorted(by_user[user], key=lambda r: r.offset):
+                key = event_key(received.event.event_id)
+                first_label = first_labels.get(key >> 1)
+                if first_label is not None and first_label != received.label:
+                    # the id was first delivered with another label: the first delivery wins, online as in
+                    # the offline log (features/event_log.py keeps an id's first logging)
+                    dropped.add((received.partition, received.offset))
+                    conflicts.append((received, first_label))
+                    continue
+                if f"{self.incarnation}/{received.partition}" == mark_source and received.offset <= mark_offset:
+                    self.stats.skipped_duplicates += received.behaviour  # re-delivered: applied before
+                    continue
+                last = received
+                if first_label is not None:  # the same id and label again: a producer's retry, a replay (its
+                    # delta is sent: the item side skips it by its own window)
+                    self.stats.skipped_duplicates += received.behaviour
+                    self.stats.duplicate_event_ids += received.behaviour
+                    continue
+                first_labels[key >> 1] = received.label
+                keys.append(with_label(key, received.label))
+                fresh.append(received)
             if not fresh:
                 continue
-            self.stats.applied += len(fresh)
+            behaviours = [r for r in fresh if r.behaviour]
+            self.stats.applied += len(behaviours)
             merged = list(zip(current["history_timestamps"][i] or [], current["history_item_ids"][i] or []))
-            merged += [(r.event.event_time_ms * units_per_second // 1000, r.event.item_id) for r in fresh]
+            merged += [(r.event.event_time_ms * units_per_second // 1000, r.event.item_id) for r in behaviours]
             merged.sort(key=lambda pair: pair[0])  # stable: among equal times, arrival order
             merged = merged[-self.history_length:]
             stamp = next_stamp_us(now_us, current["stamp_us"][i])
             rows.append({"user_id": user, "history_item_ids": [item for _, item in merged],
                          "history_timestamps": [t for t, _ in merged],
-                         "interaction_count": (current["interaction_count"][i] or 0) + len(fresh),
-                         "ingest_source": f"{self.incarnation}/{fresh[-1].partition}",
-                         "ingest_offset": fresh[-1].offset, "recent_event_ids": window, "stamp_us": stamp,
-                         "event_timestamp": pd.Timestamp(stamp, unit="us", tz="UTC")})
+                         "interaction_count": (current["interaction_count"][i] or 0) + len(behaviours),
+                         "ingest_source": f"{self.incarnation}/{last.partition}",
+                         "ingest_offset": last.offset, "recent_event_ids": remember(window, keys, self.dedupe_window),
+                         "stamp_us": stamp, "event_timestamp": pd.Timestamp(stamp, unit="us", tz="UTC")})
         if rows:
             self.store.write_to_online_store("user_history", pd.DataFrame(rows))
+        if conflicts:
+            self.stats.conflicting_event_ids += len(conflicts)
+            received, first_label = conflicts[0]
+            log.warning("%d events came with an event id first delivered with another label, and were dropped (an "
+                        "event id is immutable: its first delivery wins, online and in the offline log); e.g. "
+                        "event id %r of user %d (partition %d offset %d): label %d, first delivered with label %d",
+                        len(conflicts), received.event.event_id, received.event.user_id, received.partition,
+                        received.offset, received.label, first_label)
+        return dropped
 
     def _first_sightings(self, candidates: list, stored_window: bytes | None) -> tuple[list, bytes]:
-        """The candidates (Received or ItemDelta, in order) whose event id is neither in the
-        entity's recent window nor earlier among them, and the packed window with their ids added."""
+        """The item deltas (in order) whose event id is neither in the item's recent window nor
+        earlier among them, and the packed window with their ids added."""
         window = unpack_window(stored_window)
         seen, fresh, keys = set(window), [], []
         for candidate in candidates:
@@ -485,10 +530,13 @@ class Ingester:
             keys.append(key)
         return fresh, remember(window, keys, self.dedupe_window)
 
-    def _send_item_deltas(self, events: list[Received]) -> None:
+    def _send_item_deltas(self, events: list[Received], dropped: set[tuple[int, int]]) -> None:
         """Every behaviour and every event with item attributes, re-delivered ones included (the item
-        side has its own watermarks), in offset order per partition, keyed by item id."""
+        side has its own watermarks and window), in offset order per partition, keyed by item id; not
+        those the user side ``dropped`` (an id first delivered with another label)."""
         for received in sorted(events, key=lambda r: (r.partition, r.offset)):
+            if (received.partition, received.offset) in dropped:
+                continue
             if received.behaviour or received.event.item_attributes:
                 headers = [("source_topic", self.incarnation.encode()),
                            ("source_partition", str(received.partition).encode()),
@@ -658,8 +706,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS,
                         help="partitions of the topics the ingester creates when they are missing")
     parser.add_argument("--dedupe-window", type=int, default=DEDUPE_WINDOW,
-                        help=f"event ids remembered per user and per item: an id seen again among them changes "
-                             f"nothing (default: {DEDUPE_WINDOW})")
+                        help=f"event ids remembered per user (of every event) and per item (of behaviours): an "
+                             f"id seen again among them changes nothing (default: {DEDUPE_WINDOW})")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)")
     parser.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")
     parser.add_argument("--stop-after-idle", type=float, help="exit after this many idle seconds (default: never)")
@@ -705,9 +753,10 @@ def main(argv: list[str] | None = None) -> None:
     if failure is not None:
         sys.exit(f"plexrec ingest: {failure}; restart it (a supervisor should)")
     log.info("stopped: %d batches, %d events, %d applied, %d duplicates skipped (%d by event id), %d dead letters, "
-             "%d item deltas (%d duplicates skipped), %d not behaviours, %d item profiles written", stats.batches,
-             stats.events, stats.applied, stats.skipped_duplicates, stats.duplicate_event_ids, stats.dead_letters,
-             stats.item_deltas, stats.skipped_item_duplicates, stats.not_behaviours, stats.item_profiles)
+             "%d item deltas (%d duplicates skipped), %d not behaviours, %d item profiles written, %d events dropped "
+             "for an id first delivered with another label", stats.batches, stats.events, stats.applied,
+             stats.skipped_duplicates, stats.duplicate_event_ids, stats.dead_letters, stats.item_deltas,
+             stats.skipped_item_duplicates, stats.not_behaviours, stats.item_profiles, stats.conflicting_event_ids)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ COUNTED = {  # IngestStats field -> (metric name, help)
     "item_deltas": ("plexrec_ingest_item_deltas", "item deltas read"),
     "item_profiles": ("plexrec_ingest_item_profiles", "item_profile rows written from item attributes"),
     "failed_commits": ("plexrec_ingest_failed_commits", "batches whose offsets a rebalance kept from committing"),
+    "conflicting_event_ids": ("plexrec_ingest_conflicting_event_ids",
+                              "events whose id was first delivered with another label: dropped (the first wins)"),
 }
 
 

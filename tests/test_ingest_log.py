@@ -1,11 +1,13 @@
-"""The ingester's offline event log against the real embedded broker and a real local Feast store:
-its batch files are on disk before their offsets are committed."""
+"""The ingester's offline event log against the real embedded broker and real local Feast stores:
+its batch files are on disk before their offsets are committed, every row carries the store's
+schema fingerprint, and an event id means the same online as in the log (its first delivery)."""
 
 import os
 
 from features.events import make_event
 from features.ingest import Ingester
-from tests.test_ingest import RATING, empty_store, movielens_catalogue, publish, topic  # noqa: F401 (fixtures)
+from tests.test_ingest import (RATING, empty_store, kuairand_store, movielens_catalogue,  # noqa: F401 (fixtures)
+                               publish, topic)
 
 
 def test_a_batch_file_is_on_disk_before_its_offsets_are_committed(broker, empty_store, monkeypatch):  # noqa: F811
@@ -124,3 +126,44 @@ def test_the_log_is_stamped_with_the_stores_schema_and_another_stores_files_are_
     pd.concat([pd.read_parquet(p) for p in [*old_stream, *new_stream]]).to_parquet(mixed, index=False)
     assert mixed in foreign_log_files(directory)
     mixed.unlink()
+
+
+def test_an_event_id_is_immutable_its_first_delivery_wins_online_and_offline(broker, kuairand_store, caplog):  # noqa: F811
+    """KuaiRand (history: positive). An id first delivered as an unclicked impression, then re-sent as
+    a click (in a later batch, or in the same one): no behaviour, no count, as the offline log (its
+    first logging: label 0) says. The other way round (click, then impression): the click counts once.
+    A plain retry (same id, same label) is a duplicate, not a conflict. Dropped ids are counted and
+    logged at WARNING."""
+    from features.event_log import read_event_log
+    from tests.test_ingest import CLICK, IMPRESSION, history_of, item_counts, run_ingester
+
+    store, directory, tables = kuairand_store
+    user = 297
+    items = [40, 41, 42, 43]
+    before, counts_before = history_of(store, user), item_counts(store, items)
+    base = int(tables.interactions.time_ms.max()) + 120_000
+    seen_then_clicked = make_event(user, 40, IMPRESSION, base + 1, label=0)
+    clicked_then_seen = make_event(user, 41, IMPRESSION, base + 2, label=1)
+    same_batch = make_event(user, 42, IMPRESSION, base + 3, label=0)
+    name = topic()
+    publish(broker, name, [seen_then_clicked, clicked_then_seen, same_batch,
+                           make_event(user, 42, CLICK, base + 4, event_id=same_batch.event_id)])
+    first = run_ingester(broker, store, directory, name)
+    later = [make_event(user, 40, CLICK, base + 5, event_id=seen_then_clicked.event_id),
+             make_event(user, 41, IMPRESSION, base + 6, label=0, event_id=clicked_then_seen.event_id),
+             make_event(user, 41, IMPRESSION, base + 2, label=1, event_id=clicked_then_seen.event_id),  # a retry
+             make_event(user, 43, CLICK, base + 7)]
+    publish(broker, name, later)
+    with caplog.at_level("WARNING", logger="plexrec.ingest"):
+        second = run_ingester(broker, store, directory, name)
+
+    assert first.conflicting_event_ids == 1 and second.conflicting_event_ids == 2
+    assert second.duplicate_event_ids == 1 and first.applied + second.applied == 2
+    assert "first delivered with another label" in caplog.text
+    items_now, stamps_now, count_now = history_of(store, user)
+    assert (items_now, count_now) == ((before[0] + [41, 43])[-20:], before[2] + 2)
+    assert item_counts(store, items) == [c if n == 0 else (c or 0) + n
+                                         for c, n in zip(counts_before, [0, 1, 0, 1])]
+    logged = read_event_log(directory).set_index("event_id")
+    assert [logged.loc[e.event_id, "label"] for e in (seen_then_clicked, clicked_then_seen, same_batch)] == [0, 1, 0]
+    assert logged.loc[later[-1].event_id, "label"] == 1
