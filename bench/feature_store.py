@@ -26,7 +26,7 @@ from features.redis_server import local_redis_server  # noqa: E402
 from features.store import open_store  # noqa: E402
 from features.training import historical_frame  # noqa: E402
 from recsys.cli import configure_logging  # noqa: E402
-from recsys.data.movielens import movielens_schema, movielens_tables  # noqa: E402
+from features.movielens import movielens_schema, movielens_tables  # noqa: E402
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:

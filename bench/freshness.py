@@ -63,7 +63,7 @@ from common import machine, now, summarise, write_json
 from recsys.cli import configure_logging  # noqa: E402
 from recsys.config import load_config  # noqa: E402
 from recsys.continual import ContinualLearner, time_windows  # noqa: E402
-from recsys.data.examples import load_dataset  # noqa: E402
+from recsys.data.dataset import load_dataset  # noqa: E402
 from recsys.metrics import auc, ranking_metrics  # noqa: E402
 from recsys.train import Trainer  # noqa: E402
 
@@ -507,9 +507,9 @@ def freshness(args) -> None:
     from features.load import load_into_store
     from features.store import open_store
     from features.training import examples_from_store
-    from recsys.data.examples import SplitRule
-    from recsys.data.schema import DatasetSchema
-    from recsys.data.tables import read_tables
+    from features.examples import SplitRule
+    from features.schema import DatasetSchema
+    from features.tables import read_tables
     from recsys.item_embeddings import publish_model_embeddings
     from recsys.learn import LearnConfig
     from recsys.quickstart import (

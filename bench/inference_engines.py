@@ -55,8 +55,8 @@ from features.online import ItemFeatures, UserFeatures
 from recsys import inference as inference_module
 from recsys.config import load_config
 from recsys.data.batching import model_inputs
-from recsys.data.examples import build_examples
-from recsys.data.movielens import movielens_schema, movielens_tables
+from features.examples import build_examples
+from features.movielens import movielens_schema, movielens_tables
 from recsys.inference import InferenceRanker
 from recsys.model import build_ranker
 from serving.inputs import InputBuilder, ScoringInputs

@@ -33,7 +33,7 @@ from features.load import load_into_store  # noqa: E402
 from features.redis_server import local_redis_server  # noqa: E402
 from features.store import open_store  # noqa: E402
 from protos.plexrec.v1.events_pb2 import EventType  # noqa: E402
-from recsys.data.movielens import movielens_schema, movielens_tables  # noqa: E402
+from features.movielens import movielens_schema, movielens_tables  # noqa: E402
 
 PARTITIONS = 4
 PLACEHOLDER_ID = 10 ** 9  # a store loads at least one interaction: a user and an item the bench never sends

@@ -26,7 +26,7 @@ from common import cell, machine, now, summarise, write_json
 
 from recsys.cli import configure_logging  # noqa: E402
 from recsys.config import load_config  # noqa: E402
-from recsys.data.examples import load_dataset  # noqa: E402
+from recsys.data.dataset import load_dataset  # noqa: E402
 from recsys.train import Trainer  # noqa: E402
 
 SPLITS = {"last_n": "per user: last 5 test, 5 before valid", "time": "one time cut: latest 10% test, 10% before valid"}

@@ -4,7 +4,7 @@
                                                [--splits last_n time]
 
 synthetic  configs/synthetic_long.yaml: histories of up to 1,000 behaviours, clicks that
-           depend on a few planted behaviours far back (recsys/data/synthetic.py)
+           depend on a few planted behaviours far back (features/synthetic.py)
 ml100k     configs/ml100k_sequence.yaml: up to 200 earlier ratings as the history
 
 Each run reports the test metrics of its best validation epoch, as the trainer selects
@@ -26,8 +26,8 @@ from common import cell, machine, now, summarise, write_json
 from recsys.cli import configure_logging  # noqa: E402
 from recsys.config import load_config  # noqa: E402
 from recsys.data.batching import iterate_batches  # noqa: E402
-from recsys.data.examples import load_dataset  # noqa: E402
-from recsys.data.synthetic import relevant_positions  # noqa: E402
+from recsys.data.dataset import load_dataset  # noqa: E402
+from features.synthetic import relevant_positions  # noqa: E402
 from recsys.train import Trainer  # noqa: E402
 
 CONFIGS = {"synthetic": "configs/synthetic_long.yaml", "ml100k": "configs/ml100k_sequence.yaml"}

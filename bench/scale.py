@@ -687,9 +687,9 @@ def stage_examples(args: argparse.Namespace) -> None:
 
 def stage_direct(args: argparse.Namespace) -> None:
     from recsys.cli import configure_logging
-    from recsys.data.examples import SplitRule, build_examples
-    from recsys.data.schema import DatasetSchema
-    from recsys.data.tables import read_tables
+    from features.examples import SplitRule, build_examples
+    from features.schema import DatasetSchema
+    from features.tables import read_tables
 
     configure_logging()
     started = time.perf_counter()

@@ -48,7 +48,8 @@ def measure(variant: str, rows: int, batch_size: int, steps: int, warmup: int) -
     from recsys.cli import configure_logging
     from recsys.config import load_config
     from recsys.data.batching import make_batch
-    from recsys.data.examples import TRAIN, load_dataset
+    from features.examples import TRAIN
+    from recsys.data.dataset import load_dataset
     from recsys.embeddings import UnifiedEmbedding
     from recsys.model import Ranker
 

@@ -88,7 +88,7 @@ def decode_event(key: bytes | None, value: bytes | None, now_ms: int | None = No
 # --- the event against the store's schema ---
 
 def check_against_schema(event: UserEvent, schema, types: dict[str, str] | None = None) -> int:
-    """The event's 0/1 label under ``schema`` (a recsys.data.schema.DatasetSchema), or InvalidEvent
+    """The event's 0/1 label under ``schema`` (a features.schema.DatasetSchema), or InvalidEvent
     naming what does not fit: a label it cannot have, a numeric context value or an item attribute
     that is not a number, an item attribute the schema does not declare. With ``types`` (store.json's
     Feast type per column), item attributes must also convert to the type the store keeps."""
@@ -155,7 +155,7 @@ NOT_CARRIED = object()  # an event without the category attribute leaves item_ca
 def item_category_of(event: UserEvent, schema):
     """item_category as the loader writes it (its first value, as text) if the event carries the
     category attribute; else NOT_CARRIED."""
-    from recsys.data.schema import first_value
+    from features.schema import first_value
 
     if not schema.category or schema.category not in event.item_attributes:
         return NOT_CARRIED
@@ -260,7 +260,7 @@ def schema_events(frame, schema) -> list[UserEvent]:
     events with the rating as value (rating schemas) or IMPRESSION events with the 0/1 label (label
     schemas), the context columns as text. The event id names the row, so a replay of the same row
     is a duplicate."""
-    from recsys.data.schema import value_text
+    from features.schema import value_text
 
     to_ms = 1000 // schema.units_per_second
     users, items = frame[schema.user].tolist(), frame[schema.item].tolist()
@@ -280,7 +280,7 @@ def schema_events(frame, schema) -> list[UserEvent]:
 def replay_events(schema, after_fraction: float = 0.0, limit: int | None = None) -> list[UserEvent]:
     """A data set's interactions as events in time order; ``after_fraction`` skips the earliest share
     (e.g. 0.8: replay the last 20%, the part a model trained on the rest has not seen)."""
-    from recsys.data.tables import read_tables
+    from features.tables import read_tables
 
     frame = read_tables(schema).interactions.sort_values(schema.timestamp, kind="stable")
     frame = frame.iloc[int(len(frame) * after_fraction):]
@@ -296,8 +296,9 @@ def replay_main(argv: list[str] | None = None) -> None:
     import sys
 
     from features.kafka_options import KafkaOptionsError, add_kafka_arguments, kafka_options, unreachable
-    from recsys.config import PROJECT_ROOT, ConfigError
-    from recsys.data.schema import DataError, DatasetSchema
+    from features.store import PROJECT_ROOT
+    from features.errors import ConfigError
+    from features.schema import DataError, DatasetSchema
 
     parser = argparse.ArgumentParser(prog="plexrec replay", description=replay_main.__doc__.split(":", 1)[1])
     add_kafka_arguments(parser, creates_topics=False)  # the topic is the ingester's, or the broker's default

@@ -314,7 +314,7 @@ def read_shard(tables: ExampleTables, shard: int, schema, split, history_length:
     """One shard's Examples: its examples' features, labels and split, and its users' behaviour
     sequences, each history at most ``history_length`` long (the store's)."""
     from features.examples import category_id, feature_row_schema
-    from recsys.data.examples import build_examples
+    from features.examples import build_examples
 
     examples_path, behaviours_path = tables.shard_paths(shard)
     if not examples_path.exists():

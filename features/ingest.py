@@ -692,7 +692,7 @@ def main(argv: list[str] | None = None) -> None:
     from features.kafka_options import (KafkaOptionsError, add_kafka_arguments, kafka_options, replication_factor,
                                         unreachable)
     from features.store import StoreError, data_dir, open_store
-    from recsys.config import ConfigError
+    from features.errors import ConfigError
 
     parser = argparse.ArgumentParser(prog="plexrec ingest", description=__doc__.splitlines()[0])
     add_kafka_arguments(parser)

@@ -32,9 +32,9 @@ import numpy as np
 import pandas as pd
 
 from features.event_log import compaction_lock, write_parquet, write_text
-from recsys.data.schema import DataError, DatasetSchema, first_value, value_text
-from recsys.data.tables import DatasetTables
-from recsys.known_warnings import feast_calls
+from features.schema import DataError, DatasetSchema, first_value, value_text
+from features.tables import DatasetTables
+from features.known_warnings import feast_calls
 
 log = logging.getLogger("plexrec.features")
 
@@ -211,7 +211,7 @@ def behaviour_views(frame: pd.DataFrame, schema: DatasetSchema,
     joins these views (features/example_tables.py computes every example's state from the events),
     so no per-behaviour snapshot is kept: that was O(behaviours x history length) on disk and
     quadratic per user in Feast's point-in-time join."""
-    from recsys.data.examples import labels_of  # the label rule, as training applies it
+    from features.examples import labels_of  # the label rule, as training applies it
 
     unit = schema.timestamp_unit
     label = labels_of(frame, schema)

@@ -32,7 +32,7 @@ def store_fingerprint(directory: str | Path) -> str:
     fingerprint = meta.get("schema_fingerprint")
     if fingerprint:
         return str(fingerprint)
-    from recsys.data.schema import DatasetSchema  # store.json of a plexrec that did not record it
+    from features.schema import DatasetSchema  # store.json of a plexrec that did not record it
 
     return DatasetSchema.from_dict(meta["schema"], where="store.json schema").fingerprint()
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from features.store import StoreError, describe_store, read_store_meta
-from recsys.data.schema import CATEGORY_FEATURE, DatasetSchema
+from features.schema import CATEGORY_FEATURE, DatasetSchema
 
 
 @dataclass

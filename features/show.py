@@ -20,7 +20,7 @@ PROFILE_VIEW = {"user": "user_profile", "item": "item_profile"}
 
 def entity_state(store, meta: dict, kind: str, entity_id: int) -> dict[str, Any]:
     """The JSON-ready state of the user or item ``entity_id`` (kind "user" or "item")."""
-    from recsys.data.schema import DatasetSchema
+    from features.schema import DatasetSchema
 
     schema = DatasetSchema.from_dict(meta["schema"], where="store.json schema")
     key = f"{kind}_id"

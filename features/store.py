@@ -17,8 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from recsys.config import PROJECT_ROOT
-
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = PROJECT_ROOT / ".plexrec"
 PROFILES = ("local", "redis")
 # the stream-state columns of user_history / item_counters; 2: event-id windows and row stamps
@@ -51,7 +50,7 @@ def read_store_meta(directory: str | Path | None = None) -> dict:
 
 def stored_schema(directory: str | Path | None = None):
     """The schema the store in ``directory`` was loaded with."""
-    from recsys.data.schema import DatasetSchema
+    from features.schema import DatasetSchema
 
     return DatasetSchema.from_dict(read_store_meta(directory)["schema"], where="store.json schema")
 

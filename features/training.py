@@ -22,8 +22,8 @@ import pandas as pd
 from features.event_log import compact_event_log
 from features.example_tables import EngineSettings, build_example_tables, interaction_columns, read_shard
 from features.store import data_dir, read_store_meta, stored_schema
-from recsys.data.examples import Examples, SplitRule
-from recsys.data.schema import DataError
+from features.examples import Examples, SplitRule
+from features.schema import DataError
 
 log = logging.getLogger("plexrec.features")
 

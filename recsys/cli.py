@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         sys.exit(2)
     if args.command == "train":
-        from recsys.config import ConfigError
-        from recsys.data.schema import DataError
+        from features.errors import ConfigError
+        from features.schema import DataError
         from recsys.train import CheckpointMismatchError, run_training
 
         try:
@@ -143,7 +143,7 @@ def write_examples(args: argparse.Namespace) -> None:
     from features.event_log import compact_event_log
     from features.example_tables import EngineSettings, build_example_tables
     from features.store import StoreError, data_dir, stored_schema
-    from recsys.data.schema import DataError
+    from features.schema import DataError
 
     log = logging.getLogger("plexrec.features")
     try:
@@ -161,7 +161,7 @@ def compact_features(args: argparse.Namespace) -> None:
     """`plexrec features compact`: the event log compacted, the offline views extended with it."""
     from features.event_log import main as compact
     from features.store import StoreError
-    from recsys.data.schema import DataError
+    from features.schema import DataError
 
     try:
         compact(args.data_dir)
@@ -205,9 +205,10 @@ def load_features(args: argparse.Namespace) -> None:
 
     from features.load import load_into_store
     from features.store import StoreError, data_dir, open_store
-    from recsys.config import ConfigError, load_config, resolve_path
-    from recsys.data.schema import DataError, DatasetSchema
-    from recsys.data.tables import read_tables
+    from features.errors import ConfigError
+    from recsys.config import load_config, resolve_path
+    from features.schema import DataError, DatasetSchema
+    from features.tables import read_tables
 
     log = logging.getLogger("plexrec.features")
     try:

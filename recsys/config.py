@@ -15,11 +15,10 @@ from typing import Any
 
 import yaml
 
+from features.errors import ConfigError
+from features.schema import DatasetSchema
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message says which and how to fix it."""
 
 
 @dataclass
@@ -36,7 +35,7 @@ class FeatureConfig:
 
 @dataclass
 class DataConfig:
-    # the data set's schema file (recsys/data/schema.py): MovieLens 100K by default
+    # the data set's schema file (features/schema.py): MovieLens 100K by default
     schema: str = "data/ml-100k/schema.yaml"
     # how examples are split: "last_n" (per user: the last n -> test, the n before -> validation)
     # or "time" (one cut for everyone: the latest test_fraction of rows -> test, the valid_fraction
@@ -356,8 +355,6 @@ def _is_mapping_field(section: str, key: str) -> bool:
 def _schema_features(schema_path: str | None) -> list[FeatureConfig]:
     """Every feature the schema declares (an empty ``features`` list); [] when it cannot be read
     here (the run that loads the data resolves it then, from the examples)."""
-    from recsys.data.schema import DatasetSchema
-
     if not schema_path or not resolve_path(schema_path).is_file():
         return []
     return default_features(DatasetSchema.from_yaml(resolve_path(schema_path)).categorical_features)

@@ -54,7 +54,7 @@ import torch.distributed as dist
 
 from recsys.config import RunConfig
 from recsys.data.batching import iterate_batches
-from recsys.data.examples import Examples
+from features.examples import Examples
 from recsys.embeddings import FullVocabEmbedding
 from recsys.export import ModelArtifactError, read_manifest
 from recsys.known_warnings import torchrec_calls

@@ -72,7 +72,7 @@ def export_model(model: Ranker, config: RunConfig, vocab_sizes: dict[str, int], 
         "dense_features": dense_names,
         "vocab_sizes": vocab_sizes,
         "config": config.to_dict(),
-        # the data set's schema: serving checks that its store holds the same (recsys/data/schema.py)
+        # the data set's schema: serving checks that its store holds the same (features/schema.py)
         "schema": schema.to_dict() if schema is not None else None,
         "schema_fingerprint": schema.fingerprint() if schema is not None else None,
         "metrics": metrics,

@@ -14,20 +14,21 @@ Definition (all arithmetic modulo 2**64):
     row(v, f, p, N) = (mix(v XOR mix(salt(f, p))) >> 1) mod N
 
 The shift by one makes the value non-negative as an int64 before the modulo.
-Strings (gender, occupation, zip prefix, ...) become raw ids through
-``string_to_id`` = fnv1a64 of the UTF-8 bytes with the top bit cleared.
+Strings (gender, occupation, zip prefix, ...) become raw ids on the data side, before
+this hash (features/ids.py: ``string_to_id`` = fnv1a64 of the UTF-8 bytes with the top bit
+cleared); ``fnv1a64`` is the same function here.
 """
 
 from __future__ import annotations
 
 import torch
 
+from features.ids import fnv1a64
+
 HASH_NAME = "splitmix64-salted"
 HASH_VERSION = 1
 
 _MASK64 = (1 << 64) - 1
-_FNV_OFFSET = 0xCBF29CE484222325
-_FNV_PRIME = 0x100000001B3
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
@@ -36,19 +37,6 @@ _MIX2 = 0x94D049BB133111EB
 def _as_int64(unsigned: int) -> int:
     """The int64 with the same 64 bits as an unsigned 64-bit integer."""
     return unsigned - (1 << 64) if unsigned >= (1 << 63) else unsigned
-
-
-def fnv1a64(data: bytes) -> int:
-    """64-bit FNV-1a of ``data`` as an unsigned Python int."""
-    h = _FNV_OFFSET
-    for byte in data:
-        h = ((h ^ byte) * _FNV_PRIME) & _MASK64
-    return h
-
-
-def string_to_id(value: str) -> int:
-    """A stable non-negative int64 id for a categorical string value."""
-    return fnv1a64(value.encode("utf-8")) & ((1 << 63) - 1)
 
 
 def _xor_logical_shift_right_(x: torch.Tensor, bits: int) -> None:

@@ -4,17 +4,13 @@ Each is listed with why it does not apply; anything not listed is still shown. T
 filters hold only inside ``silenced(...)``, around the plexrec calls that cause them:
 
     torchrec_calls()   recsys/train.py: sharding plan, DistributedModelParallel, checkpoints, export
-    feast_calls()      features/load.py (materialize), features/training.py (point-in-time join)
 
-No torch import here: the ingester may use it.
+``silenced`` and the Feast list are the data side's (features/known_warnings.py).
 """
 
 from __future__ import annotations
 
-import logging
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from features.known_warnings import silenced
 
 # (logger, start of the message, why it is harmless)
 TORCHREC_LOGS = [
@@ -37,49 +33,7 @@ TORCHREC_WARNINGS = [
     (UserWarning, "torch.distributed is disabled, unavailable or uninitialized",
      "export reads a checkpoint in one process on purpose (no_dist=True)"),
 ]
-FEAST_WARNINGS = [
-    (DeprecationWarning, "fetch_arrow_table() is deprecated",
-     "ibis, under Feast's DuckDB offline store; results are the same"),
-]
-
-
-class _DropKnown(logging.Filter):
-    def __init__(self, prefixes: list[str]) -> None:
-        super().__init__()
-        self.prefixes = tuple(prefixes)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith(self.prefixes)
-
-
-@contextmanager
-def silenced(logs: list[tuple[str, str, str]], warning_list: list[tuple[type[Warning], str, str]]) -> Iterator[None]:
-    """Within the block, drop exactly these log records and warnings."""
-    by_logger: dict[str, list[str]] = {}
-    for logger_name, prefix, _ in logs:
-        by_logger.setdefault(logger_name, []).append(prefix)
-    filters = [(logging.getLogger(name), _DropKnown(prefixes)) for name, prefixes in by_logger.items()]
-    for logger, known in filters:
-        logger.addFilter(known)
-    try:
-        with warnings.catch_warnings():
-            for category, prefix, _ in warning_list:
-                warnings.filterwarnings("ignore", message=_escape(prefix), category=category)
-            yield
-    finally:
-        for logger, known in filters:
-            logger.removeFilter(known)
-
-
-def _escape(prefix: str) -> str:
-    import re
-
-    return re.escape(prefix)
 
 
 def torchrec_calls():
     return silenced(TORCHREC_LOGS, TORCHREC_WARNINGS)
-
-
-def feast_calls():
-    return silenced([], FEAST_WARNINGS)

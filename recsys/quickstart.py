@@ -93,7 +93,7 @@ def split_by_time(frame: pd.DataFrame, replay_fraction: float, timestamp: str = 
 
 def behaviour_mask(frame: pd.DataFrame, schema) -> np.ndarray:
     """Rows that enter histories and counters under the schema's rule."""
-    from recsys.data.examples import labels_of
+    from features.examples import labels_of
 
     return np.ones(len(frame), dtype=bool) if schema.history == "all" else labels_of(frame, schema) == 1
 
@@ -114,10 +114,11 @@ def run(args: argparse.Namespace) -> dict:
     from features.load import load_into_store
     from features.store import open_store
     from features.training import examples_from_store
-    from recsys.config import ConfigError, resolve_path
-    from recsys.data.examples import SplitRule
-    from recsys.data.schema import DataError, DatasetSchema
-    from recsys.data.tables import read_tables
+    from features.errors import ConfigError
+    from recsys.config import resolve_path
+    from features.examples import SplitRule
+    from features.schema import DataError, DatasetSchema
+    from features.tables import read_tables
     from recsys.item_embeddings import publish_model_embeddings
     from recsys.train import Trainer
     from serving.client import ScoringClient
@@ -203,7 +204,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def request_context(rows: pd.DataFrame, schema) -> dict[str, str]:
     """The context a caller would send for these rows: each context column's most common value."""
-    from recsys.data.schema import value_text
+    from features.schema import value_text
 
     context = {}
     for column in schema.context.columns:
@@ -316,7 +317,7 @@ def _next_window_auc(tables, past, future, trainer, home: Path, version: str) ->
     import torch
 
     from recsys.data.batching import iterate_batches, model_inputs
-    from recsys.data.examples import build_examples
+    from features.examples import build_examples
     from recsys.export import load_model
     from recsys.metrics import auc
 

@@ -45,10 +45,12 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
-from recsys.config import STOPPING_METRICS, ConfigError, RunConfig, default_features, load_config
+from recsys.config import STOPPING_METRICS, RunConfig, default_features, load_config
+from features.errors import ConfigError
 from recsys.data.batching import iterate_batches, model_inputs, num_steps
 from recsys.data.example_stream import ShardedExamples, ShardedPart
-from recsys.data.examples import TEST, TRAIN, VALID, Examples, load_dataset
+from features.examples import TEST, TRAIN, VALID, Examples
+from recsys.data.dataset import load_dataset
 from recsys.embeddings import UNIFIED_TABLE
 from recsys.export import export_model, model_fingerprint
 from recsys.known_warnings import torchrec_calls
@@ -111,7 +113,8 @@ def training_examples(config: RunConfig, ctx: DistributedContext, out_dir: Path)
     from features.event_log import compact_event_log
     from features.example_tables import EngineSettings, ExampleTables, build_example_tables
     from features.store import data_dir, read_store_meta, stored_schema
-    from recsys.data.examples import SplitRule, check_store_schema
+    from features.examples import SplitRule
+    from recsys.data.dataset import check_store_schema
 
     directory = data_dir(data.store_dir)
     schema = stored_schema(directory)

@@ -37,8 +37,9 @@ import torch
 from features.examples import category_id, examples_from_feature_rows
 from features.online import ItemFeatures, UserFeatures
 from recsys.data.batching import Batch, make_batch
-from recsys.data.examples import DERIVED_DENSE, cell_ids, signed_log1p
-from recsys.data.schema import CATEGORY_FEATURE, DatasetSchema
+from features.examples import DERIVED_DENSE, signed_log1p
+from features.ids import cell_ids
+from features.schema import CATEGORY_FEATURE, DatasetSchema
 from recsys.inference import History, InferenceRanker, Jagged
 from recsys.sequence import SharedHistories
 from serving.item_vectors import DEFAULT_MAX_ITEMS, ItemVectorCache

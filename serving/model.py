@@ -30,8 +30,8 @@ import torch
 from features.online import ItemFeatures, UserFeatures
 from recsys.config import RunConfig
 from recsys.data.batching import Batch, model_inputs
-from recsys.data.examples import DERIVED_DENSE
-from recsys.data.schema import DatasetSchema
+from features.examples import DERIVED_DENSE
+from features.schema import DatasetSchema
 from recsys.export import MANIFEST_FILE, ModelArtifactError, load_model, version_directories
 from recsys.inference import InferenceRanker
 from recsys.model import Ranker

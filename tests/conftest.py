@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from recsys.config import PROJECT_ROOT, FeatureConfig, RunConfig
-from recsys.data.examples import build_examples
-from recsys.data.movielens import load_movielens, movielens_schema, movielens_tables
-from recsys.data.schema import DatasetSchema
-from recsys.data.tables import read_tables
+from features.examples import build_examples
+from features.movielens import load_movielens, movielens_schema, movielens_tables
+from features.schema import DatasetSchema
+from features.tables import read_tables
 
 ML100K = PROJECT_ROOT / "data" / "ml-100k"
 KUAIRAND_SCHEMA = PROJECT_ROOT / "data" / "kuairand-pure" / "schema.yaml"

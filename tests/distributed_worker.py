@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from recsys.data.examples import build_examples
-from recsys.data.movielens import load_movielens
+from features.examples import build_examples
+from features.movielens import load_movielens
 from recsys.train import Trainer
 from tests.conftest import ML100K, small_config
 

@@ -11,7 +11,7 @@ import torch
 
 from recsys.continual import ContinualLearner, checkpoint_of, in_time_order, latest_checkpoint, time_windows
 from recsys.data.batching import make_batch
-from recsys.data.examples import TEST, VALID
+from features.examples import TEST, VALID
 from recsys.export import latest_model_dir, load_model
 from recsys.train import Trainer
 from tests.conftest import small_config

@@ -2,12 +2,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recsys.config import ConfigError, DataConfig
+from features.errors import ConfigError
+from recsys.config import DataConfig
 from recsys.data.batching import iterate_batches, make_batch
-from recsys.data.examples import TEST, TRAIN, VALID, SplitRule, build_examples, load_dataset, take_jagged
-from recsys.data.schema import DataError, DatasetSchema
-from recsys.data.tables import read_tables
-from recsys.hashing import string_to_id
+from features.examples import TEST, TRAIN, VALID, SplitRule, build_examples, take_jagged
+from recsys.data.dataset import load_dataset
+from features.schema import DataError, DatasetSchema
+from features.tables import read_tables
+from features.ids import string_to_id
 
 
 def test_movielens_files_load_completely(ml100k):

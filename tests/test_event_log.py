@@ -22,9 +22,9 @@ from features.load import load_into_store
 from features.store import open_store
 from features.training import examples_from_store
 from recsys.config import PROJECT_ROOT
-from recsys.data.examples import build_examples
-from recsys.data.schema import DatasetSchema
-from recsys.data.tables import DatasetTables
+from features.examples import build_examples
+from features.schema import DatasetSchema
+from features.tables import DatasetTables
 
 from .conftest import KUAIRAND_SCHEMA, SYNTHETIC_SCHEMA
 from .test_feature_store import assert_same_examples
@@ -264,7 +264,7 @@ def test_logged_events_become_rows_by_the_schemas_rules():
     explicit label field overrode the rating or came without one; the timestamp is in the schema's
     unit; context text a categorical integer column cannot hold is missing, not an error; a split
     column's streamed rows are training rows."""
-    from recsys.data.movielens import movielens_schema
+    from features.movielens import movielens_schema
 
     logged = pd.DataFrame({
         "event_id": ["a", "b", "c", "d"], "user_id": [1, 1, 2, 2], "item_id": [5, 6, 7, 8],

@@ -14,7 +14,7 @@ from features.store import open_store
 from features.training import examples_from_store
 from recsys.data.batching import HISTORY_ITEMS
 from recsys.data.example_stream import ShardedExamples
-from recsys.data.examples import TEST, TRAIN, VALID, SplitRule
+from features.examples import TEST, TRAIN, VALID, SplitRule
 from recsys.train import Trainer
 from tests.conftest import small_config
 

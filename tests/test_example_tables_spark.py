@@ -13,7 +13,7 @@ from features.example_tables_spark import SparkEngine, jvm_memory, spark_session
 from features.load import load_into_store
 from features.store import open_store, stored_schema
 from features.training import examples_from_store
-from recsys.data.examples import SplitRule
+from features.examples import SplitRule
 
 from .test_feature_store import assert_same_examples
 

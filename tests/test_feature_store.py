@@ -7,9 +7,9 @@ import pytest
 from features.load import load_into_store, offline_tables, running_state
 from features.store import StoreError, open_store, read_store_meta
 from features.training import examples_from_store
-from recsys.data.examples import CONTEXT, SplitRule, build_examples
-from recsys.data.schema import DataError, DatasetSchema
-from recsys.data.tables import read_tables, tables_from_frame
+from features.examples import CONTEXT, SplitRule, build_examples
+from features.schema import DataError, DatasetSchema
+from features.tables import read_tables, tables_from_frame
 
 from .conftest import SYNTHETIC_SCHEMA
 
@@ -135,7 +135,7 @@ def test_published_embeddings_read_back_as_the_model_has_them(loaded_store, smal
     import torch
 
     from features.publish import publish_item_embeddings
-    from recsys.data.examples import value_to_id
+    from features.ids import value_to_id
     from recsys.export import load_model
     from recsys.item_embeddings import item_embeddings
     from recsys.train import Trainer

@@ -5,7 +5,8 @@ import sys
 import torch
 
 from recsys import hashing
-from recsys.hashing import hash_row_reference, hash_rows, mix64, mixed_salt, string_to_id
+from recsys.hashing import hash_row_reference, hash_rows, mix64, mixed_salt
+from features.ids import string_to_id
 
 EDGE_VALUES = [0, 1, 42, 943, -5, 2**62, 2**63 - 1, -(2**63)]
 
@@ -57,7 +58,7 @@ def test_rows_spread_evenly():
 
 
 def test_same_rows_in_another_process_with_another_hash_seed():
-    code = ("from recsys.hashing import *; import torch; "
+    code = ("from recsys.hashing import *; from features.ids import string_to_id; import torch; "
             "print(hash_rows(torch.arange(50), mixed_salt('gender', 0), 1009).tolist(), string_to_id('M'))")
     here = hash_rows(torch.arange(50), mixed_salt("gender", 0), 1009).tolist()
     env = {**os.environ, "PYTHONHASHSEED": "12345"}

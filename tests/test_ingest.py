@@ -27,9 +27,9 @@ from features.load import load_into_store
 from features.store import StoreError, open_store, read_store_meta
 from protos.plexrec.v1.events_pb2 import EventType, UserEvent
 from recsys.config import PROJECT_ROOT
-from recsys.data.movielens import movielens_schema, movielens_tables
-from recsys.data.schema import DatasetSchema
-from recsys.data.tables import DatasetTables, read_tables
+from features.movielens import movielens_schema, movielens_tables
+from features.schema import DatasetSchema
+from features.tables import DatasetTables, read_tables
 
 RATING, IMPRESSION, CLICK = EventType.EVENT_TYPE_RATING, EventType.EVENT_TYPE_IMPRESSION, EventType.EVENT_TYPE_CLICK
 KUAIRAND_SCHEMA = PROJECT_ROOT / "data" / "kuairand-pure" / "schema.yaml"
@@ -396,9 +396,9 @@ def test_replay_publishes_movielens_in_time_order(broker):
 def test_the_ingester_runs_without_torch():
     code = ("from features.ingest import without_torch; without_torch(); "
             "import features.ingest, features.store, features.events, feast, kafka, sys; "
-            "import recsys.data.schema, recsys.data.tables, recsys.data.movielens; "
+            "import features.schema, features.tables, features.movielens; "
             "from features.events import check_against_schema, make_event, schema_events; "
-            "schema = recsys.data.movielens.movielens_schema(); "
+            "schema = features.movielens.movielens_schema(); "
             "check_against_schema(make_event(1, 2, item_attributes={'genres': 'Drama|War'}, value=4.0), schema); "
             "print(sys.modules.get('torch'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -78,7 +78,7 @@ def test_the_log_is_stamped_with_the_stores_schema_and_another_stores_files_are_
     from features.load import load_into_store
     from features.log_stamp import STAMP_COLUMN, foreign_log_files, log_files, store_fingerprint
     from features.store import read_store_meta
-    from recsys.data.tables import DatasetTables
+    from features.tables import DatasetTables
     from tests.test_ingest import PLACEHOLDER_ID, run_ingester
 
     store, directory = empty_store

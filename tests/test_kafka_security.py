@@ -376,8 +376,8 @@ def small_store(tmp_path):
     from features.events import replay_events
     from features.load import load_into_store
     from features.store import open_store
-    from recsys.data.movielens import movielens_schema, movielens_tables
-    from recsys.data.tables import DatasetTables
+    from features.movielens import movielens_schema, movielens_tables
+    from features.tables import DatasetTables
 
     schema = movielens_schema()
     events = replay_events(schema, after_fraction=0.9, limit=200)

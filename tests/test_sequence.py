@@ -5,7 +5,8 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys.config import ConfigError, FeatureConfig, SequenceConfig, load_config
+from features.errors import ConfigError
+from recsys.config import FeatureConfig, SequenceConfig, load_config
 from recsys.data.batching import HISTORY_CATEGORIES, HISTORY_ITEMS, make_batch
 from recsys.embeddings import UnifiedEmbedding
 from recsys.sequence import SequenceEncoder, dare_reference, position_buckets, top_k_softmax

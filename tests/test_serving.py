@@ -30,9 +30,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from features.load import load_into_store
 from features.store import open_store, read_store_meta
 from recsys.data.batching import make_batch, model_inputs
-from recsys.data.examples import build_examples
-from recsys.data.schema import DatasetSchema, FeatureGroup
-from recsys.data.tables import DatasetTables, tables_from_frame
+from features.examples import build_examples
+from features.schema import DatasetSchema, FeatureGroup
+from features.tables import DatasetTables, tables_from_frame
 from recsys.export import ModelArtifactError, load_model
 from recsys.train import Trainer
 from serving.client import ScoringClient

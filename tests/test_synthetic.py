@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from recsys.data.examples import CONTEXT, TEST, TRAIN, VALID, build_examples
-from recsys.data.synthetic import SyntheticConfig, generate, relevant_positions
+from features.examples import CONTEXT, TEST, TRAIN, VALID, build_examples
+from features.synthetic import SyntheticConfig, generate, relevant_positions
 
 SMALL = SyntheticConfig(num_users=60, min_history=500, max_history=600, seed=7)
 

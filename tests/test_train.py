@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from recsys.config import ConfigError, FeatureConfig, load_config
+from features.errors import ConfigError
+from recsys.config import FeatureConfig, load_config
 from recsys.data.batching import make_batch
 from recsys.embeddings import UnifiedEmbedding
 from recsys.export import ModelArtifactError, load_model, read_manifest
@@ -224,7 +225,7 @@ def test_dense_features_can_be_switched_off(small_examples, tmp_path):
     config.data.dense = ["log_item_prior_count"]
     assert Trainer(config, examples=small_examples, out_dir=tmp_path / "one").dense_names == ["log_item_prior_count"]
     config.data.dense = ["price"]
-    from recsys.data.schema import DataError
+    from features.schema import DataError
 
     with pytest.raises(DataError, match="data.dense: 'price' is not a dense feature"):
         Trainer(config, examples=small_examples, out_dir=tmp_path / "two")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys.data.examples import Examples, take_jagged
+from features.examples import Examples, take_jagged
 
 HISTORY_ITEMS = "history_item_id"
 HISTORY_CATEGORIES = "history_category"

@@ -30,7 +30,7 @@ import numpy as np
 
 from features.example_tables import ExampleTables, read_shard
 from recsys.data.batching import Batch, make_batch_from_pieces
-from recsys.data.examples import Examples, SplitRule
+from features.examples import Examples, SplitRule
 
 
 @dataclass

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from recsys.data.schema import DataError, DatasetSchema, FeatureGroup
+from features.errors import ConfigError
+from features.schema import DataError, DatasetSchema, FeatureGroup
 
 
 @dataclass
@@ -104,19 +105,17 @@ def profile_table(schema: DatasetSchema, group: FeatureGroup, key: str, interact
 def read_tables(schema: DatasetSchema, generator_overrides: dict | None = None) -> DatasetTables:
     """Every table of a data set, checked against its schema."""
     if schema.format == "grouplens":
-        from recsys.data.movielens import movielens_tables
+        from features.movielens import movielens_tables
 
         return movielens_tables(schema)
     if schema.format == "synthetic":
-        from recsys.data.synthetic import SyntheticConfig, generate
+        from features.synthetic import SyntheticConfig, generate
 
         params = {**schema.generator, **(generator_overrides or {})}
         try:
             config = SyntheticConfig(**params)
         except TypeError as exc:
-            from recsys.config import ConfigError
-
-            raise ConfigError(f"schema generator / data.synthetic: {exc}; see recsys/data/synthetic.py") from None
+            raise ConfigError(f"schema generator / data.synthetic: {exc}; see features/synthetic.py") from None
         frame, _ = generate(config)
         return tables_from_frame(frame, schema)
     paths = [schema.path] if isinstance(schema.path, str) else list(schema.path)

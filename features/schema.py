@@ -33,12 +33,12 @@ tables (paths relative to the schema file):
     split: null                     # optional column: train / valid / test / context per row
 
 Other formats: ``format: grouplens`` reads a MovieLens folder (``path``) through
-recsys/data/movielens.py; ``format: synthetic`` generates the long-sequence data
-of recsys/data/synthetic.py with the ``generator`` parameters.
+features/movielens.py; ``format: synthetic`` generates the long-sequence data
+of features/synthetic.py with the ``generator`` parameters.
 
 Feature names are column names; the user and item columns are always the
 features ``user_id`` and ``item_id``, and the category the feature
-``item_category``. Categorical values become raw int64 ids (recsys/data/examples.py);
+``item_category``. Categorical values become raw int64 ids (features/ids.py);
 numeric ones enter the tower as sign(x) * log(1 + |x|), a missing value as 0.
 """
 
@@ -53,7 +53,7 @@ from typing import Any
 
 import yaml
 
-from recsys.config import ConfigError
+from features.errors import ConfigError
 
 
 class DataError(ValueError):
@@ -207,7 +207,7 @@ class DatasetSchema:
         legacy = sorted(set(raw) & {"categorical", "multi_valued", "numeric"})
         if legacy:
             raise ConfigError(f"{where}: top-level {legacy} no longer exist; declare each column under the group it "
-                              "describes: users, items or context (see recsys/data/schema.py)")
+                              "describes: users, items or context (see features/schema.py)")
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
@@ -264,7 +264,7 @@ class DatasetSchema:
 def value_text(value: Any) -> str | None:
     """A categorical value as the store keeps it when its column's type is not known (an event's
     attribute, an item's category): text, integers as integers ("3", not "3.0"), missing as None.
-    Its raw id (recsys/data/examples.py value_to_id) equals the value's own."""
+    Its raw id (features/ids.py value_to_id) equals the value's own."""
     if value is None or (isinstance(value, float) and value != value):
         return None
     if isinstance(value, float) and value.is_integer():

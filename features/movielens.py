@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recsys.data.schema import DataError, DatasetSchema
-from recsys.data.tables import DatasetTables
+from features.schema import DataError, DatasetSchema
+from features.tables import DatasetTables
 
 GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -24,7 +24,7 @@ GENRES = [
 AGE_BUCKET_EDGES = [18, 25, 35, 45, 50, 56]
 AGE_BUCKETS = [1, 18, 25, 35, 45, 50, 56]
 
-SCHEMA_FILE = Path(__file__).resolve().parents[2] / "data" / "ml-100k" / "schema.yaml"
+SCHEMA_FILE = Path(__file__).resolve().parents[1] / "data" / "ml-100k" / "schema.yaml"
 
 
 def movielens_schema(folder: str | Path | None = None) -> DatasetSchema:

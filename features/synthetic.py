@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from recsys.data.examples import Examples
-from recsys.data.schema import DatasetSchema
+from features.examples import Examples
+from features.schema import DatasetSchema
 
 
 @dataclass

@@ -1,0 +1,72 @@
+"""The packages import one way, in data-flow order: features/ (the data side) imports neither
+recsys/ (model, training) nor serving/; recsys/ does not import serving/.
+
+Read from the source with ``ast``: every ``import`` and ``from ... import`` counts, also those
+deferred into function bodies, so a dependency cannot hide from the check by being imported late.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# the top of the house (issue 23 item 1 moves it out of recsys/): the quickstart starts the whole
+# loop and scores through the client; nothing below it may import serving/
+TOP = {"recsys/quickstart.py"}
+
+
+def imported_modules(source: str, package: str) -> list[tuple[int, str]]:
+    """(line, module) of every import in a module's source, at any depth; relative imports
+    resolved against ``package`` (the module's own package)."""
+    tree = ast.parse(source)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                module = ".".join(base + [node.module] if node.module else base)
+            else:
+                module = node.module or ""
+            found.append((node.lineno, module))
+            if not node.module:  # from . import x: each name is a module
+                found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")):
+            found.append((node.lineno, node.args[0].value))  # importlib.import_module("pkg.mod")
+    return found
+
+
+def violations(folder: str, forbidden: tuple[str, ...], exempt: set[str] = frozenset()) -> list[str]:
+    out = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        name = path.relative_to(ROOT).as_posix()
+        if name in exempt:
+            continue
+        package = ".".join(path.relative_to(ROOT).parts[:-1])
+        for line, module in imported_modules(path.read_text(), package):
+            if module.split(".")[0] in forbidden:
+                out.append(f"{name}:{line} imports {module}")
+    return out
+
+
+def test_the_data_side_imports_neither_training_nor_serving():
+    found = violations("features", ("recsys", "serving"))
+    assert not found, "features/ must stand on its own:\n" + "\n".join(found)
+
+
+def test_training_does_not_import_serving():
+    found = violations("recsys", ("serving",), exempt=TOP)
+    assert not found, "recsys/ must not import serving/:\n" + "\n".join(found)
+
+
+def test_the_check_sees_deferred_and_relative_imports():
+    source = ("import os\n\ndef f():\n    from recsys.data import x\n    import serving.client\n"
+              "\nfrom .store import data_dir\nfrom . import online\nimportlib.import_module('recsys.x')\n")
+    assert sorted(imported_modules(source, "features")) == [
+        (1, "os"), (4, "recsys.data"), (5, "serving.client"), (7, "features.store"), (8, "features"),
+        (8, "features.online"), (9, "recsys.x")]
