@@ -8,7 +8,7 @@ example with what was known strictly before its instant:
                integer timestamps), over the behaviours and the examples together
     history    the user's behaviours, in (time, load order), of which the example takes those
                before it: the count above is where its history ends in its user's sequence, so
-               nothing is copied per example (the Examples layout of recsys/data/examples.py)
+               nothing is copied per example (the Examples layout of features/examples.py)
     profiles   the newest user_profile / item_profile row stamped strictly before the instant:
                an as-of join
 
@@ -21,7 +21,8 @@ The result is written as Parquet shards: shard ``s`` holds the examples and the 
 the users with ``user_id mod shards == s``, so each shard is an Examples of its own and a reader
 needs one shard in memory at a time (``read_shard``). Tables are registered by name (bulk, stream,
 user_profile, item_profile, events), so the queries are engine-neutral SQL except the as-of join,
-which each engine writes its own way.
+which each engine writes its own way: DuckDB here (``DuckDBEngine``), Spark past one machine
+(features/example_tables_spark.py).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.event_log import stream_parts
@@ -183,7 +183,8 @@ class DuckDBEngine:
 
         self.schema = schema
         self.connection = duckdb.connect()
-        temp_dir = settings.temp_dir or tempfile.mkdtemp(prefix="plexrec-duckdb-")
+        self.own_temp_dir = None if settings.temp_dir else tempfile.mkdtemp(prefix="plexrec-duckdb-")
+        temp_dir = settings.temp_dir or self.own_temp_dir
         self.connection.execute(f"SET memory_limit = '{settings.memory_limit}'")
         self.connection.execute(f"SET temp_directory = '{temp_dir}'")
         self.connection.execute("SET preserve_insertion_order = false")
@@ -238,12 +239,18 @@ class DuckDBEngine:
             target = folder / f"shard-{int(partition.name.split('=')[1]):05d}.parquet"
             if len(parts) == 1:
                 os.replace(parts[0], target)
-            else:
-                pq.write_table(pa.concat_tables([pq.read_table(p) for p in parts]), target)
+            else:  # one row group at a time: a shard never has to fit in memory here
+                with pq.ParquetWriter(target, pq.read_schema(parts[0])) as writer:
+                    for part in parts:
+                        file = pq.ParquetFile(part)
+                        for group in range(file.num_row_groups):
+                            writer.write_table(file.read_row_group(group))
             shutil.rmtree(partition)
 
     def close(self) -> None:
         self.connection.close()
+        if self.own_temp_dir:
+            shutil.rmtree(self.own_temp_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
