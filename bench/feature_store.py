@@ -5,8 +5,8 @@
 For SQLite (local profile) and Redis (a throw-away redis-server on loopback), each
 loaded with ML-100K: read latency p50/p99 of one user, and of one user + 100 items
 with the item cache cold (every read goes to the store) and warm; the time to
-publish 10k and 100k 64-d item embeddings; and the point-in-time join that builds
-the 100k training examples (DuckDB offline store, the same for both profiles).
+publish 10k and 100k 64-d item embeddings; and the point-in-time examples of the 100k
+ratings (features/example_tables.py on DuckDB, the same for both profiles).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from features.online import OnlineFeatures  # noqa: E402
 from features.publish import publish_item_embeddings  # noqa: E402
 from features.redis_server import local_redis_server  # noqa: E402
 from features.store import open_store  # noqa: E402
-from features.training import historical_frame  # noqa: E402
+from features.training import examples_from_store  # noqa: E402
 from recsys.cli import configure_logging  # noqa: E402
 from features.movielens import movielens_schema, movielens_tables  # noqa: E402
 
@@ -83,7 +83,7 @@ def main() -> None:
             results["redis"] = measure_profile("redis", Path(tmp) / "redis", url, tables, args.reads)
         store = open_store("local", Path(tmp) / "sqlite")
         started = time.perf_counter()
-        rows = len(historical_frame(store, Path(tmp) / "sqlite"))
+        rows = len(examples_from_store(store, Path(tmp) / "sqlite"))
         results["point_in_time_join"] = {"rows": rows, "seconds": time.perf_counter() - started}
 
     write_json(args.out, {"benchmark": "feature_store", "measured_at": now(), "machine": machine(),
@@ -99,7 +99,7 @@ def main() -> None:
         key = f"publish_{count}_seconds"
         print(f"| publish {count:,} 64-d embeddings | {results['sqlite'][key]:.1f} s | {results['redis'][key]:.1f} s |")
     join = results["point_in_time_join"]
-    print(f"| point-in-time join, {join['rows']:,} rows | {join['seconds']:.1f} s (DuckDB) | same |")
+    print(f"| point-in-time examples, {join['rows']:,} rows | {join['seconds']:.1f} s (DuckDB) | same |")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ class ExampleTables:
 
 
 def label_expression(schema) -> str:
-    """The 0/1 label of a row, as recsys.data.examples.labels_of computes it."""
+    """The 0/1 label of a row, as features.examples.labels_of computes it."""
     if schema.label:
         return f"CAST({quote(schema.label)} AS DOUBLE) = 1"
     return f"CAST({quote(schema.rating)} AS DOUBLE) >= {float(schema.rating_threshold)!r}"
