@@ -15,6 +15,10 @@ too slow for every request, so item features and embeddings are cached. The cach
 empties when serving moves to a new model version (``use_model_version``) and
 entries expire after ``ttl_seconds``. Unknown users and items read as cold-start
 defaults (empty profile, empty history, zero counts, no category), never as an error.
+An item's published embeddings carry the version that computed them and whether they are
+the served version's own (``embeddings_valid_for``: features/publish.py decides, from the
+publish instants in the offline files' footers); the cache also empties once the served
+version's publish completes.
 
 The cache is bounded (``ItemCache``: at most ``max_cached_items`` entries and
 ``max_cached_bytes`` of estimated memory, least recently used evicted first): item
@@ -34,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from features.publish import PublishedVersions
 from features.store import StoreError, describe_store, read_store_meta
 from features.schema import CATEGORY_FEATURE, DatasetSchema
 
@@ -62,7 +67,10 @@ class ItemFeatures:
     interaction_count: int = 0
     attention_embedding: list[float] = field(default_factory=list)
     representation_embedding: list[float] = field(default_factory=list)
-    model_version: str | None = None
+    model_version: str | None = None  # the version whose publish wrote (computed) these vectors
+    # the served version (use_model_version) when these are its own vectors: written by its publish, or
+    # by one before it that its publish left alone (features/publish.py); else None
+    embeddings_valid_for: str | None = None
 
 
 RETRIES = 3
@@ -220,6 +228,9 @@ class OnlineFeatures:
         self.item_features = [f"item_profile:{c}" for c in self.item_columns] + ITEM_STATE_FEATURES
         self.model_version: str | None = None
         self.item_cache = ItemCache(max_cached_items, max_cached_bytes, ttl_seconds)
+        # which published versions' vectors are the served version's own (the files' publish instants)
+        self.published_versions = PublishedVersions(store.config.repo_path)
+        self._served_version_published = False
         self._store_backend = None  # the online store back end, made on first read
         self._views: dict[str, Any] = {}
 
@@ -241,6 +252,15 @@ class OnlineFeatures:
         if version != self.model_version:
             self.model_version = version
             self.item_cache.clear()
+            self._served_version_published = self.published_versions.published_at(version) is not None
+
+    def _check_publish(self) -> None:
+        """Once the served version's publish completes (it follows the export, which serving may load
+        first), the cached items are read again: their rows may now be (or be valid for) its own."""
+        if (self.model_version is not None and not self._served_version_published
+                and self.published_versions.published_at(self.model_version) is not None):
+            self._served_version_published = True
+            self.item_cache.clear()
 
     def user(self, user_id: int) -> UserFeatures:
         return self.users([user_id])[0]
@@ -257,6 +277,7 @@ class OnlineFeatures:
                 for user_id in user_ids for row in (rows[user_id],)]
 
     def items(self, item_ids: list[int]) -> dict[int, ItemFeatures]:
+        self._check_publish()
         now = self.clock()
         found, missing = self.item_cache.get_many(list(dict.fromkeys(item_ids)), now)
         if missing:
@@ -273,7 +294,9 @@ class OnlineFeatures:
             interaction_count=int(row["item_counters__interaction_count"] or 0),
             attention_embedding=list(row["item_embeddings__attention_embedding"] or []),
             representation_embedding=list(row["item_embeddings__representation_embedding"] or []),
-            model_version=row["item_embeddings__model_version"])
+            model_version=(version := row["item_embeddings__model_version"]),
+            embeddings_valid_for=(self.model_version if self.published_versions.valid_for(version, self.model_version)
+                                  else None))
 
     def _read(self, features: list[str], key: str, ids: list[int]) -> list[dict[str, Any]]:
         """One dict per id of ``features`` (view:feature) under their full names (view__feature);

@@ -56,7 +56,8 @@ def catalogue_embeddings(model: Ranker, directory) -> tuple[np.ndarray, np.ndarr
 
 def publish_model_embeddings(model_dir, store, directory) -> tuple[int, str]:
     """Every catalogue item's embeddings of an exported model (a version directory, or a models/
-    root: its newest) into the store's online and offline item_embeddings; (rows, model version)."""
+    root: its newest) into the store's online and offline item_embeddings, where they differ from
+    the published ones (features/publish.py); (rows written, model version)."""
     from pathlib import Path
 
     from features.publish import publish_item_embeddings

@@ -41,8 +41,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from features.event_log import (
     compact_event_log,
     event_times,
@@ -50,6 +48,7 @@ from features.event_log import (
     last_offsets,
     read_event_log,
 )
+from features.publish import PublishedEmbeddings
 from features.store import data_dir, open_store, read_store_meta, stored_schema
 from recsys.config import RunConfig
 from recsys.continual import ContinualLearner, latest_checkpoint
@@ -115,7 +114,8 @@ class StreamLearner:
         self.stats = LearnStats()
         self._unexported = 0
         self._last_export = time.monotonic()
-        self._published: dict[str, np.ndarray] | None = None  # the last version's vectors, by part
+        # the store's published item vectors (read from its files at the first publish, then kept)
+        self._published = PublishedEmbeddings()
         self._resume()
 
     def _resume(self) -> None:
@@ -205,33 +205,33 @@ class StreamLearner:
 
     def _prune_versions(self) -> None:
         """Only the newest ``keep_versions`` of the learner's versions stay (one every --export-seconds
-        would fill the disk, and serving lists them all); a training run's exports are never removed."""
+        would fill the disk, and serving lists them all), and so do only their published item
+        embeddings' files (features/publish.py: rows still some item's newest are carried over); a
+        training run's exports are never removed."""
         import shutil
+
+        from features.publish import prune_item_embeddings
 
         versions, _ = version_directories(self.models)
         learned = [v for v in versions if "continual" in (read_manifest(v).get("metrics") or {})]
-        for old in learned[:-self.config.keep_versions]:
+        removed = learned[:-self.config.keep_versions]
+        if removed:  # the files first: a kill before the directories go prunes them again next time
+            prune_item_embeddings(self.store, [v.name for v in removed], self.directory, state=self._published)
+        for old in removed:
             shutil.rmtree(old, ignore_errors=True)
 
     def _publish(self, version: Path) -> int:
-        """The catalogue's items whose vectors differ from the last published version's, tagged with
-        ``version``: with shared (hashed) rows any item may change, so all are compared."""
+        """The catalogue's items whose vectors differ from the store's published ones, tagged with
+        ``version`` (features/publish.py compares; with shared (hashed) rows any item may change, so all
+        are compared); how many were written."""
         from features.publish import publish_item_embeddings
         from recsys.export import load_model
         from recsys.item_embeddings import catalogue_embeddings
 
         model, manifest = load_model(version)
         ids, representation, attention = catalogue_embeddings(model, self.directory)
-        changed = np.ones(len(ids), dtype=bool)
-        if self._published is not None and len(self._published["ids"]) == len(ids):
-            changed = ~(np.isclose(representation, self._published["representation"], rtol=0, atol=1e-7).all(axis=1)
-                        & np.isclose(attention, self._published["attention"], rtol=0, atol=1e-7).all(axis=1))
-        # every item the first time: the store's vectors are another version's until then
-        self._published = {"ids": ids, "representation": representation, "attention": attention}
-        if not changed.any():
-            return 0
-        return publish_item_embeddings(self.store, ids[changed], representation[changed], attention[changed],
-                                       manifest["model_version"], self.directory)
+        return publish_item_embeddings(self.store, ids, representation, attention, manifest["model_version"],
+                                       self.directory, state=self._published)
 
     # --- the loop ---
 

@@ -256,8 +256,11 @@ class InputBuilder:
         vectors = self.ranker.items(self._ids(self.item_readers, items), self._categories(items), len(items))
         parts = [torch.cat([vectors.columns, self._dense(self.item_dense, items)], dim=1)]
         published = [(vectors.attention, "attention_embedding"), (vectors.representation, "representation_embedding")]
+        # used: this version's own vectors, written by its publish or by an earlier one that its publish
+        # left alone (features/publish.py; features/online.py says which)
         outcomes = ["absent" if item.model_version is None else
-                    "used" if item.model_version == self.model_version else "stale" for item in items]
+                    "used" if self.model_version is not None and self.model_version in (
+                        item.model_version, item.embeddings_valid_for) else "stale" for item in items]
         self.published.update(outcomes)
         own = [(position, item) for (position, item), outcome in zip(enumerate(items), outcomes) if outcome == "used"]
         for computed, field in published:

@@ -169,7 +169,7 @@ def test_published_embeddings_read_back_as_the_model_has_them(loaded_store, smal
     row = int(np.flatnonzero(items["item_id"].to_numpy() == 50)[0])
     np.testing.assert_allclose(online["attention_embedding"][0], attention[row], rtol=1e-6)
     assert online["model_version"] == [manifest["model_version"]]
-    offline = pd.read_parquet(directory / "offline" / "item_embeddings.parquet")
+    offline = pd.read_parquet(directory / "offline" / "item_embeddings" / f"{manifest['model_version']}.parquet")
     assert (offline["model_version"] == manifest["model_version"]).sum() == 1682
 
 

@@ -100,12 +100,18 @@ item_counters = FeatureView(
             Field(name="stamp_us", dtype=Int64)],
     description="how many behaviours the item has had; stream-updated")
 
+# one Parquet file per published model version, holding the items whose vectors it changed
+# (features/publish.py): a glob, which Feast's DuckDB offline store reads (a directory it does not),
+# so materialize and point-in-time reads take each item's newest row across the versions
 item_embeddings = FeatureView(
-    name="item_embeddings", entities=[item], ttl=NO_EXPIRY, source=_source("item_embeddings"),
+    name="item_embeddings", entities=[item], ttl=NO_EXPIRY,
+    source=FileSource(name="item_embeddings_source", path=str(OFFLINE_DIR / "item_embeddings" / "*.parquet"),
+                      timestamp_field="event_timestamp"),
     schema=[Field(name="attention_embedding", dtype=Array(Float32)),
             Field(name="representation_embedding", dtype=Array(Float32)),
             Field(name="model_version", dtype=String)],
-    description="trained item embeddings, published after training with their model version")
+    description="trained item embeddings with the model version that computed them, published after training "
+                "and by the learner (only what changed)")
 
 ranker_features = FeatureService(
     name="ranker", features=[*profiles, user_history, item_counters],
