@@ -192,7 +192,6 @@ def test_the_learner_publishes_only_what_changed_prunes_with_its_versions_and_se
     beyond --keep-versions take their files with them, every item keeps its newest vectors, and a
     server of the newest version (which republished nothing) counts them all as its own ("used")."""
     from features.events import schema_events
-    from features.publish import PublishedVersions
     from recsys.export import load_model
     from recsys.item_embeddings import catalogue_embeddings
     from recsys.learn import LearnConfig, StreamLearner
@@ -236,6 +235,8 @@ def test_the_learner_publishes_only_what_changed_prunes_with_its_versions_and_se
     rows = rows.sort_values("event_timestamp").groupby("item_id").last().loc[ids]
     np.testing.assert_allclose(np.stack(rows.representation_embedding), r2, rtol=0, atol=1e-7)
     assert set(rows.model_version) == {first.name, second.name}
+    from features.publish import PublishedVersions
+
     assert all(PublishedVersions(store_dir).valid_for(v, newest.name) for v in (first.name, second.name))
 
     items = list(range(1, 41))
