@@ -40,18 +40,19 @@ No torch on import (the ingester's side of the store).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+
+from features.columns import microseconds, stored_column
+from features.durable import exclusive, write_parquet, write_text
 
 log = logging.getLogger("plexrec.features")
 
@@ -142,7 +143,7 @@ def compact_event_log(directory: str | Path) -> Compaction:
     report = Compaction()
     events = log_dir(directory)
     if events.is_dir():
-        with _exclusive(events / LOCK):
+        with exclusive(events / LOCK):
             _append(directory, report)
     report.seconds = time.perf_counter() - started
     return report
@@ -272,7 +273,6 @@ def _rows_of(rows: pd.DataFrame, bulk: pd.DataFrame) -> np.ndarray:
 def stream_interactions(compacted: pd.DataFrame, schema, types: dict[str, str]) -> pd.DataFrame:
     """Logged events as rows of offline/interactions.parquet: user_id, item_id, timestamp in the
     schema's unit, the label or rating column, the split column, the context columns as stored."""
-    from features.load import stored_column
 
     rows = pd.DataFrame({"user_id": compacted["user_id"].to_numpy(np.int64),
                          "item_id": compacted["item_id"].to_numpy(np.int64),
@@ -296,7 +296,6 @@ def stream_interactions(compacted: pd.DataFrame, schema, types: dict[str, str]) 
 
 def event_times(logged: pd.DataFrame, schema) -> np.ndarray:
     """Logged events' times in the schema's unit, as the ingester converts them for the online history."""
-    from features.load import microseconds
 
     return microseconds(logged["event_timestamp"]) // 1000 * schema.units_per_second // 1000
 
@@ -310,45 +309,10 @@ def rating_of(value: pd.Series, label: np.ndarray, threshold: float) -> np.ndarr
     return np.where(agrees, rating, np.where(label == 1, threshold, threshold - 1))
 
 
-def write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(path.name + ".tmp")
-    frame.to_parquet(staging, index=False)
-    _durably_replace(staging, path)
-
-
-def write_text(text: str, path: Path) -> None:
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text(text)
-    _durably_replace(staging, path)
-
-
-def _durably_replace(staging: Path, path: Path) -> None:
-    """Rename over ``path``, on disk before the caller goes on (it may delete what the file replaces)."""
-    with staging.open("rb") as file:
-        os.fsync(file.fileno())
-    os.replace(staging, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
 def compaction_lock(directory: str | Path):
     """The lock compactions hold: whoever rewrites the offline store (a load) takes it too."""
     log_dir(directory).mkdir(parents=True, exist_ok=True)
-    return _exclusive(log_dir(directory) / LOCK)
-
-
-@contextmanager
-def _exclusive(lock_path: Path):
-    with lock_path.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, and by the kernel if the process dies
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return exclusive(log_dir(directory) / LOCK)
 
 
 def main(directory: str | Path | None = None) -> Compaction:

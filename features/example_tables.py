@@ -42,27 +42,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from features.event_log import stream_parts
+from features.example_sql import (EngineSettings, behaviours_query, counted_examples_query, interaction_columns,
+                                   quote, rows_query)
 
 log = logging.getLogger("plexrec.features")
 
 EXAMPLES, BEHAVIOURS, MANIFEST = "examples", "behaviours", "manifest.json"
-# streamed rows come after every loaded one among equal (user, time); their own ordinals (the
-# order of logging, features/event_log.py) stay below 2^62
-STREAM_ORDINAL_BASE = 1 << 62
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """How the query engine may use the machine: the memory it may hold (it spills past it to
-    ``temp_dir``) and its threads (None: all cores); Spark's master URL (None: $PLEXREC_SPARK_MASTER,
-    else ``local[*]``, a Spark inside this process's JVM)."""
-
-    memory_limit: str = "2GB"
-    threads: int | None = None
-    temp_dir: str | None = None
-    spark_master: str | None = None
-
-
 @dataclass
 class ExampleTables:
     """Where a build wrote its shards, and what it found."""
@@ -87,85 +72,6 @@ class ExampleTables:
     def open(cls, directory: str | Path) -> ExampleTables:
         meta = json.loads((Path(directory) / MANIFEST).read_text())
         return cls(directory=Path(directory), **meta)
-
-
-# ---------------------------------------------------------------------------------------------
-# the queries (engine-neutral SQL over registered tables)
-
-
-def label_expression(schema) -> str:
-    """The 0/1 label of a row, as features.examples.labels_of computes it."""
-    if schema.label:
-        return f"CAST({quote(schema.label)} AS DOUBLE) = 1"
-    return f"CAST({quote(schema.rating)} AS DOUBLE) >= {float(schema.rating_threshold)!r}"
-
-
-def quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def interaction_columns(schema) -> list[str]:
-    """The columns of offline/interactions.parquet (and of stream_interactions.parquet)."""
-    return ["user_id", "item_id", "timestamp", schema.rating or schema.label,
-            *([schema.split] if schema.split else []), *schema.context.columns]
-
-
-def rows_query(schema, has_stream: bool) -> str:
-    """Loaded and streamed interactions with a load order, a behaviour flag and an example flag; a
-    streamed row that is a loaded row (the same user, item and instant: a replay) is left out."""
-    columns = ", ".join(quote(c) for c in interaction_columns(schema))
-    parts = [f"SELECT {columns}, ordinal FROM bulk"]
-    if has_stream:  # "stream" quoted: Spark SQL reads `FROM stream AS s` as a streaming table named AS
-        parts.append(f"SELECT {columns}, ordinal + {STREAM_ORDINAL_BASE} AS ordinal FROM \"stream\" AS s "
-                     "WHERE NOT EXISTS (SELECT 1 FROM bulk AS b WHERE b.user_id = s.user_id "
-                     "AND b.item_id = s.item_id AND b.timestamp = s.timestamp)")
-    behaviour = "TRUE" if schema.history == "all" else label_expression(schema)
-    example = "TRUE" if not schema.split else f"LOWER(CAST({quote(schema.split)} AS STRING)) <> 'context'"
-    return (f"SELECT *, CASE WHEN {behaviour} THEN 1 ELSE 0 END AS is_behaviour, "
-            f"CASE WHEN {example} THEN 1 ELSE 0 END AS is_example FROM ({' UNION ALL '.join(parts)}) AS r")
-
-
-def counted_examples_query(schema, examples_from: str, window_only: bool) -> str:
-    """Each example with the user's and the item's behaviours strictly before its instant.
-
-    The behaviours (weight 1) and the examples (weight 0) are put in one frame per key, ordered
-    by time; ``RANGE ... 1 PRECEDING`` sums the weights of strictly earlier integer timestamps, so
-    behaviours of the example's own instant never count, wherever they sort. With ``window_only``
-    only the behaviours of the examples' users and items are read."""
-    user_filter = " AND user_id IN (SELECT user_id FROM ex)" if window_only else ""
-    item_filter = " AND item_id IN (SELECT item_id FROM ex)" if window_only else ""
-    before = "RANGE BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING"
-    return f"""
-    WITH ex AS ({examples_from}),
-    by_user AS (
-        SELECT ordinal, user_id, timestamp, 1 AS weight, 0 AS is_ex FROM rows WHERE is_behaviour = 1{user_filter}
-        UNION ALL SELECT ordinal, user_id, timestamp, 0, 1 FROM ex),
-    user_counts AS (
-        SELECT ordinal, CAST(COALESCE(SUM(weight) OVER (PARTITION BY user_id ORDER BY timestamp {before}), 0)
-               AS BIGINT) AS user_interaction_count, is_ex FROM by_user),
-    by_item AS (
-        SELECT ordinal, item_id, timestamp, 1 AS weight, 0 AS is_ex FROM rows WHERE is_behaviour = 1{item_filter}
-        UNION ALL SELECT ordinal, item_id, timestamp, 0, 1 FROM ex),
-    item_counts AS (
-        SELECT ordinal, CAST(COALESCE(SUM(weight) OVER (PARTITION BY item_id ORDER BY timestamp {before}), 0)
-               AS BIGINT) AS item_interaction_count, is_ex FROM by_item)
-    SELECT {", ".join("ex." + quote(c) for c in interaction_columns(schema))}, ex.ordinal,
-           u.user_interaction_count, i.item_interaction_count
-    FROM ex
-    JOIN (SELECT * FROM user_counts WHERE is_ex = 1) AS u ON u.ordinal = ex.ordinal
-    JOIN (SELECT * FROM item_counts WHERE is_ex = 1) AS i ON i.ordinal = ex.ordinal
-    """
-
-
-def behaviours_query(schema, examples_from: str, window_only: bool) -> str:
-    """Every behaviour (of the examples' users, with ``window_only``) with its item's category."""
-    category = "p.item_category" if schema.category else "CAST(NULL AS STRING)"
-    user_filter = f" AND r.user_id IN (SELECT user_id FROM ({examples_from}) AS ex)" if window_only else ""
-    return f"""
-    SELECT r.user_id, r.item_id, r.timestamp, r.ordinal, {category} AS item_category
-    FROM rows AS r LEFT JOIN latest_item_profile AS p ON p.item_id = r.item_id
-    WHERE r.is_behaviour = 1{user_filter}
-    """
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The example tables on Spark: the same SQL as DuckDB's (features/example_tables.py), past one machine.
+"""The example tables on Spark: the same SQL as DuckDB's (features/example_sql.py), past one machine.
 
     build_example_tables(offline, schema, out, engine="spark")
     plexrec train --set data.source=feast --set data.example_engine=spark
@@ -50,7 +50,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from features.event_log import stream_parts
-from features.example_tables import EngineSettings, interaction_columns, quote, rows_query
+from features.example_sql import EngineSettings, interaction_columns, quote, rows_query
 
 log = logging.getLogger("plexrec.features")
 
@@ -128,7 +128,7 @@ def spark_session(settings: EngineSettings = EngineSettings(), app_name: str = "
 
 
 class SparkEngine:
-    """The offline Parquet files as Spark views; the queries of features/example_tables.py on them."""
+    """The offline Parquet files as Spark views; the queries of features/example_sql.py on them."""
 
     name = "spark"
 

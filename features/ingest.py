@@ -629,7 +629,7 @@ class Ingester:
 
         import pandas as pd
 
-        from features.event_log import _durably_replace
+        from features.durable import durably_replace
 
         frame = pd.DataFrame({
             "event_id": [r.event.event_id for r in events],
@@ -655,7 +655,7 @@ class Ingester:
         frame.to_parquet(staging, index=False)
         # on disk (the file, then its name in the directory) before the offsets are committed: a power
         # loss after the commit must not lose a batch that Kafka will not deliver again
-        _durably_replace(staging, path)
+        durably_replace(staging, path)
 
     # --- the loop ---
 

@@ -31,8 +31,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from features.event_log import compaction_lock, write_parquet, write_text
-from features.schema import DataError, DatasetSchema, first_value, value_text
+from features.columns import feast_type, microseconds, stored_column
+from features.durable import write_parquet, write_text
+from features.event_log import compaction_lock
+from features.schema import DataError, DatasetSchema, first_value
 from features.tables import DatasetTables
 from features.known_warnings import feast_calls
 
@@ -61,43 +63,6 @@ def running_state(keys: np.ndarray, times: np.ndarray, items: np.ndarray | None,
         state["history_item_ids"] = [items[a:b].tolist() for a, b in zip(first, ends)]
         state["history_timestamps"] = [times[a:b].tolist() for a, b in zip(first, ends)]
     return state
-
-
-def microseconds(stamps: pd.Series) -> np.ndarray:
-    """UTC timestamps as integer microseconds since the epoch."""
-    return stamps.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy("datetime64[us]").astype(np.int64)
-
-
-def feast_type(column: pd.Series, kind: str) -> str:
-    """The Feast type a column is stored as: Int64 / String for categorical values (integers
-    stay integers), Array(...) for list cells, Float32 for numeric ones."""
-    if kind == "numeric":
-        return "Float32"
-    present = column.dropna()
-    if len(present) and isinstance(present.iloc[0], (list, tuple, np.ndarray)):
-        flat = [v for cell in present for v in cell]
-        return "Array(Int64)" if all(_is_integer(v) for v in flat) else "Array(String)"
-    return "Int64" if len(present) and all(_is_integer(v) for v in present.unique()) else "String"
-
-
-def _is_integer(value) -> bool:
-    if isinstance(value, (bool, np.bool_)):
-        return False
-    if isinstance(value, (int, np.integer)):
-        return True
-    return isinstance(value, (float, np.floating)) and float(value).is_integer()
-
-
-def stored_column(column: pd.Series, type_name: str):
-    """A column converted to its Feast type."""
-    if type_name == "Float32":
-        return pd.to_numeric(column, errors="coerce").astype("float32")
-    if type_name == "Int64":
-        return column.astype("float64").astype("Int64") if column.dtype == object else column.astype("Int64")
-    if type_name == "String":
-        return column.map(value_text).astype(object)
-    element = int if type_name == "Array(Int64)" else value_text
-    return column.map(lambda cell: [element(v) for v in cell] if isinstance(cell, (list, tuple, np.ndarray)) else [])
 
 
 def column_types(schema: DatasetSchema, tables: DatasetTables) -> dict[str, str]:

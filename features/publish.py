@@ -218,11 +218,11 @@ def _write(rows: Rows, path: Path, footer: dict[bytes, bytes]) -> None:
     """``rows`` as ``path``, atomically and durably (temp file, fsync, rename, directory fsync)."""
     import pyarrow.parquet as pq
 
-    from features.event_log import _durably_replace
+    from features.durable import durably_replace
 
     staging = path.parent / f".{path.name}.tmp"
     pq.write_table(rows.table().replace_schema_metadata(footer), staging)
-    _durably_replace(staging, path)
+    durably_replace(staging, path)
 
 
 def _rename(source: Path, target: Path) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from features.event_log import compact_event_log
-from features.example_tables import EngineSettings, build_example_tables, interaction_columns, read_shard
+from features.example_sql import EngineSettings, interaction_columns
+from features.example_tables import build_example_tables, read_shard
 from features.store import data_dir, read_store_meta, stored_schema
 from features.examples import Examples, SplitRule
 from features.schema import DataError

@@ -141,7 +141,8 @@ def write_examples(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from features.event_log import compact_event_log
-    from features.example_tables import EngineSettings, build_example_tables
+    from features.example_sql import EngineSettings
+    from features.example_tables import build_example_tables
     from features.store import StoreError, data_dir, stored_schema
     from features.schema import DataError
 

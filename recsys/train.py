@@ -111,7 +111,8 @@ def training_examples(config: RunConfig, ctx: DistributedContext, out_dir: Path)
     if data.source != "feast" or data.shard_examples <= 0:
         return load_dataset(data)[0]
     from features.event_log import compact_event_log
-    from features.example_tables import EngineSettings, ExampleTables, build_example_tables
+    from features.example_sql import EngineSettings
+    from features.example_tables import ExampleTables, build_example_tables
     from features.store import data_dir, read_store_meta, stored_schema
     from features.examples import SplitRule
     from recsys.data.dataset import check_store_schema

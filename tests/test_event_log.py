@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features import event_log
+from features import durable
 from features.event_log import (MANIFEST, compact_event_log, log_dir, log_parts, read_event_log, read_manifest,
                                 stream_interactions, stream_parts)
 from features.events import EventProducer, schema_events
@@ -197,7 +197,7 @@ def test_compaction_is_idempotent_and_a_kill_anywhere_loses_and_duplicates_nothi
 
     writes = len(log_parts(directory)) + 2  # the log's parts, the stream part, the manifest (the commit)
     # killed just before the first rename (its .tmp stays behind), or just after each
-    real_replace = event_log._durably_replace
+    real_replace = durable.durably_replace
     for kill_at in range(-1, writes):
         copy = tmp_path_factory.mktemp(f"killed-{kill_at}") / "store"
         shutil.copytree(pristine, copy)
@@ -211,10 +211,10 @@ def test_compaction_is_idempotent_and_a_kill_anywhere_loses_and_duplicates_nothi
             if len(done) == kill_at + 1:
                 raise Killed
 
-        monkeypatch.setattr(event_log, "_durably_replace", replace_then_die)
+        monkeypatch.setattr(durable, "durably_replace", replace_then_die)
         with pytest.raises(Killed):
             compact_event_log(copy)
-        monkeypatch.setattr(event_log, "_durably_replace", real_replace)
+        monkeypatch.setattr(durable, "durably_replace", real_replace)
         left = read_event_log(copy)  # what a reader sees meanwhile: every event, once
         pd.testing.assert_frame_equal(left, expected["log"], check_dtype=False)
         committed = kill_at == writes - 1

@@ -7,8 +7,8 @@ import shutil
 import pandas as pd
 import pytest
 
-from features.example_tables import (STREAM_ORDINAL_BASE, EngineSettings, ExampleTables, build_example_tables,
-                                     interaction_columns)
+from features.example_sql import STREAM_ORDINAL_BASE, EngineSettings, interaction_columns
+from features.example_tables import ExampleTables, build_example_tables
 from features.example_tables_spark import SparkEngine, jvm_memory, spark_session
 from features.load import load_into_store
 from features.store import open_store, stored_schema

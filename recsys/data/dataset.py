@@ -3,7 +3,7 @@ or built from the feature store (``data.source: feast``)."""
 
 from __future__ import annotations
 
-from features.example_tables import EngineSettings
+from features.example_sql import EngineSettings
 from features.examples import Examples, SplitRule, build_examples
 from features.schema import DataError, DatasetSchema
 from features.store import stored_schema
