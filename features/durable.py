@@ -31,11 +31,16 @@ def durably_replace(staging: Path, path: Path) -> None:
     with staging.open("rb") as file:
         os.fsync(file.fileno())
     os.replace(staging, path)
-    folder = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Put a folder's entries (a rename, a deletion) on disk."""
+    handle = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(folder)
+        os.fsync(handle)
     finally:
-        os.close(folder)
+        os.close(handle)
 
 
 @contextmanager

@@ -55,17 +55,16 @@ without one the files are read whole. No torch: the caller hands over plain arra
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from features.durable import durably_replace, exclusive, fsync_dir
 from features.store import data_dir
 
 log = logging.getLogger("plexrec.features")
@@ -218,8 +217,6 @@ def _write(rows: Rows, path: Path, footer: dict[bytes, bytes]) -> None:
     """``rows`` as ``path``, atomically and durably (temp file, fsync, rename, directory fsync)."""
     import pyarrow.parquet as pq
 
-    from features.durable import durably_replace
-
     staging = path.parent / f".{path.name}.tmp"
     pq.write_table(rows.table().replace_schema_metadata(footer), staging)
     durably_replace(staging, path)
@@ -227,33 +224,19 @@ def _write(rows: Rows, path: Path, footer: dict[bytes, bytes]) -> None:
 
 def _rename(source: Path, target: Path) -> None:
     os.replace(source, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _remove(paths: list[Path]) -> None:
     for path in paths:
         path.unlink(missing_ok=True)
     if paths:
-        _fsync_dir(paths[0].parent)
+        fsync_dir(paths[0].parent)
 
 
-def _fsync_dir(folder: Path) -> None:
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
-@contextmanager
 def _exclusive(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / LOCK).open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, and by the kernel if the process dies
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return exclusive(folder / LOCK)
 
 
 @dataclass
