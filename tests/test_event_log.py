@@ -305,3 +305,38 @@ def test_a_load_after_streaming_keeps_the_streamed_history_and_the_ingesters_wat
     assert item_counts(store, [item])[0] == streamed_count
     stream(broker, store, directory, events[:200])  # re-sent: the same event ids
     assert history_of(store, user) == streamed_history and item_counts(store, [item])[0] == streamed_count
+
+
+def test_a_learner_window_read_during_another_compaction_has_the_features_of_its_instants(
+        broker, movielens_past, ml100k_tables, monkeypatch):
+    """What the learner does (take the events past its offsets, build their examples) while another
+    compaction is half done (forced: right after that compaction's first file write): the learner
+    sees only committed events, and each of its examples equals that event's example in the whole
+    store's (its history, counters and label)."""
+    from features.event_log import events_after
+
+    store, directory, past, future = movielens_past
+    schema = ml100k_tables.schema
+    events = schema_events(future, schema)
+    stream(broker, store, directory, events[:len(events) // 2])
+    compact_event_log(directory)
+    stream(broker, store, directory, events[len(events) // 2:])
+    real_replace, seen = durable.durably_replace, {}
+
+    def learner_reads_after_the_first_write(staging, path):
+        real_replace(staging, path)
+        if not seen:
+            seen["rows"], _ = events_after(directory, {})
+            seen["window"] = examples_from_store(store, directory, compact=False, events=seen["rows"])
+
+    monkeypatch.setattr(durable, "durably_replace", learner_reads_after_the_first_write)
+    compact_event_log(directory)  # the competing one
+    monkeypatch.setattr(durable, "durably_replace", real_replace)
+    window, whole = seen["window"], examples_from_store(store, directory)
+    index = {(int(u), int(i), int(t)): n for n, (u, i, t) in enumerate(zip(whole.user_id, whole.item_id,
+                                                                            whole.timestamp))}
+    assert len(window) == len(seen["rows"]) > 0
+    for n in range(len(window)):
+        m = index[(int(window.user_id[n]), int(window.item_id[n]), int(window.timestamp[n]))]
+        assert window.history(n, ML_HISTORY).tolist() == whole.history(m, ML_HISTORY).tolist(), n
+        assert np.allclose(window.dense[n], whole.dense[m]) and window.label[n] == whole.label[m], n
