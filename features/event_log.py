@@ -49,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from features.columns import microseconds, stored_column
@@ -64,6 +66,7 @@ LOCK = ".compaction.lock"
 STREAM_SPLIT = "train"  # a schema's split column describes the bulk rows; streamed ones are new training data
 READ_ATTEMPTS = 10
 LOADED_KEY = ["user_id", "item_id", "timestamp"]  # a logged event with these of a loaded row is that row
+GROUP_EVENTS = 1_000_000  # batch files' events committed together, at most (about): a compaction's memory
 ROWS_PER_PART = 1 << 28  # a stream row's ordinal: part seq * ROWS_PER_PART + its row in the part
 
 
@@ -151,7 +154,7 @@ def compact_event_log(directory: str | Path) -> Compaction:
 
 def _append(directory: Path, report: Compaction) -> None:
     from features.log_stamp import file_fingerprints, store_fingerprint
-    from features.store import StoreError, read_store_meta, stored_schema
+    from features.store import StoreError
 
     events = log_dir(directory)
     manifest = read_manifest(directory)
@@ -165,42 +168,67 @@ def _append(directory: Path, report: Compaction) -> None:
     if foreign:
         raise StoreError(f"{len(foreign)} event log file(s) in {events} were logged into a store of another "
                          f"schema (e.g. {foreign[0].name}): move them away (or delete them) and compact again")
+    report.batch_files = len(batches)
+    for group in _groups(batches):  # a group at a time: memory is set by GROUP_EVENTS, not by the backlog
+        manifest = _append_group(directory, group, manifest, report)
+        for batch in group:  # only now: every event of theirs is in a committed part
+            batch.unlink(missing_ok=True)
+
+
+def _groups(batches: list[Path]) -> list[list[Path]]:
+    """Consecutive batch files of about GROUP_EVENTS events together (at least one file each)."""
+    groups, current, count = [], [], 0
+    for batch in batches:
+        rows = pq.ParquetFile(batch).metadata.num_rows
+        if current and count + rows > GROUP_EVENTS:
+            groups.append(current)
+            current, count = [], 0
+        current.append(batch)
+        count += rows
+    return groups + ([current] if current else [])
+
+
+def _append_group(directory: Path, batches: list[Path], manifest: dict, report: Compaction) -> dict:
+    """Commit the new events of ``batches`` as the next part; the manifest after it."""
+    from features.store import read_store_meta, stored_schema
+
+    events = log_dir(directory)
     fresh = merged([pd.read_parquet(batch) for batch in batches])
-    report.batch_files, report.events_read = len(batches), sum(pq.ParquetFile(b).metadata.num_rows for b in batches)
-    dates = _dates(fresh)
-    known = _event_ids(directory, manifest, set(dates.unique()))
-    new = fresh[~fresh["event_id"].isin(known)].reset_index(drop=True)
-    report.duplicates = report.events_read - len(new)
-    if len(new):
-        seq = int(manifest["next"])
-        part = {"log": [], "stream": None, "events": len(new)}
-        for date, rows in new.groupby(_dates(new), sort=True):
-            relative = f"{LOG}/date={date}/part-{seq:08d}.parquet"
-            write_parquet(rows.reset_index(drop=True), events / relative)
-            part["log"].append(relative)
-        rows = stream_interactions(new, stored_schema(directory), read_store_meta(directory)["types"])
-        rows["ordinal"] = seq * ROWS_PER_PART + np.arange(len(rows), dtype=np.int64)
-        part["stream"] = f"{STREAM_INTERACTIONS}/part-{seq:08d}.parquet"
-        write_parquet(rows, directory / "offline" / part["stream"])
-        manifest = {"next": seq + 1, "parts": {**manifest["parts"], str(seq): part}}
-        write_text(json.dumps(manifest, indent=1) + "\n", events / MANIFEST)  # the commit
-        report.new_events, report.stream_interactions = len(new), len(rows)
-        report.log_events += len(new)
-    for batch in batches:  # only now: every event of theirs is in a committed part
-        batch.unlink(missing_ok=True)
+    read = sum(pq.ParquetFile(b).metadata.num_rows for b in batches)
+    known = _event_ids(directory, manifest, set(_dates(fresh).unique()))
+    new = fresh[~pc.is_in(pa.array(fresh["event_id"].astype(str)), value_set=known).to_numpy(
+        zero_copy_only=False)].reset_index(drop=True)
+    report.events_read += read
+    report.duplicates += read - len(new)
+    if not len(new):
+        return manifest
+    seq = int(manifest["next"])
+    part = {"log": [], "stream": None, "events": len(new)}
+    for date, rows in new.groupby(_dates(new), sort=True):
+        relative = f"{LOG}/date={date}/part-{seq:08d}.parquet"
+        write_parquet(rows.reset_index(drop=True), events / relative)
+        part["log"].append(relative)
+    rows = stream_interactions(new, stored_schema(directory), read_store_meta(directory)["types"])
+    rows["ordinal"] = seq * ROWS_PER_PART + np.arange(len(rows), dtype=np.int64)
+    part["stream"] = f"{STREAM_INTERACTIONS}/part-{seq:08d}.parquet"
+    write_parquet(rows, directory / "offline" / part["stream"])
+    manifest = {"next": seq + 1, "parts": {**manifest["parts"], str(seq): part}}
+    write_text(json.dumps(manifest, indent=1) + "\n", events / MANIFEST)  # the commit
+    report.new_events += len(new)
+    report.stream_interactions += len(rows)
+    report.log_events += len(new)
+    return manifest
 
 
 def _dates(frame: pd.DataFrame) -> pd.Series:
     return pd.to_datetime(frame["event_timestamp"], utc=True).dt.strftime("%Y-%m-%d")
 
 
-def _event_ids(directory: Path, manifest: dict, dates: set[str]) -> set:
+def _event_ids(directory: Path, manifest: dict, dates: set[str]) -> pa.Array:
     """The event ids the committed log holds on ``dates`` (a re-delivered event keeps its time)."""
     paths = [path for path in log_parts(directory, manifest) if path.parent.name.removeprefix("date=") in dates]
-    ids = set()
-    for path in paths:
-        ids.update(pq.read_table(path, columns=["event_id"]).column(0).to_pylist())
-    return ids
+    ids = [pq.read_table(path, columns=["event_id"]).column(0).combine_chunks().cast(pa.string()) for path in paths]
+    return pa.concat_arrays(ids) if ids else pa.array([], type=pa.string())
 
 
 def _remove_orphans(directory: Path, manifest: dict) -> int:

@@ -53,6 +53,8 @@ from features.event_log import stream_parts
 from features.example_sql import EngineSettings, interaction_columns, quote, rows_query
 
 log = logging.getLogger("plexrec.features")
+# py4j logs an INFO line from a finaliser at interpreter exit, when the streams are closed ("Logging error")
+logging.getLogger("py4j").setLevel(logging.WARNING)
 
 MASTER_ENV = "PLEXREC_SPARK_MASTER"
 STAGING_ENV = "PLEXREC_SPARK_STAGING"

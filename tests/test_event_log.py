@@ -340,3 +340,21 @@ def test_a_learner_window_read_during_another_compaction_has_the_features_of_its
         m = index[(int(window.user_id[n]), int(window.item_id[n]), int(window.timestamp[n]))]
         assert window.history(n, ML_HISTORY).tolist() == whole.history(m, ML_HISTORY).tolist(), n
         assert np.allclose(window.dense[n], whole.dense[m]) and window.label[n] == whole.label[m], n
+
+
+def test_a_backlog_is_appended_a_group_at_a_time(broker, movielens_past, ml100k_tables, monkeypatch):
+    """Batch files of more events than one group holds become several committed parts (memory is set
+    by the group, not by the backlog), with every event once and the examples of the whole data set."""
+    from features import event_log
+
+    store, directory, past, future = movielens_past
+    schema = ml100k_tables.schema
+    events = schema_events(future, schema)
+    stream(broker, store, directory, events + events[:30], max_batch=40)  # 30 re-sent, in later files
+    monkeypatch.setattr(event_log, "GROUP_EVENTS", 200)
+    report = compact_event_log(directory)
+    assert report.new_events == len(events) and report.duplicates == 30
+    assert len(read_manifest(directory)["parts"]) >= len(events) // 200
+    assert len(read_event_log(directory)) == len(events)
+    whole = build_examples(ml100k_tables.with_interactions(pd.concat([past, future])).joined(), schema)
+    assert_same_examples(examples_from_store(store, directory), whole, ML_HISTORY)
