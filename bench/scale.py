@@ -3,6 +3,7 @@
     .venv/bin/python bench/scale.py [--sizes 250k,1M,4M,16M] [--out bench/results/scale.json]
                                     [--code worktree|HEAD] [--work-dir .plexrec-bench]
                                     [--stage-timeout 900] [--max-rss-gb 10] [--stages load,...,direct]
+                                    [--train-seconds 240] [--profile-train]
 
 For each size, a synthetic impression log is generated (seeded, numpy, written in row groups,
 cached under --work-dir, which git ignores): lognormal user activity (100 rows per user on
@@ -15,8 +16,16 @@ ru_maxrss of the process, whichever is larger):
 
     load          plexrec features load --schema <yaml> --data-dir <store> --history-length 100
     examples      features.training.examples_from_store(open_store("local", store), store)
-    train         plexrec train, one epoch from the store (configs/quickstart.yaml's unified
-                  embedding + DARE, made small: TRAIN_SMALL)
+    train         plexrec train's Trainer (recsys/train.py), one epoch from the store streamed from
+                  user shards (configs/quickstart.yaml's unified embedding + DARE, made small:
+                  TRAIN_SMALL; data.shard_examples / data.buffer_shards as the project sets them), run
+                  by this file's bounded_fit: with --train-seconds N the epoch's batch loop stops
+                  after N seconds of training (the steps done, examples/s, where the time went
+                  between building batches and the model's steps, and the peak RSS so far are
+                  recorded; an estimate of the whole epoch is steps_per_epoch x seconds per step);
+                  then, as an epoch's end does, validation, checkpoint, test and export
+    train_memory  the same with data.shard_examples=0: every example in memory (the ratio of
+                  examples/s and of peak RSS to the streamed train is in the JSON and the table)
     compact       plexrec features compact of 1% new events, logged after the data set's last
                   instant in batch files written by the ingester's own Ingester._log
     learn         one plexrec learn window (recsys/learn.py StreamLearner.step, from the trained
@@ -29,8 +38,13 @@ ru_maxrss of the process, whichever is larger):
     direct        (only with --stages ...,direct) the direct loader's examples from the files
 
 The JSON also keeps each stage's own timing of its work (the examples call, the compaction
-as it logs it, the learner's window, the training epoch): a plexrec process spends seconds
-importing before it starts. The compaction goal compares the compactions' own timings.
+as it logs it, the learner's window, the training window): a plexrec process spends seconds
+importing before it starts. The compaction goal compares the compactions' own timings; the goals
+on every stage (16M in <= 8 GB, growth 4M -> 16M) judge the issue's stages, not the comparisons
+(train_memory, direct); for a bounded train, growth compares its estimated stage time (the wall
+time with the window replaced by the estimated epoch). --profile-train: cProfile of the train
+stage's window (logs/<size>/train.prof, and its top functions in train.prof.txt).
+Each stage records the machine's load average at its start and end (others share it).
 --code HEAD runs the stages on an export of that commit (others may be editing the checkout
 mid-run); the default runs this checkout as it is and records its modified files.
 
@@ -63,10 +77,11 @@ CODE = Path(os.environ.get(CODE_ENV, ROOT))
 if str(CODE) not in sys.path:
     sys.path.insert(0, str(CODE))
 
-STAGES = ("load", "examples", "train", "compact", "learn", "compact_full", "direct")
+STAGES = ("load", "examples", "train", "train_memory", "compact", "learn", "compact_full", "direct")
 DEFAULT_STAGES = STAGES[:-1]
-NEEDS = {"load": [], "examples": ["load"], "train": ["load"], "compact": ["load"], "compact_full": ["compact"],
-         "learn": ["train", "compact"], "direct": []}
+NEEDS = {"load": [], "examples": ["load"], "train": ["load"], "train_memory": ["load"], "compact": ["load"],
+         "compact_full": ["compact"], "learn": ["train", "compact"], "direct": []}
+COMPARISONS = ("train_memory", "direct")  # beside the issue's stages: not judged by its goals
 RESULT_MARK = "SCALE_RESULT "  # a stage process's own measurements: one JSON line on stdout
 GENERATOR_VERSION = 1  # bump when the generator changes: cached data sets are made again
 CHUNK_ROWS = 1_000_000  # rows per generated chunk (a Parquet row group); fixed, so the data depend on the seed only
@@ -432,6 +447,7 @@ def run_stage(name: str, command: list[str], logs: Path, args: argparse.Namespac
     limit = args.max_rss_gb * 1024 ** 3
     floor = args.min_available_gb * 1024 ** 3
     say(f"  {name}: {' '.join(command)}")
+    load_before = os.getloadavg()
     with out_path.open("wb") as out, err_path.open("wb") as err:
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=out, stderr=err, cwd=env[CODE_ENV], env=env,
@@ -469,7 +485,8 @@ def run_stage(name: str, command: list[str], logs: Path, args: argparse.Namespac
     result = {"ok": process.returncode == 0 and reason is None, "status": reason or (
         "ok" if process.returncode == 0 else f"failed (exit {process.returncode})"),
         "seconds": round(seconds, 3), "peak_rss_mb": round(peak / MB, 1),
-        "cpu_seconds": round(rusage.ru_utime + rusage.ru_stime, 2)}
+        "cpu_seconds": round(rusage.ru_utime + rusage.ru_stime, 2),
+        "load_average": {"start": [round(x, 2) for x in load_before], "end": [round(x, 2) for x in os.getloadavg()]}}
     stdout = out_path.read_text(errors="replace")
     reported = [line[len(RESULT_MARK):] for line in stdout.splitlines() if line.startswith(RESULT_MARK)]
     if reported:
@@ -497,17 +514,25 @@ TRAIN_SMALL = {"embedding": {"dim": 8}, "sequence": {"mode": "dare", "top_k": 16
                "model": {"mlp": [32, 16]}, "train": {"batch_size": 4096}}
 
 
-def train_config(path: Path, schema: Path, store: Path, run_dir: Path, args: argparse.Namespace) -> Path:
+def train_config(path: Path, schema: Path, store: Path, run_dir: Path, args: argparse.Namespace,
+                 data: dict | None = None) -> Path:
     """configs/quickstart.yaml (unified embedding + DARE, split in time) made small (TRAIN_SMALL), on the
-    bench's store, one epoch."""
+    bench's store, one epoch; ``data``: more data settings (train_memory: shard_examples 0); then
+    --train-set's settings."""
     import yaml
 
     config = yaml.safe_load((args.code_root / "configs" / "quickstart.yaml").read_text())
     config.setdefault("data", {}).update({"schema": str(schema), "source": "feast", "store_dir": str(store),
-                                          "max_history": args.history_length})
+                                          "max_history": args.history_length, **(data or {})})
     config.setdefault("train", {}).update({"epochs": 1, "out_dir": str(run_dir), **TRAIN_SMALL["train"]})
     for section in ("embedding", "sequence", "model"):
         config.setdefault(section, {}).update(TRAIN_SMALL[section])
+    for setting in args.train_set:  # as plexrec train's --set: section.key=value, the value as YAML
+        key, _, value = setting.partition("=")
+        section, _, field = key.partition(".")
+        if not field:
+            raise SystemExit(f"--train-set {setting!r}: use section.key=value")
+        config.setdefault(section, {})[field] = yaml.safe_load(value)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -543,10 +568,15 @@ def prepare_stage(name: str, rows: int, meta: dict, data: Path, store: Path, run
         extra["rows"] = rows
     elif name == "examples":
         command = [*me, "--stage", "examples", "--data-dir", str(store)]
-    elif name == "train":
-        config = train_config(logs / "train.yaml", schema, store, run_dir, args)
-        command = [*plexrec(), "train", "-c", str(config), "--no-progress",
-                   *[item for setting in args.train_set for item in ("--set", setting)]]
+    elif name in ("train", "train_memory"):  # the memory variant's run beside the streamed one's (learn reads that)
+        config = train_config(logs / f"{name}.yaml", schema, store,
+                              run_dir if name == "train" else memory_run_dir(run_dir), args,
+                              {"shard_examples": 0} if name == "train_memory" else None)
+        command = [*me, "--stage", "train", "--config", str(config)]
+        if args.train_seconds:
+            command += ["--train-seconds", str(args.train_seconds)]
+        if args.profile_train and name == "train":
+            command += ["--profile", str(logs / "train.prof")]
     elif name == "compact":
         later = meta["last_time"] + 1
         files = max(1, one_percent // args.batch_events)
@@ -577,6 +607,10 @@ def prepare_stage(name: str, rows: int, meta: dict, data: Path, store: Path, run
     return command, extra
 
 
+def memory_run_dir(run_dir: Path) -> Path:
+    return run_dir.with_name(run_dir.name + "-memory")
+
+
 def project_code(code: str, work: Path, say) -> tuple[Path, dict]:
     """Where the stages' code lives: this checkout as it is, or an export of a commit (--code HEAD:
     others may be editing the checkout while the bench runs)."""
@@ -605,7 +639,7 @@ def measure_size(rows: int, args: argparse.Namespace, say) -> dict:
     say(f"== {label}: {rows:,} rows ==")
     meta = generate(rows, data, args, say)
     store, run_dir, logs = work / "store" / label, work / "run" / label, work / "logs" / label
-    for folder in (store, run_dir, logs):
+    for folder in (store, run_dir, memory_run_dir(run_dir), logs):
         shutil.rmtree(folder, ignore_errors=True)
     store.mkdir(parents=True)
     logs.mkdir(parents=True)
@@ -633,38 +667,44 @@ def measure_size(rows: int, args: argparse.Namespace, say) -> dict:
         result.update({k: v for k, v in extra.items() if k not in result})
         if name in ("compact", "compact_full"):
             result["compaction_seconds"] = compaction_seconds(logs / f"{name}.err")
-        if name == "train" and result["ok"]:
-            result.update(train_summary(logs / "train.out", logs / "train.err"))
+        if name in ("train", "train_memory"):
+            result.update(train_summary(result.get("detail") or {}, logs / f"{name}.err"))
         if "detail" in result and "rows" in result["detail"]:
             result["rows"] = result["detail"]["rows"]
         stages[name] = result
     if not args.keep:
         shutil.rmtree(store, ignore_errors=True)
         shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(memory_run_dir(run_dir), ignore_errors=True)
     return {"rows": rows, "users": meta["users"], "items": meta["items"], "max_user_rows": meta["max_user_rows"],
             "median_user_rows": meta["median_user_rows"], "positive_rate": round(meta["positive_rate"], 4),
             "stages": stages}
 
 
-def train_summary(out_path: Path, err_path: Path) -> dict:
-    """The train stage's examples, epoch time and test AUC (its log lines, its last JSON on stdout)."""
+def train_summary(detail: dict, err_path: Path) -> dict:
+    """The train stage's examples, training window, epoch estimate and AUCs (what it reported; else,
+    for a stage that did not finish, its log's example counts)."""
     summary: dict = {}
-    log_text = tail(err_path, 400)
-    counts = re.findall(r"(\d+) train / (\d+) valid / (\d+) test examples", log_text)
+    counts = re.findall(r"(\d+) train / (\d+) valid / (\d+) test examples", tail(err_path, 400))
     if counts:
         train, valid, test = map(int, counts[-1])
         summary.update({"rows": train + valid + test, "train_examples": train})
-    epoch = re.findall(r"epoch 1: .*\((\d+(?:\.\d+)?) s\)", log_text)
-    if epoch:
-        summary["epoch_seconds"] = float(epoch[-1])
-    text = out_path.read_text(errors="replace")
-    start = text.rfind("\n{")
-    try:
-        printed = json.loads(text[start + 1 if start >= 0 else 0:])
-        summary["test_auc"] = round(printed["test"]["auc"], 4)
-    except (json.JSONDecodeError, KeyError, TypeError):
-        pass
+    built = re.findall(r"examples from the store.* in ([0-9.]+) s\s*$", tail(err_path, 400), flags=re.M)
+    if built:
+        summary["examples_build_seconds"] = float(built[-1])
+    for key in ("train_examples", "setup_seconds", "window", "epoch_estimate_seconds", "after_window_seconds",
+                "test_auc", "valid_auc"):
+        if key in detail:
+            summary[key] = detail[key]
     return summary
+
+
+def stage_seconds_estimate(stage: dict) -> float:
+    """A train stage's wall time with its bounded window replaced by the estimated whole epoch."""
+    window = stage.get("window") or {}
+    if window.get("stopped") and stage.get("epoch_estimate_seconds"):
+        return stage["seconds"] - window["seconds"] + stage["epoch_estimate_seconds"]
+    return stage["seconds"]
 
 
 # --- the stages this file runs itself ---
@@ -683,6 +723,116 @@ def stage_examples(args: argparse.Namespace) -> None:
     rows = len(examples) if hasattr(examples, "__len__") else getattr(examples, "num_rows", None)
     print(RESULT_MARK + json.dumps({"rows": rows, "call_seconds": round(seconds, 3),
                                     "open_store_seconds": round(opened - started, 3)}), flush=True)
+
+
+def peak_rss_mb() -> tuple[float, float]:
+    """(this process's peak RSS so far, its RSS now), MB (/proc/self/status VmHWM, VmRSS)."""
+    found = {}
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                found[line[:5]] = int(line.split()[1]) / 1024
+    return round(found.get("VmHWM", 0.0), 1), round(found.get("VmRSS", 0.0), 1)
+
+
+def bounded_fit(config, budget: float | None, profile: Path | None = None) -> dict:
+    """recsys/train.py's Trainer.fit, its epoch's batch loop stopped after ``budget`` seconds of training
+    (None: the whole epoch): Trainer.batches is wrapped, so the steps taken are the Trainer's own
+    (train_epoch -> train_step); after the last step in the budget the epoch counts as ended and fit goes
+    on as after an epoch (validation, checkpoint, test, export). Returns the window's measurements:
+    steps, examples, seconds, the seconds spent drawing batches (``data_seconds``: the examples
+    stream and make_batch) and in the steps (``step_seconds``: forward, backward, optimisers), peak
+    RSS so far. ``profile``: cProfile of the window written there (and its top functions in .txt)."""
+    import cProfile
+    import pstats
+
+    from recsys.train import Trainer
+
+    log = __import__("logging").getLogger("plexrec.bench")
+    window: dict = {}
+
+    class BoundedTrainer(Trainer):
+        def batches(self):
+            source = super().batches()
+            profiler = cProfile.Profile() if profile else None
+            steps = examples = 0
+            data_seconds = 0.0
+            stopped = False
+            started = time.perf_counter()
+            next_note = started + 30
+            if profiler:
+                profiler.enable()
+            try:
+                while True:
+                    drawing = time.perf_counter()
+                    batch = next(source, None)
+                    data_seconds += time.perf_counter() - drawing
+                    if batch is None:
+                        break
+                    yield batch  # the Trainer's train_step runs here
+                    steps += 1
+                    examples += len(batch)
+                    now = time.perf_counter()
+                    elapsed = now - started
+                    if now >= next_note:
+                        next_note = now + 30
+                        log.info("training window: %d steps of %d, %.0f examples/s, %.0f%% drawing batches, "
+                                 "peak RSS %.0f MB", steps, self.steps_per_epoch, examples / elapsed,
+                                 100 * data_seconds / elapsed, peak_rss_mb()[0])
+                    if budget and elapsed >= budget and self.step_in_epoch:
+                        stopped = True
+                        break
+            finally:
+                if profiler:
+                    profiler.disable()
+                source.close()
+            seconds = time.perf_counter() - started
+            peak, now = peak_rss_mb()
+            window.update({"budget_seconds": budget, "stopped": stopped, "steps": steps,
+                           "steps_per_epoch": self.steps_per_epoch,
+                           "examples": examples, "seconds": round(seconds, 3),
+                           "data_seconds": round(data_seconds, 3), "step_seconds": round(seconds - data_seconds, 3),
+                           "examples_per_second": round(examples / seconds, 1) if seconds else None,
+                           "peak_rss_mb_so_far": peak, "rss_mb_at_stop": now})
+            log.info("training window: %s", json.dumps(window))
+            if stopped:  # the epoch ends here: fit validates, checkpoints, tests and exports as after an epoch
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            if profiler:
+                profiler.dump_stats(str(profile))
+                with open(f"{profile}.txt", "w") as text:
+                    stats = pstats.Stats(profiler, stream=text)
+                    stats.sort_stats("cumulative").print_stats(60)
+                    stats.sort_stats("tottime").print_stats(40)
+
+    started = time.perf_counter()
+    trainer = BoundedTrainer(config)
+    built = time.perf_counter()
+    final = trainer.fit(progress=False)
+    done = time.perf_counter()
+    train_examples = len(trainer.train_examples)
+    detail = {"rows": train_examples + sum(len(part) for part in trainer.eval_examples.values()),
+              "train_examples": train_examples, "setup_seconds": round(built - started, 3), "window": window,
+              "after_window_seconds": round(done - built - window.get("seconds", 0.0), 3),
+              "test_auc": round(final["test"]["auc"], 4),
+              "valid_auc": round((final.get("valid") or {}).get("valid_auc", float("nan")), 4)}
+    if window.get("steps"):
+        per_step = window["seconds"] / window["steps"]
+        detail["epoch_estimate_seconds"] = round(per_step * window["steps_per_epoch"], 1)
+    return detail
+
+
+def stage_train(args: argparse.Namespace) -> None:
+    """The train and train_memory stages: a config's Trainer, its epoch bounded by --train-seconds."""
+    import torch.distributed as dist
+
+    from recsys.cli import configure_logging
+    from recsys.config import load_config
+
+    configure_logging()
+    detail = bounded_fit(load_config(args.config, {}), args.train_seconds,
+                         Path(args.profile) if args.profile else None)
+    print(RESULT_MARK + json.dumps(detail), flush=True)
+    dist.destroy_process_group()
 
 
 def stage_direct(args: argparse.Namespace) -> None:
@@ -756,7 +906,7 @@ def goal_checks(results: dict[str, dict]) -> list[dict]:
     if big is None:
         checks.append({"goal": "all_16M", "passed": None, "measured": "not measured"})
     else:
-        stages = big["stages"]
+        stages = {n: s for n, s in big["stages"].items() if n not in COMPARISONS}
         worst = max((s.get("peak_rss_mb", 0) for s in stages.values()), default=0)
         failed = [n for n, s in stages.items() if not s["ok"]]
         measured = f"peak {worst / 1024:.2f} GB" + (f"; not ok: {', '.join(failed)}" if failed else "")
@@ -764,9 +914,11 @@ def goal_checks(results: dict[str, dict]) -> list[dict]:
     if 4_000_000 in by_rows and 16_000_000 in by_rows:
         ratios, passed = {}, True
         for name, s16 in by_rows[16_000_000]["stages"].items():
+            if name in COMPARISONS:
+                continue
             s4 = stage(4_000_000, name)
-            if s4 and s4.get("ok") and s16.get("ok"):
-                ratios[name] = s16["seconds"] / s4["seconds"]
+            if s4 and s4.get("ok") and s16.get("ok"):  # a bounded train: its estimated time with the whole epoch
+                ratios[name] = stage_seconds_estimate(s16) / stage_seconds_estimate(s4)
                 passed &= ratios[name] <= 4.5
             else:
                 passed = False
@@ -794,15 +946,45 @@ def goal_checks(results: dict[str, dict]) -> list[dict]:
     return checks
 
 
+def train_comparison(results: dict[str, dict]) -> dict[str, dict]:
+    """Per size, streamed (train) against in-memory (train_memory) training: examples/s and peak RSS
+    (of the training window so far, and of the whole stage's process tree), and their ratios."""
+    compared = {}
+    for label, r in results.items():
+        a, b = r["stages"].get("train"), r["stages"].get("train_memory")
+        if not a or not b or "seconds" not in a or "seconds" not in b:
+            continue
+        row: dict = {"streamed_ok": a["ok"], "memory_ok": b["ok"], "memory_status": b["status"]}
+        wa, wb = a.get("window") or {}, b.get("window") or {}
+        if wa.get("examples_per_second") and wb.get("examples_per_second"):
+            row.update({"streamed_examples_per_second": wa["examples_per_second"],
+                        "memory_examples_per_second": wb["examples_per_second"],
+                        "examples_per_second_ratio": round(wa["examples_per_second"] / wb["examples_per_second"], 3)})
+        if wa.get("peak_rss_mb_so_far") and wb.get("peak_rss_mb_so_far"):
+            row.update({"streamed_window_peak_mb": wa["peak_rss_mb_so_far"],
+                        "memory_window_peak_mb": wb["peak_rss_mb_so_far"],
+                        "window_peak_rss_ratio": round(wa["peak_rss_mb_so_far"] / wb["peak_rss_mb_so_far"], 3)})
+        row.update({"streamed_stage_peak_mb": a["peak_rss_mb"], "memory_stage_peak_mb": b["peak_rss_mb"],
+                    "stage_peak_rss_ratio": round(a["peak_rss_mb"] / b["peak_rss_mb"], 3),
+                    "streamed_setup_seconds": a.get("setup_seconds"), "memory_setup_seconds": b.get("setup_seconds")})
+        compared[label] = row
+    return compared
+
+
 def cell(stage: dict | None) -> str:
     if not stage:
         return "—"
     if "seconds" not in stage:
         return "skipped"
     text = f"{stage['seconds']:,.1f} s, {stage['peak_rss_mb']:,.0f} MB"
+    window = stage.get("window") or {}
     inner = stage.get("compaction_seconds") or (stage.get("detail") or {}).get("call_seconds") \
         or (stage.get("detail") or {}).get("window_seconds") or stage.get("epoch_seconds")
-    if inner is not None and stage["ok"]:
+    if window.get("steps") and stage["ok"]:
+        text += (f" ({window['seconds']:,.0f} s: {window['steps']:,} of {window['steps_per_epoch']:,} steps, "
+                 f"{window['examples_per_second']:,.0f} ex/s, {window['peak_rss_mb_so_far']:,.0f} MB; "
+                 f"epoch est. {stage.get('epoch_estimate_seconds', 0):,.0f} s)")
+    elif inner is not None and stage["ok"]:
         text += f" ({inner:,.1f} s)"
     return text if stage["ok"] else f"{stage['status'].split(':')[0]} ({text})"
 
@@ -810,13 +992,28 @@ def cell(stage: dict | None) -> str:
 def print_tables(results: dict[str, dict], stages: list[str], checks: list[dict]) -> None:
     labels = list(results)
     print("\nwall time of the stage's process, peak RSS of its tree (in brackets: the work itself, as the stage "
-          "logs it: the examples call, the compaction, the learner's window, the training epoch)")
+          "logs it: the examples call, the compaction, the learner's window; for training, its window: seconds, "
+          "steps, examples/s, peak RSS so far, the whole epoch estimated)")
     print("\n| stage | " + " | ".join(f"{lb} rows" for lb in labels) + " |")
     print("|---|" + "---|" * len(labels))
     for name in stages:
         print(f"| {name} | " + " | ".join(cell(results[lb]["stages"].get(name)) for lb in labels) + " |")
     print("| (users, busiest user's rows) | " + " | ".join(
         f"{results[lb]['users']:,}, {results[lb]['max_user_rows']:,}" for lb in labels) + " |")
+    compared = train_comparison(results)
+    if compared:
+        print("\n| streamed / in-memory training | examples/s | ratio | window peak RSS MB | ratio | "
+              "stage peak RSS MB | ratio |")
+        print("|---|---|---|---|---|---|---|")
+        for label, row in compared.items():
+            speed = (f"{row['streamed_examples_per_second']:,.0f} / {row['memory_examples_per_second']:,.0f}"
+                     if "examples_per_second_ratio" in row else "—")
+            window = (f"{row['streamed_window_peak_mb']:,.0f} / {row['memory_window_peak_mb']:,.0f}"
+                      if "window_peak_rss_ratio" in row else "—")
+            memory = "" if row["memory_ok"] else f" (in memory: {row['memory_status'].split(':')[0]})"
+            print(f"| {label} rows{memory} | {speed} | {row.get('examples_per_second_ratio', '—')} | {window} | "
+                  f"{row.get('window_peak_rss_ratio', '—')} | {row['streamed_stage_peak_mb']:,.0f} / "
+                  f"{row['memory_stage_peak_mb']:,.0f} | {row['stage_peak_rss_ratio']} |")
     print("\n| goal | measured | result |")
     print("|---|---|---|")
     for check in checks:
@@ -838,7 +1035,9 @@ def plot(results: dict[str, dict], stages: list[str], path: Path) -> None:
         if not points:
             continue
         x = [p[0] for p in points]
-        ax_time.plot(x, [p[1]["seconds"] for p in points], "o-", label=name)
+        bounded = any((p[1].get("window") or {}).get("stopped") for p in points)
+        ax_time.plot(x, [stage_seconds_estimate(p[1]) for p in points], "o-",  # a bounded train: its whole epoch
+                     label=f"{name} (epoch est.)" if bounded else name)
         ax_mem.plot(x, [p[1]["peak_rss_mb"] / 1024 for p in points], "o-", label=name)
     for ax, title, unit in ((ax_time, "wall time", "seconds"), (ax_mem, "peak RSS (process tree)", "GB")):
         ax.set_xscale("log")
@@ -852,8 +1051,9 @@ def plot(results: dict[str, dict], stages: list[str], path: Path) -> None:
         ax.set_ylabel(unit)
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-    if ax_time.get_legend_handles_labels()[0]:
-        ax_time.legend(fontsize=8)
+    for ax in (ax_time, ax_mem):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle("bench/scale.py: the data side against the number of interactions")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -884,19 +1084,27 @@ def main() -> None:
     parser.add_argument("--window-events", type=int, default=1000, help="new events in the learner's window")
     parser.add_argument("--batch-events", type=int, default=5000, help="events per logged batch file")
     parser.add_argument("--train-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="passed to plexrec train as --set (repeatable)")
+                        help="a setting of the train stages' config, as plexrec train --set takes it (repeatable)")
     parser.add_argument("--code", default="worktree",
                         help="the project code the stages run: worktree (this checkout as it is) or a commit "
                              "(e.g. HEAD), exported under --work-dir/code")
+    parser.add_argument("--train-seconds", type=float,
+                        help="stop the train stages' epoch after this many seconds of training (default: the "
+                             "whole epoch); steps, examples/s and peak RSS so far are recorded, the epoch estimated")
+    parser.add_argument("--profile-train", action="store_true",
+                        help="cProfile the train stage's training window (logs/<size>/train.prof and .prof.txt)")
     parser.add_argument("--keep", action="store_true", help="keep each size's store and run (default: removed)")
-    parser.add_argument("--stage", choices=["examples", "learn", "direct"], help=argparse.SUPPRESS)
+    parser.add_argument("--stage", choices=["examples", "learn", "direct", "train"], help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--offsets", help=argparse.SUPPRESS)
     parser.add_argument("--schema", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage:
-        {"examples": stage_examples, "learn": stage_learn, "direct": stage_direct}[args.stage](args)
+        {"examples": stage_examples, "learn": stage_learn, "direct": stage_direct,
+         "train": stage_train}[args.stage](args)
         return
 
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
@@ -919,13 +1127,15 @@ def main() -> None:
               "settings": {k: getattr(args, k) for k in ("stages", "stage_timeout", "max_rss_gb", "history_length",
                                                           "history", "seed", "rows_per_user", "rows_per_item",
                                                           "activity_sigma", "zipf", "categories", "window_events",
-                                                          "batch_events", "train_set")},
+                                                          "batch_events", "train_set", "train_seconds",
+                                                          "profile_train")},
               "measure": "seconds: a stage process's wall time, start to exit; peak_rss_mb: the largest sum of RSS "
                          "over its process tree (polled every 50 ms) or its ru_maxrss; rows: what it processed",
               "results": {}}
     for rows in sizes:
         report["results"][size_label(rows)] = measure_size(rows, args, say)
         report["goals"] = goal_checks(report["results"])
+        report["train_streamed_vs_memory"] = train_comparison(report["results"])
         write_json(out, report)
     plot(report["results"], args.stages, out.with_suffix(".png"))
     print_tables(report["results"], args.stages, report["goals"])
