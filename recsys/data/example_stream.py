@@ -126,11 +126,13 @@ class ShardedPart:
         shards = self.shards_of(rank, world_size)
         waiting = list(rng.permutation(shards)) if shuffle else list(shards)
         open_shards: dict[int, Examples] = {}
+        undrawn: dict[int, int] = {}  # open shard -> its examples still in the pool
         pool = np.zeros((0, 2), dtype=np.int64)  # (shard, example index) pairs not drawn yet
         for step in range(steps):
             while len(pool) < size and waiting or len(open_shards) < self.source.buffer_shards and waiting:
                 shard = int(waiting.pop(0))
                 open_shards[shard] = self.examples(shard)
+                undrawn[shard] = len(open_shards[shard])
                 pairs = np.stack([np.full(len(open_shards[shard]), shard), np.arange(len(open_shards[shard]))], 1)
                 pool = np.concatenate([pool, pairs])
                 if shuffle:
@@ -140,5 +142,7 @@ class ShardedPart:
                 pieces = [(open_shards[int(shard)], drawn[drawn[:, 0] == shard, 1])
                           for shard in dict.fromkeys(drawn[:, 0].tolist())]
                 yield make_batch_from_pieces(pieces, feature_names, history_length)
-            for shard in set(open_shards) - set(pool[:, 0].tolist()):
-                del open_shards[shard]  # every example drawn: its memory goes
+            for shard, count in zip(*np.unique(drawn[:, 0], return_counts=True)):
+                undrawn[int(shard)] -= int(count)
+                if not undrawn[int(shard)]:
+                    del open_shards[int(shard)], undrawn[int(shard)]  # every example drawn: its memory goes
