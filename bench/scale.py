@@ -15,7 +15,11 @@ memory the largest sum of RSS over its process tree (polled every 50 ms; or the 
 ru_maxrss of the process, whichever is larger):
 
     load          plexrec features load --schema <yaml> --data-dir <store> --history-length 100
-    examples      features.training.examples_from_store(open_store("local", store), store)
+    examples      plexrec features examples --out <work>/examples --data-dir <store>: every example
+                  written as user shards of about 200k examples (what training from the store
+                  builds first), DuckDB at its default memory limit (2 GB)
+    examples_memory  features.training.examples_from_store(open_store("local", store), store): every
+                  example in one process's memory (the quickstart's and the learner's path)
     train         plexrec train's Trainer (recsys/train.py), one epoch from the store streamed from
                   user shards (configs/quickstart.yaml's unified embedding + DARE, made small:
                   TRAIN_SMALL; data.shard_examples / data.buffer_shards as the project sets them), run
@@ -77,11 +81,13 @@ CODE = Path(os.environ.get(CODE_ENV, ROOT))
 if str(CODE) not in sys.path:
     sys.path.insert(0, str(CODE))
 
-STAGES = ("load", "examples", "train", "train_memory", "compact", "learn", "compact_full", "direct")
+STAGES = ("load", "examples", "examples_memory", "train", "train_memory", "compact", "learn", "compact_full",
+          "direct")
 DEFAULT_STAGES = STAGES[:-1]
-NEEDS = {"load": [], "examples": ["load"], "train": ["load"], "train_memory": ["load"], "compact": ["load"],
-         "compact_full": ["compact"], "learn": ["train", "compact"], "direct": []}
-COMPARISONS = ("train_memory", "direct")  # beside the issue's stages: not judged by its goals
+NEEDS = {"load": [], "examples": ["load"], "examples_memory": ["load"], "train": ["load"],
+         "train_memory": ["load"], "compact": ["load"], "compact_full": ["compact"], "learn": ["train", "compact"],
+         "direct": []}
+COMPARISONS = ("examples_memory", "train_memory", "direct")  # beside the issue's stages: not judged by its goals
 RESULT_MARK = "SCALE_RESULT "  # a stage process's own measurements: one JSON line on stdout
 GENERATOR_VERSION = 1  # bump when the generator changes: cached data sets are made again
 CHUNK_ROWS = 1_000_000  # rows per generated chunk (a Parquet row group); fixed, so the data depend on the seed only
@@ -567,6 +573,10 @@ def prepare_stage(name: str, rows: int, meta: dict, data: Path, store: Path, run
                    "--history-length", str(args.history_length)]
         extra["rows"] = rows
     elif name == "examples":
+        command = [*plexrec(), "features", "examples", "--out", str(examples_dir(run_dir)),
+                   "--data-dir", str(store)]
+        extra["rows"] = rows
+    elif name == "examples_memory":
         command = [*me, "--stage", "examples", "--data-dir", str(store)]
     elif name in ("train", "train_memory"):  # the memory variant's run beside the streamed one's (learn reads that)
         config = train_config(logs / f"{name}.yaml", schema, store,
@@ -611,6 +621,10 @@ def memory_run_dir(run_dir: Path) -> Path:
     return run_dir.with_name(run_dir.name + "-memory")
 
 
+def examples_dir(run_dir: Path) -> Path:
+    return run_dir.with_name(run_dir.name + "-examples")
+
+
 def project_code(code: str, work: Path, say) -> tuple[Path, dict]:
     """Where the stages' code lives: this checkout as it is, or an export of a commit (--code HEAD:
     others may be editing the checkout while the bench runs)."""
@@ -639,7 +653,7 @@ def measure_size(rows: int, args: argparse.Namespace, say) -> dict:
     say(f"== {label}: {rows:,} rows ==")
     meta = generate(rows, data, args, say)
     store, run_dir, logs = work / "store" / label, work / "run" / label, work / "logs" / label
-    for folder in (store, run_dir, memory_run_dir(run_dir), logs):
+    for folder in (store, run_dir, memory_run_dir(run_dir), examples_dir(run_dir), logs):
         shutil.rmtree(folder, ignore_errors=True)
     store.mkdir(parents=True)
     logs.mkdir(parents=True)

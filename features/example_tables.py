@@ -223,6 +223,32 @@ def time_cuts(runner, examples_from: str, n: int, split) -> tuple[int, int]:
     return valid_from, test_from
 
 
+def shard_split(tables: ExampleTables, split):
+    """The split rule a build's shards are read with: a time split takes the cuts computed over
+    every example at build time (one shard alone would cut at its own quantiles)."""
+    if split is not None and tables.test_from is not None:
+        return dataclasses.replace(split, valid_from=tables.valid_from, test_from=tables.test_from)
+    return split
+
+
+def shard_split_counts(tables: ExampleTables, shard: int, schema, split) -> tuple[dict[int, int], int | None]:
+    """(examples per split part, newest timestamp) of one shard, from the columns the split reads
+    (what read_shard would assign, without building the examples)."""
+    from features.examples import feature_row_schema, split_parts
+
+    examples_path, _ = tables.shard_paths(shard)
+    if not examples_path.exists():
+        return {}, None
+    rows_schema = feature_row_schema(schema)
+    columns = ["user_id", "timestamp", "ordinal"] + ([rows_schema.split] if rows_schema.split else [])
+    rows = pd.read_parquet(examples_path, columns=columns)
+    if rows.empty:
+        return {}, None
+    rows = rows.sort_values(["user_id", "timestamp", "ordinal"]).reset_index(drop=True)
+    parts, counts = np.unique(split_parts(rows, rows_schema, shard_split(tables, split)), return_counts=True)
+    return dict(zip(parts.tolist(), counts.tolist())), int(rows["timestamp"].max())
+
+
 def read_shard(tables: ExampleTables, shard: int, schema, split, history_length: int):
     """One shard's Examples: its examples' features, labels and split, and its users' behaviour
     sequences, each history at most ``history_length`` long (the store's)."""
@@ -233,9 +259,7 @@ def read_shard(tables: ExampleTables, shard: int, schema, split, history_length:
     if not examples_path.exists():
         return None
     rows = pd.read_parquet(examples_path).sort_values(["user_id", "timestamp", "ordinal"]).reset_index(drop=True)
-    if split is not None and tables.test_from is not None:
-        split = dataclasses.replace(split, valid_from=tables.valid_from, test_from=tables.test_from)
-    examples = build_examples(rows, feature_row_schema(schema), split)
+    examples = build_examples(rows, feature_row_schema(schema), shard_split(tables, split))
     examples.dense[:, 0] = np.log1p(rows["user_interaction_count"].to_numpy(np.int64)).astype(np.float32)
     examples.dense[:, 1] = np.log1p(rows["item_interaction_count"].to_numpy(np.int64)).astype(np.float32)
 

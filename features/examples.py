@@ -213,6 +213,26 @@ def _count_strictly_before(keys: np.ndarray, times: np.ndarray, weights: np.ndar
     return counts
 
 
+def _user_runs(user: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows grouped by user -> (each row's position in its user's rows, its user's row count,
+    each user's first row, each row's user index)."""
+    n = len(user)
+    user_change = np.ones(n, dtype=bool)
+    user_change[1:] = user[1:] != user[:-1]
+    user_first_row = np.flatnonzero(user_change)
+    user_index = np.cumsum(user_change) - 1
+    position = np.arange(n) - user_first_row[user_index]
+    return position, np.diff(np.append(user_first_row, n))[user_index], user_first_row, user_index
+
+
+def split_parts(frame: pd.DataFrame, schema: DatasetSchema, split: SplitRule = SplitRule()) -> np.ndarray:
+    """The split part of every row of ``frame`` (its user, timestamp and split columns suffice),
+    as build_examples assigns them, in the frame's (user, timestamp) stable order."""
+    frame = frame.sort_values([schema.user, schema.timestamp], kind="stable").reset_index(drop=True)
+    position, user_length, _, _ = _user_runs(pd.factorize(frame[schema.user])[0])
+    return _split(frame, schema, split, frame[schema.timestamp].to_numpy(dtype=np.int64), position, user_length)
+
+
 def _split(frame: pd.DataFrame, schema: DatasetSchema, rule: SplitRule, timestamp: np.ndarray,
            position: np.ndarray, user_length: np.ndarray) -> np.ndarray:
     if schema.split:
@@ -271,12 +291,7 @@ def build_examples(frame: pd.DataFrame, schema: DatasetSchema, split: SplitRule 
     timestamp = frame[schema.timestamp].to_numpy(dtype=np.int64)
     n = len(frame)
 
-    user_change = np.ones(n, dtype=bool)
-    user_change[1:] = user_raw[1:] != user_raw[:-1]
-    user_first_row = np.flatnonzero(user_change)
-    user_index = np.cumsum(user_change) - 1
-    position = np.arange(n) - user_first_row[user_index]
-    user_length = np.diff(np.append(user_first_row, n))[user_index]
+    position, user_length, user_first_row, user_index = _user_runs(user_raw)
     split_part = _split(frame, schema, split, timestamp, position, user_length)
     label = labels_of(frame, schema)
 

@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     examples = feature_commands.add_parser(
         "examples", help="write every label event's point-in-time training example as Parquet shards by user")
     examples.add_argument("--out", required=True, help="the folder to write (replaced)")
-    examples.add_argument("--shards", type=int, default=16, help="user shards (default 16)")
+    size = examples.add_mutually_exclusive_group()
+    size.add_argument("--shards", type=int, help="user shards (default: as many as hold --shard-examples each)")
+    size.add_argument("--shard-examples", type=int, default=200_000,
+                      help="about this many examples per shard (default 200000, training's data.shard_examples)")
     examples.add_argument("--engine", default="duckdb", choices=["duckdb", "spark"],
                           help="query engine (spark: local[*], or $PLEXREC_SPARK_MASTER)")
     examples.add_argument("--memory", default="2GB", help="the engine's memory before it spills (default 2GB)")
@@ -151,7 +154,8 @@ def write_examples(args: argparse.Namespace) -> None:
         directory = data_dir(args.data_dir)
         schema = stored_schema(directory)
         log.info("event log: %s", compact_event_log(directory).summary())
-        tables = build_example_tables(directory / "offline", schema, Path(args.out), shards=args.shards,
+        tables = build_example_tables(directory / "offline", schema, Path(args.out), shards=args.shards or 1,
+                                      shard_examples=None if args.shards else args.shard_examples,
                                       settings=EngineSettings(memory_limit=args.memory), engine=args.engine)
     except (StoreError, DataError) as exc:
         sys.exit(f"plexrec features examples: {exc}")

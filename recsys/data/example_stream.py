@@ -15,9 +15,10 @@ shard is an Examples of its own. Training reads them as a stream:
                       order to reach
 
 Peak memory is ``buffer_shards`` shards plus a batch; the number of shards, chosen when the
-examples are built (``shard_examples`` per shard), sets a shard's size. One pass at open counts
-each shard's examples per split part and keeps the numbers a run needs (the newest timestamp,
-and for full-vocabulary tables the ids seen in training). Evaluation streams the rank's shards in
+examples are built (``shard_examples`` per shard), sets a shard's size. At open, the split's
+columns of every shard (user, time, split) are read to count its examples per split part and
+find the newest timestamp; one shard is read whole for the feature names. Full-vocabulary tables
+take one more pass for the ids seen in training. Evaluation streams the rank's shards in
 order and gathers (user, label, prediction) from every rank.
 """
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from features.example_tables import ExampleTables, read_shard
+from features.example_tables import ExampleTables, read_shard, shard_split_counts
 from recsys.data.batching import Batch, make_batch_from_pieces
 from features.examples import Examples, SplitRule
 
@@ -47,20 +48,17 @@ class ShardedExamples:
     def __post_init__(self) -> None:
         self.part_counts: dict[int, np.ndarray] = {}  # split part -> examples per shard
         self.timestamp_max = None
-        self.feature_names: list[str] = []
-        self.dense_names: list[str] = []
-        self._train_ids: dict[str, set] = {}
-        counts = {}
         for shard in range(self.tables.shards):
-            examples = self.read(shard)
-            if examples is None:
-                continue
-            self.feature_names, self.dense_names = examples.feature_names, examples.dense_names
-            self.timestamp_max = max(int(examples.timestamp.max()), self.timestamp_max or int(examples.timestamp.min()))
-            for part in np.unique(examples.split):
-                counts.setdefault(int(part), np.zeros(self.tables.shards, dtype=np.int64))[shard] = int(
-                    (examples.split == part).sum())
-        self.part_counts = counts
+            counts, newest = shard_split_counts(self.tables, shard, self.schema, self.split)
+            for part, n in counts.items():
+                self.part_counts.setdefault(part, np.zeros(self.tables.shards, dtype=np.int64))[shard] = n
+            if newest is not None:
+                self.timestamp_max = max(newest, self.timestamp_max if self.timestamp_max is not None else newest)
+        first = next((shard for shard in range(self.tables.shards)
+                      if any(counts[shard] for counts in self.part_counts.values())), None)
+        examples = None if first is None else self.read(first)
+        self.feature_names = examples.feature_names if examples is not None else []
+        self.dense_names = examples.dense_names if examples is not None else []
 
     def read(self, shard: int) -> Examples | None:
         examples = read_shard(self.tables, shard, self.schema, self.split, self.history_length)
