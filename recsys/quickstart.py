@@ -113,10 +113,8 @@ def run(args: argparse.Namespace) -> dict:
     from features.ingest import ensure_topics
     from features.load import load_into_store
     from features.store import open_store
-    from features.training import examples_from_store
     from features.errors import ConfigError
     from recsys.config import resolve_path
-    from features.examples import SplitRule
     from features.schema import DataError, DatasetSchema
     from features.tables import read_tables
     from recsys.item_embeddings import publish_model_embeddings
@@ -127,8 +125,11 @@ def run(args: argparse.Namespace) -> dict:
     schema_path = resolve_path(args.schema)
     try:  # a wrong schema fails here, before any process starts
         schema = DatasetSchema.from_yaml(schema_path)
+        # training reads the store the way a production job does: examples built in SQL, written as
+        # user shards, streamed through a shuffle buffer (recsys/train.py training_examples)
         config = run_config_for(schema_path, args.config, {
-            "train.out_dir": str(home / "run"), **({"train.epochs": args.epochs} if args.epochs else {})})
+            "train.out_dir": str(home / "run"), "data.source": "feast", "data.store_dir": str(home / "store"),
+            **({"train.epochs": args.epochs} if args.epochs else {})})
         tables = read_tables(schema, config.data.synthetic)
     except (ConfigError, DataError) as exc:
         raise RuntimeError(str(exc)) from None
@@ -156,11 +157,7 @@ def run(args: argparse.Namespace) -> dict:
         counts = load_into_store(store, tables.with_interactions(past), store_dir, history_length=history_length)
         log.info("feature store at %s: %s", store_dir, ", ".join(f"{k} {v:,}" for k, v in counts.items()))
 
-        loaded = time.monotonic()
-        examples = examples_from_store(store, store_dir, split=SplitRule.of(config.data))
-        log.info("training examples from the store's point-in-time joins: %d in %.1f s", len(examples),
-                 time.monotonic() - loaded)
-        trainer = Trainer(config, examples=examples)
+        trainer = Trainer(config)
         result = trainer.fit(progress=not args.no_progress)
         report["training"] = {"test": result["test"], "epochs": result["epochs"],
                               "embedding_parameters": result["embedding_parameters"],
