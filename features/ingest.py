@@ -242,17 +242,17 @@ def delta_is_behaviour(message) -> bool:
 
 
 def history_length_of(meta: dict, requested: int | None) -> int:
-    """The history length to keep: the store's (store.json), or a shorter one asked for."""
+    """The history length to keep: the store's (store.json ``history_length``), which training, the
+    learner and serving read too. ``requested`` (``--history-length``) may only repeat it: an
+    ingester keeping fewer behaviours would have serving score shorter histories than the model
+    was trained on (and serving accepts any model reading at most the store's length)."""
     stored = int(meta["history_length"])
-    if requested is None:
+    if requested is None or requested == stored:
         return stored
-    if requested < 1:
-        raise IngestError(f"--history-length {requested}: keep at least 1 behaviour per user")
-    if requested > stored:
-        raise IngestError(f"--history-length {requested} is longer than the store's {stored} (store.json): the "
-                          f"loaded histories, the model and the server hold at most {stored}. Pass at most "
-                          f"{stored}, or reload the store with `plexrec features load --history-length {requested}`")
-    return requested
+    raise IngestError(f"--history-length {requested} differs from the store's {stored} (store.json history_length), "
+                      f"which training, the learner and serving read: one store keeps one length. Drop the "
+                      f"flag (the store's is the default), or reload the store with `plexrec features load "
+                      f"--history-length {requested}` and retrain")
 
 
 class Ingester:
@@ -260,7 +260,7 @@ class Ingester:
                  group: str = "plexrec-ingest", history_length: int | None = None, max_batch: int = 2000,
                  poll_timeout_ms: int = 500, partitions: int = DEFAULT_PARTITIONS, kafka: dict | None = None,
                  replication_factor: int = 1, dedupe_window: int = DEDUPE_WINDOW, clock=time.time) -> None:
-        """``history_length`` None: the store's. ``kafka``: more kafka-python connection options
+        """``history_length``: None or the store's (IngestError otherwise). ``kafka``: more kafka-python connection options
         (security; features/kafka_options.py). ``clock``: seconds since the epoch, for the rows'
         stamps. Raises StoreError without a loaded store (store.json)."""
         from features.events import DEAD_LETTER_SUFFIX
@@ -702,7 +702,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="local", choices=["local", "redis"])
     parser.add_argument("--redis-url", help="host:port of Redis for --profile redis")
     parser.add_argument("--history-length", type=int,
-                        help="behaviours kept per user (default: the store's, from store.json; at most that)")
+                        help="behaviours kept per user: the store's (store.json, the default); any other value "
+                             "is refused (reload the store with `plexrec features load --history-length N`)")
     parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS,
                         help="partitions of the topics the ingester creates when they are missing")
     parser.add_argument("--dedupe-window", type=int, default=DEDUPE_WINDOW,

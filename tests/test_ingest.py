@@ -639,16 +639,28 @@ def test_item_attributes_create_and_update_an_items_profile(broker, kuairand_sto
     assert item_counts(store, [item]) == [1]
 
 
-def test_the_history_length_is_the_stores_unless_shorter(empty_store):
+def test_the_history_length_is_the_stores_and_no_other(empty_store):
+    """One store, one history length: training, the learner and serving read the store's (store.json),
+    so an ingester keeping a shorter one would have serving score 5 behaviours where the model was
+    trained on 50 (issue 21). A length that differs is refused, naming the flag and what to do,
+    before touching Kafka; repeating the store's is allowed."""
     assert history_length_of({"history_length": 50}, None) == 50
-    assert history_length_of({"history_length": 50}, 10) == 10
-    with pytest.raises(IngestError, match="--history-length 60 is longer than the store's 50"):
-        history_length_of({"history_length": 50}, 60)
+    assert history_length_of({"history_length": 50}, 50) == 50
+    for other in (5, 60, 0):
+        with pytest.raises(IngestError, match=f"--history-length {other} differs from the store's 50 .*"
+                                              f"plexrec features load --history-length {other}"):
+            history_length_of({"history_length": 50}, other)
     store, directory = empty_store
-    with pytest.raises(IngestError, match="longer than the store's 200"):  # refused before touching Kafka
-        Ingester("127.0.0.1:1", store, directory, history_length=201)
+    for other in (5, 201):
+        with pytest.raises(IngestError, match=f"differs from the store's 200"):
+            Ingester("127.0.0.1:1", store, directory, history_length=other)
     with pytest.raises(StoreError, match="load a data set first"):
         Ingester("127.0.0.1:1", store, directory / "nowhere")
+    done = subprocess.run([sys.executable, "-m", "features.ingest", "--bootstrap-servers", "127.0.0.1:1",
+                           "--data-dir", str(directory), "--history-length", "5"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.returncode != 0
+    assert "plexrec ingest: --history-length 5 differs from the store's 200" in done.stderr, done.stderr[-2000:]
 
 
 def test_schema_events_name_their_rows_in_the_schemas_terms(kuairand_store):

@@ -859,10 +859,16 @@ def test_request_context_takes_the_schemas_context_features():
 
 
 def test_a_model_reading_a_longer_history_than_the_store_keeps_is_refused(tiny_tables, tiny_store, tmp_path):
+    """The store keeps 20 behaviours per user (store.json; the ingester keeps no other length,
+    tests/test_ingest.py): a model reading 30 is refused by load_serving_model and by the server,
+    which does not start with it."""
     model_dir = train_on(tiny_tables, tmp_path, "mean", TINY_HISTORY + 10)
-    with pytest.raises(ModelArtifactError, match=r"reads the last 30 behaviours \(data.max_history\) but the "
-                                                 r"store keeps 20 per user"):
+    refusal = r"reads the last 30 behaviours \(data.max_history\) but the store keeps 20 per user"
+    with pytest.raises(ModelArtifactError, match=refusal):
         load_serving_model(model_dir, read_store_meta(tiny_store))
+    with pytest.raises(ModelArtifactError, match=refusal):
+        with serving_in_background(ServeConfig(model_dir=str(model_dir), port=0), open_store("local", tiny_store)):
+            pass
 
 
 def test_new_events_through_kafka_change_the_users_scores(broker, server, client, store_dir):
