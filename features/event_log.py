@@ -15,8 +15,18 @@ training data by appending, never rewriting what it has:
      ``offline/stream_interactions/part-<seq>.parquet`` (label or rating by the schema's rule,
      context columns, the schema's time unit, and an ``ordinal``: the order of logging), which
      training reads next to the bulk-loaded ``offline/interactions.parquet``
-  3. ``offline/events/manifest.json`` names the committed parts: readers see only those
-  4. the batch files are deleted
+  3. the item attributes the new events carry (``item_attributes``, features/events.py) as rows of
+     the item profile, ``offline/stream_item_profile/part-<seq>.parquet`` (only when some event
+     carries any): one row per item and event instant, stamped with the event's time, holding the
+     item's whole profile after the change (the columns an event does not carry keep the item's
+     previous values: its newest streamed row, else the loaded one). What the ingester writes
+     online, row for row: the attributes of an event older (to the second) than the item's newest
+     streamed row are skipped there too. The example builders read these rows after the loaded
+     item_profile (features/example_sql.py ``item_profile_query``), so a streamed attribute is in
+     every example after its instant (never in its own event's: profiles are as of strictly
+     before), and ``item_profiles`` gives every item's newest row (what publishing reads)
+  4. ``offline/events/manifest.json`` names the committed parts: readers see only those
+  5. the batch files are deleted
 
 So a compaction's cost is its new events (and the event ids of the dates they touch), not the
 log's size. The views are not rebuilt: training computes every example's history and counters
@@ -62,6 +72,8 @@ LOG = "log"  # offline/events/log/date=YYYY-MM-DD/part-<seq>.parquet
 MANIFEST = "manifest.json"  # offline/events/manifest.json: the committed parts
 BATCH_FILES = "batch-*.parquet"  # the ingester's; its half-written ones end in .tmp
 STREAM_INTERACTIONS = "stream_interactions"  # offline/stream_interactions/part-<seq>.parquet
+STREAM_ITEM_PROFILE = "stream_item_profile"  # offline/stream_item_profile/part-<seq>.parquet
+PROFILE_ORDER = "ordinal"  # a streamed profile row's order among the rows of one item and instant
 LOCK = ".compaction.lock"
 STREAM_SPLIT = "train"  # a schema's split column describes the bulk rows; streamed ones are new training data
 READ_ATTEMPTS = 10
@@ -76,7 +88,8 @@ def log_dir(directory: str | Path) -> Path:
 
 def read_manifest(directory: str | Path) -> dict:
     """The committed parts: {"next": the next part's seq, "parts": {seq: {"log": [paths under
-    events/], "stream": path under offline/ or null, "events": n}}}."""
+    events/], "stream": path under offline/ or null, "item_profile": path under offline/ or absent,
+    "events": n}}}."""
     path = log_dir(directory) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else {"next": 0, "parts": {}}
 
@@ -94,6 +107,41 @@ def stream_parts(directory: str | Path, manifest: dict | None = None) -> list[Pa
     offline = Path(directory) / "offline"
     return [offline / part["stream"] for _, part in sorted(manifest["parts"].items(), key=lambda kv: int(kv[0]))
             if part.get("stream")]
+
+
+def stream_item_profile_parts(directory: str | Path, manifest: dict | None = None) -> list[Path]:
+    """The committed streamed item-profile parts (offline/stream_item_profile/part-*.parquet), oldest first."""
+    manifest = manifest or read_manifest(directory)
+    offline = Path(directory) / "offline"
+    return [offline / part["item_profile"] for _, part in sorted(manifest["parts"].items(), key=lambda kv: int(kv[0]))
+            if part.get("item_profile")]
+
+
+def item_profiles(directory: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """The offline item profile as it stands: every item's newest row (its newest streamed one, else
+    the loaded one), ``columns`` of it (None: all) with item_id first; the loaded catalogue's items
+    in its order, then those only the stream knows. What publishing reads."""
+    directory = Path(directory)
+    wanted = None if columns is None else ["item_id", *[c for c in columns if c != "item_id"]]
+    loaded = pd.read_parquet(directory / "offline" / "item_profile.parquet", columns=wanted)
+    parts = stream_item_profile_parts(directory)
+    if not parts:
+        return loaded.reset_index(drop=True)
+    read = None if wanted is None else [*wanted, *(["event_timestamp"] if "event_timestamp" not in wanted else [])]
+    streamed = pd.concat([pd.read_parquet(path, columns=None if read is None else [*read, PROFILE_ORDER])
+                          for path in parts], ignore_index=True)
+    streamed = streamed.sort_values(["event_timestamp", PROFILE_ORDER], kind="stable")
+    streamed = streamed.drop_duplicates("item_id", keep="last")[list(loaded.columns)]
+    both = pd.concat([loaded.astype(object), streamed.astype(object)], ignore_index=True)
+    place = pd.Series(np.arange(len(loaded)), index=loaded["item_id"].to_numpy())
+    key = place.reindex(both["item_id"].to_numpy()).to_numpy()  # the loaded row's place; NaN: a new item
+    both["_place"] = np.where(np.isnan(key), len(loaded) + np.arange(len(both)), key)
+    both = both.drop_duplicates("item_id", keep="last").sort_values("_place", kind="stable")
+    both = both.drop(columns="_place").reset_index(drop=True)
+    for column in loaded.columns:  # the loaded types back (a new item's missing values stay missing)
+        if loaded[column].dtype != object:
+            both[column] = both[column].astype(loaded[column].dtype)
+    return both
 
 
 def read_event_log(directory: str | Path) -> pd.DataFrame:
@@ -128,6 +176,7 @@ class Compaction:
     new_events: int = 0  # appended to the log
     log_events: int = 0  # events in the log
     stream_interactions: int = 0  # new events that are interaction rows
+    item_profile_rows: int = 0  # streamed item-profile rows written (item attributes the new events carry)
     orphans_removed: int = 0  # part files of a compaction killed before its commit
     seconds: float = 0.0
 
@@ -212,6 +261,12 @@ def _append_group(directory: Path, batches: list[Path], manifest: dict, report: 
     rows["ordinal"] = seq * ROWS_PER_PART + np.arange(len(rows), dtype=np.int64)
     part["stream"] = f"{STREAM_INTERACTIONS}/part-{seq:08d}.parquet"
     write_parquet(rows, directory / "offline" / part["stream"])
+    profile = stream_item_profile_rows(directory, new, manifest)
+    if profile is not None and profile.num_rows:
+        order = pa.array(seq * ROWS_PER_PART + np.arange(profile.num_rows, dtype=np.int64))
+        part["item_profile"] = f"{STREAM_ITEM_PROFILE}/part-{seq:08d}.parquet"
+        _write_table(profile.append_column(PROFILE_ORDER, order), directory / "offline" / part["item_profile"])
+        report.item_profile_rows += profile.num_rows
     manifest = {"next": seq + 1, "parts": {**manifest["parts"], str(seq): part}}
     write_text(json.dumps(manifest, indent=1) + "\n", events / MANIFEST)  # the commit
     report.new_events += len(new)
@@ -233,9 +288,11 @@ def _event_ids(directory: Path, manifest: dict, dates: set[str]) -> pa.Array:
 
 def _remove_orphans(directory: Path, manifest: dict) -> int:
     """Delete the part files no committed part names (a compaction killed before its commit)."""
-    committed = {path.resolve() for path in log_parts(directory, manifest) + stream_parts(directory, manifest)}
+    committed = {path.resolve() for path in log_parts(directory, manifest) + stream_parts(directory, manifest)
+                 + stream_item_profile_parts(directory, manifest)}
     candidates = [*(log_dir(directory) / LOG).glob("date=*/part-*"),
-                  *(directory / "offline" / STREAM_INTERACTIONS).glob("part-*")]
+                  *(directory / "offline" / STREAM_INTERACTIONS).glob("part-*"),
+                  *(directory / "offline" / STREAM_ITEM_PROFILE).glob("part-*")]
     orphans = [path for path in candidates if path.resolve() not in committed]
     for path in orphans:
         path.unlink(missing_ok=True)
@@ -320,6 +377,112 @@ def stream_interactions(compacted: pd.DataFrame, schema, types: dict[str, str]) 
             values = numbers.where(numbers == numbers.round())
         rows[column] = stored_column(values, types[column])
     return rows
+
+
+def stream_item_profile_rows(directory: Path, new: pd.DataFrame, manifest: dict) -> pa.Table | None:
+    """The item-profile rows of the item attributes ``new`` events carry (module doc, step 3), in
+    the loaded item_profile's column types; None when none carries any. Reads the previous rows of
+    the items they touch only (the loaded profile's, and the committed streamed ones')."""
+    from features.events import InvalidEvent, NOT_CARRIED, item_category_of, make_event, stored_item_attributes
+    from features.store import read_store_meta, stored_schema
+
+    if "item_attributes" not in new or not len(new):
+        return None
+    carrying = new[new["item_attributes"].fillna("{}").astype(str) != "{}"]
+    if not len(carrying):
+        return None
+    schema, types = stored_schema(directory), read_store_meta(directory)["types"]
+    columns = [*schema.items.columns, "item_category"]
+    # as the ingester converts them (features/events.py); the new events only, those that carry any
+    values = {c: [] for c in columns}
+    carried = {c: [] for c in columns}
+    keep = []
+    for attributes, item in zip(carrying["item_attributes"].map(json.loads), carrying["item_id"].tolist()):
+        try:
+            event = make_event(user_id=0, item_id=int(item), item_attributes=attributes)
+            stored = stored_item_attributes(event, schema, types)
+            category = item_category_of(event, schema)
+        except InvalidEvent as exc:  # the store was loaded with another schema since it was ingested
+            log.warning("item attributes of item %s left out of the offline profile: %s", item, exc)
+            keep.append(False)
+            continue
+        keep.append(True)
+        for column in schema.items.columns:
+            carried[column].append(column in stored)
+            values[column].append(stored.get(column))
+        carried["item_category"].append(category is not NOT_CARRIED)
+        values["item_category"].append(None if category is NOT_CARRIED else category)
+    carrying = carrying[np.array(keep, dtype=bool)]
+    if not len(carrying):
+        return None
+    items = carrying["item_id"].to_numpy(np.int64)
+    micros = microseconds(pd.to_datetime(carrying["event_timestamp"], utc=True))
+    before = _newest_profiles(directory, manifest, np.unique(items), columns)
+    # the ingester skips an event older (to the second) than the row's time: the loaded row's is the epoch
+    base_seconds = pd.Series(before["at_us"].to_numpy() // 1_000_000, index=before["item_id"])
+    stored_seconds = base_seconds.reindex(items).fillna(0).to_numpy(np.int64)
+    applies = micros // 1_000_000 >= stored_seconds
+    frame = pd.DataFrame({"item_id": items, "at_us": micros, "position": np.arange(len(items))})[applies]
+    frame = frame.sort_values(["item_id", "at_us", "position"], kind="stable").reset_index(drop=True)
+    if not len(frame):
+        return None
+    # each row: the item's previous values, overwritten by the newest of its events up to it that carries the column
+    previous = before.set_index("item_id").reindex(frame["item_id"])
+    positions = frame["position"].to_numpy()
+    index = pd.Series(np.arange(len(frame)))
+    out = {"item_id": frame["item_id"].to_numpy(np.int64)}
+    for column in columns:
+        mask = np.asarray(carried[column], dtype=bool)[positions]
+        latest = pd.Series(np.where(mask, index, -1)).groupby(frame["item_id"]).cummax().to_numpy()
+        mine = pd.Series(values[column], dtype=object).to_numpy()[positions]  # lists stay one cell each
+        out[column] = np.where(latest >= 0, mine[np.maximum(latest, 0)], previous[column].to_numpy(dtype=object))
+    out["event_timestamp"] = pd.to_datetime(frame["at_us"].to_numpy(), unit="us", utc=True)
+    rows = pd.DataFrame(out)
+    rows = rows[~rows.duplicated(["item_id", "event_timestamp"], keep="last")]  # an instant's last event wins
+    rows = rows.sort_values("event_timestamp", kind="stable").reset_index(drop=True)
+    return _as_loaded_profile(directory, rows, types)
+
+
+def _newest_profiles(directory: Path, manifest: dict, items: np.ndarray, columns: list[str]) -> pd.DataFrame:
+    """The newest profile row of each of ``items`` that has one (streamed, else loaded), with ``at_us``."""
+    wanted = ["item_id", *columns, "event_timestamp"]
+    filters = [("item_id", "in", items.tolist())]
+    frames = []
+    loaded = directory / "offline" / "item_profile.parquet"
+    if loaded.is_file():
+        frames.append(pd.read_parquet(loaded, columns=wanted, filters=filters).assign(**{PROFILE_ORDER: -1}))
+    for path in stream_item_profile_parts(directory, manifest):
+        frames.append(pd.read_parquet(path, columns=[*wanted, PROFILE_ORDER], filters=filters))
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in wanted} | {"at_us": pd.Series(dtype=np.int64)})
+    both = pd.concat([f.astype({c: object for c in columns}) for f in frames], ignore_index=True)
+    both["at_us"] = microseconds(pd.to_datetime(both["event_timestamp"], utc=True))
+    both = both.sort_values(["at_us", PROFILE_ORDER], kind="stable")
+    return both.drop_duplicates("item_id", keep="last").reset_index(drop=True)
+
+
+def _as_loaded_profile(directory: Path, rows: pd.DataFrame, types: dict[str, str]) -> pa.Table:
+    """Streamed profile rows in the loaded item_profile's Arrow types (so the engines union the two)."""
+    loaded = directory / "offline" / "item_profile.parquet"
+    for column in rows.columns:
+        if column in types:
+            rows[column] = stored_column(rows[column].where(rows[column].notna(), None), types[column]) \
+                if types[column] in ("Float32", "Int64") else rows[column]
+    table = pa.Table.from_pandas(rows, preserve_index=False)
+    if loaded.is_file():
+        target = pq.read_schema(loaded).remove_metadata()
+        table = table.select(target.names).cast(target)
+    return table
+
+
+def _write_table(table: pa.Table, path: Path) -> None:
+    from features.durable import durably_replace
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp")
+    pq.write_table(table, staging)
+    durably_replace(staging, path)
 
 
 def event_times(logged: pd.DataFrame, schema) -> np.ndarray:

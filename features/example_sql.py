@@ -3,7 +3,11 @@ and on Spark (features/example_tables_spark.py) over the same registered tables:
 
     bulk                   offline/interactions.parquet, with ``ordinal``: its row number in the file
     stream                 the committed stream parts (features/event_log.py), with their ordinals
-    user_profile, item_profile, latest_item_profile (one row per item, its newest)
+    user_profile
+    loaded_item_profile    offline/item_profile.parquet (one row per item, stamped at the epoch)
+    stream_item_profile    the committed streamed item-profile parts (item attributes events carried)
+    item_profile           ``item_profile_query``: both, one row per item and instant
+    latest_item_profile    one row per item, its newest
     rows                   ``rows_query``: both, with a behaviour and an example flag
     events                 a window of label events, when only those are wanted
 
@@ -48,6 +52,24 @@ def interaction_columns(schema) -> list[str]:
     """The columns of offline/interactions.parquet (and of stream_interactions.parquet)."""
     return ["user_id", "item_id", "timestamp", schema.rating or schema.label,
             *([schema.split] if schema.split else []), *schema.context.columns]
+
+
+def item_profile_columns(schema) -> list[str]:
+    """The columns of offline/item_profile.parquet (and of the streamed item-profile parts)."""
+    return ["item_id", *schema.items.columns, "item_category", "event_timestamp"]
+
+
+def item_profile_query(schema, has_stream_profile: bool) -> str:
+    """The loaded item profile and the streamed rows after it (features/event_log.py): one row per
+    item and instant (among streamed rows of one instant, the last compacted), so an as-of join
+    finds one row."""
+    columns = ", ".join(quote(c) for c in item_profile_columns(schema))
+    if not has_stream_profile:
+        return f"SELECT {columns} FROM loaded_item_profile"
+    return (f"SELECT {columns} FROM (SELECT {columns}, ROW_NUMBER() OVER (PARTITION BY item_id, event_timestamp "
+            f"ORDER BY plexrec_order DESC) AS plexrec_rank FROM (SELECT {columns}, CAST(-1 AS BIGINT) AS plexrec_order "
+            f"FROM loaded_item_profile UNION ALL SELECT {columns}, CAST(ordinal AS BIGINT) AS plexrec_order "
+            f"FROM stream_item_profile) AS u) AS p WHERE plexrec_rank = 1")
 
 
 def rows_query(schema, has_stream: bool) -> str:

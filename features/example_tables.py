@@ -10,7 +10,9 @@ example with what was known strictly before its instant:
                before it: the count above is where its history ends in its user's sequence, so
                nothing is copied per example (the Examples layout of features/examples.py)
     profiles   the newest user_profile / item_profile row stamped strictly before the instant:
-               an as-of join
+               an as-of join; the item profile is the loaded one and the rows of the item
+               attributes the stream carried (features/event_log.py), each stamped with its
+               event's instant
 
 So the cost is a sort of the rows by user and by item, not the square of the rows per user that
 Feast's point-in-time join over per-behaviour history snapshots costs (issue 20: 12.5 minutes and
@@ -41,9 +43,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from features.event_log import stream_parts
+from features.event_log import stream_item_profile_parts, stream_parts
 from features.example_sql import (EngineSettings, behaviours_query, counted_examples_query, interaction_columns,
-                                   quote, rows_query)
+                                   item_profile_query, quote, rows_query)
 
 log = logging.getLogger("plexrec.features")
 
@@ -106,8 +108,16 @@ class DuckDBEngine:
             files = ", ".join(f"'{path}'" for path in streamed)
             self.connection.execute(f"CREATE VIEW stream AS SELECT {columns}, ordinal FROM read_parquet([{files}])")
         self.has_users = (offline / "user_profile.parquet").exists() and bool(schema.users.columns)
-        for name in ("user_profile", "item_profile") if self.has_users else ("item_profile",):
-            self.connection.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{offline / name}.parquet')")
+        if self.has_users:
+            self.connection.execute(f"CREATE VIEW user_profile AS SELECT * FROM read_parquet("
+                                    f"'{offline / 'user_profile.parquet'}')")
+        self.connection.execute(f"CREATE VIEW loaded_item_profile AS SELECT * FROM read_parquet("
+                                f"'{offline / 'item_profile.parquet'}')")
+        profiles = stream_item_profile_parts(offline.parent)  # item attributes the stream carried
+        if profiles:
+            files = ", ".join(f"'{path}'" for path in profiles)
+            self.connection.execute(f"CREATE VIEW stream_item_profile AS SELECT * FROM read_parquet([{files}])")
+        self.connection.execute(f"CREATE VIEW item_profile AS {item_profile_query(schema, bool(profiles))}")
         self.connection.execute("CREATE VIEW latest_item_profile AS SELECT * FROM item_profile "
                                 "QUALIFY ROW_NUMBER() OVER (PARTITION BY item_id ORDER BY event_timestamp DESC) = 1")
         self.connection.execute(f"CREATE VIEW rows AS {rows_query(schema, self.has_stream)}")

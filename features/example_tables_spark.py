@@ -4,7 +4,7 @@
     plexrec train --set data.source=feast --set data.example_engine=spark
 
 ``SparkEngine`` registers the tables the engine-neutral queries read (bulk, stream, user_profile,
-item_profile, latest_item_profile, rows, events) as temporary views of one SparkSession and
+loaded_item_profile, stream_item_profile, item_profile, latest_item_profile, rows, events) as temporary views of one SparkSession and
 writes the result as ``shard-%05d.parquet`` files like ``DuckDBEngine``: the same columns and the
 same rows (tests/test_example_tables_spark.py compares them row for row). Spark's own ways:
 
@@ -14,7 +14,8 @@ same rows (tests/test_example_tables_spark.py compares them row for row). Spark'
     as-of join   Spark has no ASOF JOIN: a left join on the key with the profile stamped strictly
                  before the example; where a profile holds several rows of one key, the newest of
                  them by ROW_NUMBER() over the example's ordinal (profiles written by
-                 ``features load`` hold one row per entity, so the join alone does it)
+                 ``features load`` hold one row per entity, so the join alone does it until the
+                 stream carries item attributes)
     identifiers  double-quoted (``spark.sql.ansi.doubleQuotedIdentifiers``), as the queries quote
     shards       written by the executors partitioned by shard into a staging folder, then
                  gathered by the driver into one file per shard (row group by row group)
@@ -49,8 +50,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from features.event_log import stream_parts
-from features.example_sql import EngineSettings, interaction_columns, quote, rows_query
+from features.event_log import stream_item_profile_parts, stream_parts
+from features.example_sql import EngineSettings, interaction_columns, item_profile_query, quote, rows_query
 
 log = logging.getLogger("plexrec.features")
 # py4j logs an INFO line from a finaliser at interpreter exit, when the streams are closed ("Logging error")
@@ -159,8 +160,14 @@ class SparkEngine:
                                                       F.col("ordinal").cast("bigint")))
             self.has_users = (self.offline / "user_profile.parquet").exists() and bool(schema.users.columns)
             self.unique: dict[str, bool] = {}
+            if self.has_users:
+                self.register("user_profile", self.spark.read.parquet(str(self.offline / "user_profile.parquet")))
+            self.register("loaded_item_profile", self.spark.read.parquet(str(self.offline / "item_profile.parquet")))
+            profiles = stream_item_profile_parts(self.offline.parent)  # item attributes the stream carried
+            if profiles:
+                self.register("stream_item_profile", self.spark.read.parquet(*[str(path) for path in profiles]))
+            self.register("item_profile", self.spark.sql(item_profile_query(schema, bool(profiles))))
             for view, key in [("user_profile", "user_id")] * self.has_users + [("item_profile", "item_id")]:
-                self.register(view, self.spark.read.parquet(str(self.offline / f"{view}.parquet")))
                 self.unique[view] = bool(self.scalar(f"SELECT COUNT({key}) = COUNT(DISTINCT {key}) FROM {view}"))
             profile_columns = ", ".join(quote(c) for c in self.spark.table("item_profile").columns)
             self.register("latest_item_profile", self.spark.sql(

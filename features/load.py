@@ -217,7 +217,7 @@ def archive_foreign_stream(directory: Path) -> Path | None:
         return None
     archive = directory / f"archived-stream-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
     archive.mkdir()
-    for name in ("events", "stream_interactions"):
+    for name in ("events", "stream_interactions", "stream_item_profile"):
         if (directory / "offline" / name).exists():
             (directory / "offline" / name).rename(archive / name)
     log.warning("the event log in %s was streamed into a store of another schema (%d file(s)): moved to %s",
@@ -255,4 +255,27 @@ def load_into_store(store, tables: DatasetTables, directory: Path, history_lengt
     views = (["user_profile"] if tables.schema.users.columns else []) + ["item_profile", "user_history", "item_counters"]
     with feast_calls():
         store.materialize(start_date=EPOCH.to_pydatetime(), end_date=end, feature_views=views)
+    if stream is not None:
+        restore_streamed_item_profiles(store, directory)
     return {name: len(table) for name, table in offline_data.items()}
+
+
+def restore_streamed_item_profiles(store, directory: Path) -> int:
+    """Online, every item whose attributes the stream changed gets its newest streamed profile row
+    back after a reload's materialize (which writes the loaded rows: SQLite takes them whatever their
+    stamp), so the online profile stays the offline one's newest (features/event_log.py). How many."""
+    from features.event_log import PROFILE_ORDER, stream_item_profile_parts
+
+    parts = stream_item_profile_parts(directory)
+    if not parts:
+        return 0
+    rows = pd.concat([pd.read_parquet(path) for path in parts], ignore_index=True)
+    rows = rows.sort_values(["event_timestamp", PROFILE_ORDER], kind="stable").drop_duplicates("item_id", keep="last")
+    rows = rows.drop(columns=PROFILE_ORDER).reset_index(drop=True)
+    stamps = pd.to_datetime(rows["event_timestamp"], utc=True)
+    frame = rows.drop(columns="event_timestamp").astype(object)
+    frame = frame.where(frame.notna(), None)  # object: a missing Int64 / Float32 value stays None
+    frame["event_timestamp"] = stamps
+    with feast_calls():
+        store.write_to_online_store("item_profile", frame)
+    return len(frame)

@@ -37,18 +37,18 @@ def item_embeddings(model: Ranker, item_ids: np.ndarray,
 
 def catalogue_embeddings(model: Ranker, directory) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(item ids, representation, attention) of every item of the store in ``directory`` (its offline
-    item_profile: the catalogue), from ``model``."""
+    item profile as it stands: the loaded catalogue with the item attributes the stream carried since,
+    each item's newest category; features/event_log.py ``item_profiles``), from ``model``."""
     from pathlib import Path
 
-    import pandas as pd
-
+    from features.event_log import item_profiles
     from features.examples import category_id
     from features.store import StoreError
 
     items_path = Path(directory) / "offline" / "item_profile.parquet"
     if not items_path.exists():
         raise StoreError(f"{items_path} is missing: run `plexrec features load` first")
-    items = pd.read_parquet(items_path, columns=["item_id", "item_category"])
+    items = item_profiles(directory, ["item_category"])
     ids = items["item_id"].to_numpy(np.int64)
     representation, attention = item_embeddings(model, ids, items["item_category"].map(category_id).to_numpy())
     return ids, representation, attention

@@ -358,3 +358,71 @@ def test_a_backlog_is_appended_a_group_at_a_time(broker, movielens_past, ml100k_
     assert len(read_event_log(directory)) == len(events)
     whole = build_examples(ml100k_tables.with_interactions(pd.concat([past, future])).joined(), schema)
     assert_same_examples(examples_from_store(store, directory), whole, ML_HISTORY)
+
+
+def test_streamed_item_attributes_reach_the_offline_profile_from_their_instant(broker, movielens_past,
+                                                                              ml100k_tables, tmp_path_factory):
+    """Events carrying item attributes (a new category for one item; a new release year alone for
+    another, whose genres stay) become item-profile rows stamped with their instants: every example
+    after an instant has the new values and none at or before it (its own event's example included),
+    in the whole data set's examples and in a learner's window; the newest profile (what publishing
+    reads) and the online one agree; a reload keeps them online."""
+    from features.event_log import events_after, item_profiles, stream_item_profile_parts
+    from features.example_tables import build_example_tables
+    from features.online import OnlineFeatures
+
+    store, directory, past, future = movielens_past
+    schema = ml100k_tables.schema
+    events = schema_events(future, schema)
+    counts = future[schema.item].value_counts()
+    documentary, restamped = int(counts.index[0]), int(counts.index[1])
+    changed_at = {}
+    for item, attributes in ((documentary, {"genres": "Documentary"}), (restamped, {"release_year": "2001"})):
+        times = future.loc[future[schema.item] == item, schema.timestamp].sort_values()
+        at = int(times.iloc[len(times) // 2])  # examples of the item before and after it
+        event = next(e for e in events if e.item_id == item and e.event_time_ms == at * 1000)
+        event.item_attributes.update(attributes)
+        changed_at[item] = at
+    before = item_profiles(directory).set_index("item_id")
+    assert before.loc[documentary, "item_category"] != "Documentary"
+    stream(broker, store, directory, events, max_batch=100)
+    report = compact_event_log(directory)
+    assert report.item_profile_rows == 2 and len(stream_item_profile_parts(directory)) == 1
+
+    def check(rows: pd.DataFrame) -> int:
+        checked = 0
+        for item, at in changed_at.items():
+            mine = rows[rows["item_id"] == item]
+            after = mine["timestamp"] > at
+            assert after.any() and (~after).any()
+            if item == documentary:
+                assert (mine.loc[after, "item_category"] == "Documentary").all()
+                assert all(list(g) == ["Documentary"] for g in mine.loc[after, "genres"])
+                assert (mine.loc[~after, "item_category"] == before.loc[item, "item_category"]).all()
+            else:
+                assert (mine.loc[after, "release_year"] == 2001).all()
+                assert (mine.loc[~after, "release_year"] == before.loc[item, "release_year"]).all()
+                assert (mine["item_category"] == before.loc[item, "item_category"]).all()  # not carried: kept
+            checked += len(mine)
+        return checked
+
+    tables = build_example_tables(directory / "offline", schema, tmp_path_factory.mktemp("examples"))
+    assert check(pd.read_parquet(tables.shard_paths(0)[0])) >= 10
+    rows, _ = events_after(directory, {})  # a learner's window: the streamed events alone
+    window = build_example_tables(directory / "offline", schema, tmp_path_factory.mktemp("window"), events=rows)
+    assert check(pd.read_parquet(window.shard_paths(0)[0])) >= 10
+    behaviours = pd.read_parquet(tables.shard_paths(0)[1])  # histories read an item's newest category
+    assert (behaviours.loc[behaviours["item_id"] == documentary, "item_category"] == "Documentary").all()
+
+    newest = item_profiles(directory).set_index("item_id")
+    assert len(newest) == len(before) and newest.loc[documentary, "item_category"] == "Documentary"
+    assert newest.loc[restamped, "release_year"] == 2001
+    assert list(newest.loc[restamped, "genres"]) == list(before.loc[restamped, "genres"])
+    for reload in (False, True):
+        if reload:  # the same past again: materialize writes the loaded rows online, the streamed ones follow
+            load_into_store(store, ml100k_tables.with_interactions(past), directory, history_length=ML_HISTORY)
+        online = OnlineFeatures(store).items([documentary, restamped])
+        for item, features in online.items():
+            assert features.category == newest.loc[item, "item_category"], (reload, item)
+            assert features.profile["release_year"] == newest.loc[item, "release_year"], (reload, item)
+            assert list(features.profile["genres"]) == list(newest.loc[item, "genres"]), (reload, item)
