@@ -75,7 +75,8 @@ class ItemVectorCache:
         new = [items[position] for position in first.values()]
         distinct = len({item.item_id for item in items})
         if distinct > self.max_items:  # else evicting could take a row this batch reads
-            raise ValueError(f"{distinct} distinct items in one batch; the item vector cache holds {self.max_items}")
+            raise ValueError(f"{distinct} distinct items in one lookup; the item vector cache holds {self.max_items} "
+                             "(--item-cache-entries)")
         vectors = self.compute(new)
         for item in new:
             old = self._slots.pop(item.item_id, None)

@@ -94,6 +94,22 @@ class ServeConfig:
                              f"{self.max_candidates}: the largest allowed call could never be queued")
         if self.max_concurrent_calls is not None and self.max_concurrent_calls < 1:
             raise ValueError(f"--max-concurrent-calls must be at least 1, got {self.max_concurrent_calls}")
+        # a batch of calls is scored in pieces whose items fit the model's item vector cache (ScoringService
+        # .score_batch), so only one call's own candidates must fit it
+        if self.item_cache_entries < self.max_candidates:
+            raise ValueError(f"--item-cache-entries {self.item_cache_entries} is below --max-candidates "
+                             f"{self.max_candidates}: a call of that many distinct candidates could never be scored "
+                             f"(the model's item vectors are cached per item); raise --item-cache-entries or lower "
+                             f"--max-candidates")
+
+    def check_history(self, history_length: int) -> None:
+        """ValueError unless one user's history (at most the store's ``history_length`` items) fits the
+        item vector cache."""
+        if self.item_cache_entries < history_length:
+            raise ValueError(f"--item-cache-entries {self.item_cache_entries} is below the store's history length "
+                             f"{history_length} (store.json history_length): one user's history could never be "
+                             f"scored (the model's item vectors are cached per item); raise --item-cache-entries to "
+                             f"at least {history_length}")
 
 
 class InvalidRequest(ValueError):
@@ -250,17 +266,23 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
                 live.append(position)
         if not live:
             return results
-        inputs = model.batch([(users[p], candidates[p]) for p in live], history_items)
-        built = time.perf_counter()
+        build = forward = 0.0
+        for group in cache_sized_groups(model, users, candidates, live):
+            began = time.perf_counter()
+            inputs = model.batch([(users[p], candidates[p]) for p in group], history_items)
+            built = time.perf_counter()
+            scores = model.probabilities(inputs)
+            build, forward = build + built - began, forward + time.perf_counter() - built
+            start = 0
+            for position in group:
+                end = start + len(candidates[position])
+                results[position] = scores[start:end]
+                start = end
         for published, count in model.inputs.take_published().items():
             self.metrics.item_vectors.labels(published).inc(count)
-        scores = model.probabilities(inputs)
-        timing = CallTiming(fetched - started, built - fetched, time.perf_counter() - built, len(live))
-        start = 0
+        timing = CallTiming(fetched - started, build, forward, len(live))
         for position in live:
-            end = start + len(candidates[position])
-            results[position] = (scores[start:end], timing)
-            start = end
+            results[position] = (results[position], timing)
         return results
 
     def _fetch(self, model, calls: list[ScoringCall]) -> tuple[list, list, dict]:
@@ -296,6 +318,36 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
 
 class DeadlineExpired(Exception):
     pass
+
+
+def cache_sized_groups(model, users: list, candidates: list, live: list[int]) -> list[list[int]]:
+    """The calls at ``live`` in consecutive groups, one forward each, whose distinct candidates and
+    whose users' distinct history items each fit the model's item vector cache (``ItemVectorCache``
+    refuses a lookup of more distinct items than it holds, and serving/inputs.py looks up a batch's
+    candidates and its histories separately). Usually one group: splitting starts only when the
+    calls' rows or history lengths add up past the cache. One call always fits: the server refuses
+    a cache smaller than --max-candidates or the store's history length at start."""
+    bound = model.inputs.item_vectors.max_items
+    length = model.history_length
+
+    def history(position: int) -> list[int]:
+        return users[position].history_item_ids[-length:] if length else []
+
+    if sum(len(candidates[p]) for p in live) <= bound and sum(len(history(p)) for p in live) <= bound:
+        return [live]
+    groups: list[list[int]] = []
+    items: set[int] = set()
+    behaviours: set[int] = set()
+    for position in live:
+        mine = {item.item_id for item in candidates[position]}
+        theirs = set(history(position))
+        if not groups or len(items) + len(mine - items) > bound or len(behaviours) + len(theirs - behaviours) > bound:
+            groups.append([])
+            items, behaviours = set(), set()
+        groups[-1].append(position)
+        items |= mine
+        behaviours |= theirs
+    return groups
 
 
 def _store_down(exc: Exception) -> bool:
@@ -337,7 +389,9 @@ class ScoringServer:
         # the store's store.json (schema, history length): what every model is checked against
         self.online = OnlineFeatures(store, ttl_seconds=config.item_cache_seconds,
                                      max_cached_items=config.item_cache_entries,
-                                     max_cached_bytes=config.item_cache_bytes)
+                                     max_cached_bytes=config.item_cache_bytes,
+                                     published_vectors=False)  # the model computes them (serving/inputs.py)
+        config.check_history(self.online.history_length)
         self.watcher = ModelWatcher(config.model_dir, self.online.meta, max_cached_items=config.item_cache_entries)
         self.metrics = ServingMetrics()
         self.metrics.model_version(self.watcher.current.version)
@@ -486,7 +540,9 @@ def main(argv: list[str] | None = None) -> None:
                              "RESOURCE_EXHAUSTED (0: no limit)")
     parser.add_argument("--item-cache-entries", type=int, default=DEFAULT_MAX_CACHED_ITEMS,
                         help="items whose features are cached, at most (least recently used evicted); "
-                             "also the bound of the model's item vectors (serving/item_vectors.py)")
+                             "also the bound of the model's item vectors (serving/item_vectors.py): at least "
+                             "--max-candidates and the store's history length; a batch of calls with more "
+                             "distinct items is scored in pieces that fit")
     parser.add_argument("--item-cache-mib", type=float, default=DEFAULT_MAX_CACHED_BYTES / 2**20,
                         help="estimated memory of the item cache, at most, in MiB")
     parser.add_argument("--item-cache-seconds", type=float, default=60.0,

@@ -584,7 +584,7 @@ def test_the_item_caches_byte_count_tracks_the_memory_it_holds():
 def test_a_stream_of_unknown_ids_keeps_the_item_cache_within_its_bounds(store_dir, model_root, bound):
     """60 calls of 100 new unknown ids each (6,000 in all) and one known item in every call; the
     cache holds about 300 entries either way (300 entries, or 200 kB of ~0.7 kB unknown items)."""
-    limits = {"entries": {"item_cache_entries": 300, "item_cache_bytes": 64 << 20},
+    limits = {"entries": {"item_cache_entries": 300, "item_cache_bytes": 64 << 20, "max_candidates": 101},
               "bytes": {"item_cache_entries": 100_000, "item_cache_bytes": 200_000}}[bound]
     config = ServeConfig(model_dir=str(model_root), port=0, **limits)
     hot, first_unknown = 50, 10**12
@@ -602,6 +602,65 @@ def test_a_stream_of_unknown_ids_keeps_the_item_cache_within_its_bounds(store_di
         used = len(cache) / limits["item_cache_entries"] if bound == "entries" else \
             cache.bytes / limits["item_cache_bytes"]
         assert used > 0.9  # the bound, not something else, stopped the growth
+
+
+def test_calls_that_score_alone_score_together_past_the_item_cache(store_dir, model_root):
+    """Issue 21: with --item-cache-entries below a batch's distinct items, calls that scored alone
+    failed INTERNAL once the batcher merged them (the model's item vector cache cannot hold one
+    forward's items). On a cache of 250 entries, three calls of 100 distinct candidates each (300
+    together) for users of long, different histories (more than 250 distinct items together) wait
+    for the model thread until all three are queued, so the batcher takes them as one batch: each
+    gets the scores it gets alone."""
+    from features.online import OnlineFeatures
+    from protos.plexrec.v1 import scoring_pb2
+
+    users = [USER, 13, 405]
+    items = {user: list(range(1 + 100 * k, 101 + 100 * k)) for k, user in enumerate(users)}
+    online = OnlineFeatures(open_store("local", store_dir))
+    histories = set().union(*(online.user(user).history_item_ids[-200:] for user in users))
+    assert len(histories) > 250  # the histories alone overflow the cache too
+    config = ServeConfig(model_dir=str(model_root), port=0, item_cache_entries=250, max_candidates=100)
+    with serving_in_background(config, open_store("local", store_dir)) as running:
+        with ScoringClient(f"127.0.0.1:{running.port}") as scoring:
+            alone = {user: scoring.score(user, items[user])[0] for user in users}
+            batcher = running.service.batcher
+            release = threading.Event()
+            batcher._model_thread.submit(release.wait, 60)  # the model thread is busy: calls wait
+            before = batcher.batches
+            first = scoring.stub.Score.future(scoring_pb2.ScoreRequest(user_id=STRANGER, item_ids=[1]), timeout=60)
+            waiting = time.monotonic() + 30
+            while batcher.batches == before and time.monotonic() < waiting:  # taken alone, waiting for the thread
+                time.sleep(0.01)
+            calls = [scoring.stub.Score.future(scoring_pb2.ScoreRequest(user_id=user, item_ids=items[user]),
+                                               timeout=60) for user in users]
+            while len(batcher.pending) < len(users) and time.monotonic() < waiting:
+                time.sleep(0.01)
+            assert len(batcher.pending) == len(users)
+            release.set()
+            first.result()
+            outcomes = []
+            for call in calls:
+                error = call.exception()
+                outcomes.append((error.code(), error.details()) if error else call.result())
+            assert batcher.batches == before + 2  # the first call, then the three together
+    for user, outcome in zip(users, outcomes):
+        assert isinstance(outcome, scoring_pb2.ScoreResponse), outcome
+        np.testing.assert_allclose(outcome.scores, alone[user], atol=1e-5)
+
+
+@pytest.mark.parametrize("limits,refusal", [
+    ({"item_cache_entries": 50, "max_candidates": 60},
+     "--item-cache-entries 50 is below --max-candidates 60: "),
+    ({"item_cache_entries": 150, "max_candidates": 100},
+     "--item-cache-entries 150 is below the store's history length 200 "),
+])
+def test_an_item_cache_smaller_than_one_call_is_refused_at_start(store_dir, model_root, limits, refusal):
+    """One call's distinct items (its candidates, its user's history) must fit the item vector cache;
+    a configuration where they cannot is refused at start, naming the flags, not failed call by call."""
+    with pytest.raises(ValueError, match=refusal):
+        with serving_in_background(ServeConfig(model_dir=str(model_root), port=0, **limits),
+                                   open_store("local", store_dir)):
+            pass
 
 
 def test_the_model_queue_refuses_calls_past_its_row_bound_and_batches_what_waits():
