@@ -18,7 +18,10 @@ defaults (empty profile, empty history, zero counts, no category), never as an e
 An item's published embeddings carry the version that computed them and whether they are
 the served version's own (``embeddings_valid_for``: features/publish.py decides, from the
 publish instants in the offline files' footers); the cache also empties once the served
-version's publish completes.
+version's publish completes. The scoring server reads none (``published_vectors=False``): it
+computes an item's vectors from the model and the item's online profile (serving/inputs.py),
+so a vector published from another profile (the offline one, before the stream changed the
+item) can never score an item; published embeddings are for other consumers.
 
 The cache is bounded (``ItemCache``: at most ``max_cached_items`` entries and
 ``max_cached_bytes`` of estimated memory, least recently used evicted first): item
@@ -86,9 +89,9 @@ except ImportError:  # the redis client is only needed for the redis profile
 
 HISTORY_FEATURES = ["user_history:history_item_ids", "user_history:history_timestamps",
                     "user_history:interaction_count"]
-ITEM_STATE_FEATURES = [f"item_profile:{CATEGORY_FEATURE}", "item_counters:interaction_count",
-                       "item_embeddings:attention_embedding", "item_embeddings:representation_embedding",
-                       "item_embeddings:model_version"]
+ITEM_STATE_FEATURES = [f"item_profile:{CATEGORY_FEATURE}", "item_counters:interaction_count"]
+EMBEDDING_FEATURES = ["item_embeddings:attention_embedding", "item_embeddings:representation_embedding",
+                      "item_embeddings:model_version"]
 
 
 # a cached item with two 64-dimensional embeddings takes about 5 KB (mostly the floats), an unknown one
@@ -216,8 +219,10 @@ def _key(feature: str) -> str:
 class OnlineFeatures:
     def __init__(self, store, meta: dict | None = None, *, ttl_seconds: float = 60.0,
                  clock: Callable[[], float] = time.monotonic, max_cached_items: int = DEFAULT_MAX_CACHED_ITEMS,
-                 max_cached_bytes: int = DEFAULT_MAX_CACHED_BYTES) -> None:
-        """``meta``: the store's store.json (default: read from the store's data directory)."""
+                 max_cached_bytes: int = DEFAULT_MAX_CACHED_BYTES, published_vectors: bool = True) -> None:
+        """``meta``: the store's store.json (default: read from the store's data directory);
+        ``published_vectors``: whether items carry the store's published embeddings (one more view
+        read per miss, and most of a cached item's bytes; the scoring server reads none)."""
         self.store, self.ttl_seconds, self.clock = store, ttl_seconds, clock
         self.meta = read_store_meta(store.config.repo_path) if meta is None else meta
         self.schema = DatasetSchema.from_dict(self.meta["schema"], where="store.json schema")
@@ -225,7 +230,9 @@ class OnlineFeatures:
         self.item_columns = self.schema.items.columns
         # user_profile exists only when the schema declares users columns (features/repo/definitions.py)
         self.user_features = [f"user_profile:{c}" for c in self.user_columns] + HISTORY_FEATURES
-        self.item_features = [f"item_profile:{c}" for c in self.item_columns] + ITEM_STATE_FEATURES
+        self.published_vectors = published_vectors
+        self.item_features = [f"item_profile:{c}" for c in self.item_columns] + ITEM_STATE_FEATURES + (
+            EMBEDDING_FEATURES if published_vectors else [])
         self.model_version: str | None = None
         self.item_cache = ItemCache(max_cached_items, max_cached_bytes, ttl_seconds)
         # which published versions' vectors are the served version's own (the files' publish instants)
@@ -252,12 +259,13 @@ class OnlineFeatures:
         if version != self.model_version:
             self.model_version = version
             self.item_cache.clear()
-            self._served_version_published = self.published_versions.published_at(version) is not None
+            self._served_version_published = (self.published_vectors
+                                              and self.published_versions.published_at(version) is not None)
 
     def _check_publish(self) -> None:
         """Once the served version's publish completes (it follows the export, which serving may load
         first), the cached items are read again: their rows may now be (or be valid for) its own."""
-        if (self.model_version is not None and not self._served_version_published
+        if (self.published_vectors and self.model_version is not None and not self._served_version_published
                 and self.published_versions.published_at(self.model_version) is not None):
             self._served_version_published = True
             self.item_cache.clear()
@@ -288,6 +296,10 @@ class OnlineFeatures:
         return {item_id: found[item_id] for item_id in item_ids}
 
     def _item_features(self, item_id: int, row: dict[str, Any]) -> ItemFeatures:
+        if not self.published_vectors:
+            return ItemFeatures(item_id=item_id, profile=_present(row, "item_profile", self.item_columns),
+                                category=row[f"item_profile__{CATEGORY_FEATURE}"],
+                                interaction_count=int(row["item_counters__interaction_count"] or 0))
         return ItemFeatures(
             item_id=item_id, profile=_present(row, "item_profile", self.item_columns),
             category=row[f"item_profile__{CATEGORY_FEATURE}"],

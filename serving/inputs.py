@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -207,13 +206,12 @@ class InputBuilder:
 
     def __init__(self, schema: DatasetSchema, ranker: InferenceRanker, history_length: int,
                  max_cached_items: int = DEFAULT_MAX_ITEMS, model_version: str | None = None) -> None:
-        """``model_version``: the version this builder serves; an item's published vectors
-        (``plexrec features publish``) tagged with it are used as its A_item and R."""
+        """``model_version``: the version this builder serves (for the record). An item's vectors are
+        always the model's, computed from the item's online features: published ones (``plexrec
+        features publish``) are never read, so a vector published from another profile than the one
+        the server reads (the offline one, before the stream changed the item) cannot score it."""
         self.schema, self.ranker, self.history_length = schema, ranker, history_length
         self.model_version = model_version
-        # items whose vectors were computed, by what the store had published for them: "used" (this
-        # version's: taken as they are), "stale" (another version's: ignored), "absent"
-        self.published: Counter[str] = Counter()
         self.reads_category = ranker.space is not None and schema.category is not None
 
         def readers(lookups) -> list[tuple[str, Callable, str | None, bool]]:
@@ -255,35 +253,13 @@ class InputBuilder:
     def _item_rows(self, items: list[ItemFeatures]) -> list[torch.Tensor]:
         vectors = self.ranker.items(self._ids(self.item_readers, items), self._categories(items), len(items))
         parts = [torch.cat([vectors.columns, self._dense(self.item_dense, items)], dim=1)]
-        published = [(vectors.attention, "attention_embedding"), (vectors.representation, "representation_embedding")]
-        # used: this version's own vectors, written by its publish or by an earlier one that its publish
-        # left alone (features/publish.py; features/online.py says which)
-        outcomes = ["absent" if item.model_version is None else
-                    "used" if self.model_version is not None and self.model_version in (
-                        item.model_version, item.embeddings_valid_for) else "stale" for item in items]
-        self.published.update(outcomes)
-        own = [(position, item) for (position, item), outcome in zip(enumerate(items), outcomes) if outcome == "used"]
-        for computed, field in published:
-            if computed is not None:
-                parts.append(self._with_published(computed, own, field))
+        parts += [v for v in (vectors.attention, vectors.representation) if v is not None]
         return parts
 
     def take_published(self) -> dict[str, int]:
-        """``published`` since the last call (the server adds them to its metrics), reset."""
-        counts = dict(self.published)
-        self.published.clear()
-        return counts
-
-    @staticmethod
-    def _with_published(computed: torch.Tensor, own: list[tuple[int, ItemFeatures]], field: str) -> torch.Tensor:
-        """``computed`` with the rows of ``own`` ((position, item) of the items whose store holds this
-        version's vectors) replaced by their ``field``: the model's own vectors, so the scores do not
-        change (tests/test_inference.py); another version's never replace them."""
-        width = computed.shape[1]
-        rows = [(position, vector) for position, item in own if len(vector := getattr(item, field)) == width > 0]
-        if rows:
-            computed[[position for position, _ in rows]] = torch.tensor([v for _, v in rows], dtype=computed.dtype)
-        return computed
+        """Items scored with published vectors, by outcome, since the last call: none, ever (they are
+        not read; kept for callers that add these counts to their metrics)."""
+        return {}
 
     def batch(self, requests: list[tuple[UserFeatures, list[ItemFeatures]]],
               history_items: dict[int, ItemFeatures]) -> ScoringInputs:

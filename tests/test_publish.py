@@ -1,8 +1,8 @@
 """Published item embeddings (features/publish.py) against real local Feast stores: one file per
 model version holding only the items whose vectors changed, written atomically, repaired after a
 kill, pruned with the learner's versions; Feast's DuckDB offline store (materialize, point-in-time
-reads) and serving see every item's newest vectors, and serving counts an item a version left
-alone as that version's own."""
+reads) and the online read API see every item's newest vectors, and count an item a version left
+alone as that version's own. The scoring server reads none (tests/test_served_scores.py)."""
 
 from __future__ import annotations
 
@@ -184,13 +184,14 @@ def test_a_version_name_that_is_not_a_file_name_is_refused(empty_store):  # noqa
     assert not os.path.exists(embeddings_dir(directory)) or files(directory) == []
 
 
-def test_the_learner_publishes_only_what_changed_prunes_with_its_versions_and_serving_uses_the_rest(
+def test_the_learner_publishes_only_what_changed_and_prunes_with_its_versions(
         broker, trained_on_the_past, ml100k_tables):
     """plexrec learn over a store whose single-file layout a kill left at 0 bytes: its first export
     publishes the catalogue, the next only the items whose vectors changed (what an independent
     comparison of the two versions finds), a restarted learner none for the same model; versions
-    beyond --keep-versions take their files with them, every item keeps its newest vectors, and a
-    server of the newest version (which republished nothing) counts them all as its own ("used")."""
+    beyond --keep-versions take their files with them, every item keeps its newest vectors (valid for
+    the newest version, which republished nothing), and a server of the newest version reads none of
+    them: it computes every item's vectors from the model and the online profile."""
     from features.events import schema_events
     from recsys.export import load_model
     from recsys.item_embeddings import catalogue_embeddings
@@ -248,4 +249,4 @@ def test_the_learner_publishes_only_what_changed_prunes_with_its_versions_and_se
         _, version = scoring.score(1, items)
         used = counted("plexrec_item_vectors_total", {"published": "used"}) or 0
         stale = counted("plexrec_item_vectors_total", {"published": "stale"}) or 0
-    assert version == newest.name and used >= len(items) and stale == 0
+    assert version == newest.name and used == 0 and stale == 0

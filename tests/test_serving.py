@@ -273,37 +273,6 @@ def test_metrics_count_calls_errors_and_stages(server, client):
     assert values[f'plexrec_model_info{{version="{server.watcher.current.version}"}}'] == 1
 
 
-def test_published_embeddings_are_used_only_when_the_served_version_published_them(store_dir, model_root):
-    """The served model's own published vectors are used (counted "used", scores unchanged); once
-    another version's overwrite them they are ignored (counted "stale", scores unchanged)."""
-    from features.publish import publish_item_embeddings
-    from recsys.item_embeddings import publish_model_embeddings
-
-    store = open_store("local", store_dir)
-    config = ServeConfig(model_dir=str(model_root), port=0, item_cache_seconds=0.0)  # every call reads the store
-    items = list(range(1, 41))
-    with serving_in_background(config, store) as running, ScoringClient(f"127.0.0.1:{running.port}") as scoring:
-        def counted() -> dict[str, float]:
-            return {outcome: running.metrics.registry.get_sample_value(
-                "plexrec_item_vectors_total", {"published": outcome}) or 0.0 for outcome in ("used", "stale", "absent")}
-
-        before, _ = scoring.score(USER, items)
-        rows, version = publish_model_embeddings(model_root, store, store_dir)
-        assert version == running.watcher.current.version and rows > 1000
-        start = counted()
-        used, _ = scoring.score(USER, items)
-        after_own = counted()
-        assert after_own["used"] - start["used"] >= len(items) and after_own["stale"] == start["stale"]
-        np.testing.assert_allclose(used, before, rtol=0, atol=1e-6)
-        ids = np.array(items)
-        _, attention, representation = running.watcher.current.inputs.item_vectors.parts  # DARE: both kept
-        publish_item_embeddings(store, ids, np.full((len(ids), representation.shape[1]), 5.0),
-                                np.full((len(ids), attention.shape[1]), -5.0), "another-version", store_dir)
-        stale, _ = scoring.score(USER, items)
-        assert counted()["stale"] - after_own["stale"] >= len(items)
-        np.testing.assert_allclose(stale, before, rtol=0, atol=1e-6)
-
-
 def test_cli_score_prints_the_scores(server, client):
     done = subprocess.run([sys.executable, "-m", "recsys.cli", "score", "--target", f"127.0.0.1:{server.port}",
                            "--user", str(USER), "--items", "50,181"], capture_output=True, text=True, timeout=60)
