@@ -286,21 +286,39 @@ def test_an_event_id_seen_before_changes_nothing_online(broker, any_store):
     assert from_log == truth
 
 
+def row_stamps(store, user, item):
+    """The stamps (µs) the ingester wrote on ``user``'s history row and ``item``'s counters row."""
+    user_row = store.get_online_features(features=["user_history:stamp_us"],
+                                         entity_rows=[{"user_id": user}]).to_dict()
+    item_row = store.get_online_features(features=["item_counters:stamp_us"],
+                                         entity_rows=[{"item_id": item}]).to_dict()
+    return user_row["stamp_us"][0], item_row["stamp_us"][0]
+
+
 def test_a_row_stamped_by_a_clock_ahead_still_takes_later_writes(broker, any_store):
     """An ingester on a host whose clock runs an hour ahead writes a user's and an item's rows;
     the next one, on a correct clock, stamps its writes before theirs. Feast's Redis store drops a
-    write stamped at or before the row's stamp, so the stamps must stay monotone per row."""
+    write stamped at or before the row's stamp, so the stamps must stay monotone per row.
+
+    SQLite takes every write whatever its stamp, so on [local] the rows' contents would be right
+    even with stamps going backwards: there the test stands on the stored stamps themselves (each
+    later write stamped after the row's, though the writer's clock is an hour behind it)."""
     store, directory, _ = any_store
     name = topic()
     ahead = [make_event(user_id=5, item_id=7, event_type=RATING, value=5.0, event_time_ms=1_700_000_000_000)]
     publish(broker, name, ahead)
+    started = time.time()
     run_ingester(broker, store, directory, name, clock=lambda: time.time() + 3600)
+    first = row_stamps(store, 5, 7)
+    assert all(stamp >= (started + 3600) * 1e6 for stamp in first), first  # the clock ahead's stamps
     later = [make_event(user_id=5, item_id=7 + i, event_type=RATING, value=5.0,
                         event_time_ms=1_700_000_001_000 + i) for i in range(3)]
     publish(broker, name, later)
     run_ingester(broker, store, directory, name)
     assert online_state(store, [5])[5] == ([7, 7, 8, 9], 4)
     assert item_counts(store, [7, 8]) == [2, 1]
+    second = row_stamps(store, 5, 7)
+    assert all(now > before for now, before in zip(second, first)), (first, second)  # monotone, not the clock's
 
 
 def test_features_show_prints_what_the_store_holds_for_one_entity(broker, any_store):
