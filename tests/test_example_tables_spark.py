@@ -135,6 +135,40 @@ def test_streamed_rows_come_after_the_loaded_ones_on_spark(spark, broker, ml100k
     assert (ordinals >= STREAM_ORDINAL_BASE).sum() == len(future)
 
 
+def test_streamed_item_attributes_are_the_same_profile_rows_on_spark(spark, broker, ml100k_tables, tmp_path):
+    """Events carrying item attributes (features/event_log.py: streamed item-profile rows): both engines
+    give every example after the change the new values and none before, row for row."""
+    from features.event_log import compact_event_log, stream_item_profile_parts
+    from features.events import schema_events
+
+    from .test_event_log import split_by_time, stream
+
+    schema = ml100k_tables.schema
+    ratings = ml100k_tables.interactions
+    past, future = split_by_time(ratings[ratings[schema.user] <= 30], schema, 0.7)
+    store = open_store("local", tmp_path)
+    load_into_store(store, ml100k_tables.with_interactions(past), tmp_path, history_length=50)
+    events = schema_events(future, schema)
+    items = future[schema.item].value_counts().index[:3].astype(int).tolist()
+    changed = {}
+    for item, attributes in zip(items, ({"genres": "Documentary"}, {"release_year": "2001"},
+                                        {"genres": "Film-Noir|Drama", "release_year": "1950"})):
+        times = future.loc[future[schema.item] == item, schema.timestamp].sort_values()
+        changed[item] = int(times.iloc[len(times) // 2])
+        next(e for e in events if e.item_id == item and e.event_time_ms == changed[item] * 1000
+             ).item_attributes.update(attributes)
+    stream(broker, store, tmp_path, events)
+    compact_event_log(tmp_path)
+    assert stream_item_profile_parts(tmp_path)
+    duckdb, on_spark = build_both(tmp_path, tmp_path / "examples", shards=2)
+    assert assert_same_tables(duckdb, on_spark) == duckdb.examples + duckdb.behaviours
+    rows = pd.concat([shard_frame(on_spark.shard_paths(s)[0]) for s in range(2)])
+    documentary = rows[rows["item_id"] == items[0]]
+    assert ((documentary["item_category"] == "Documentary") == (documentary["timestamp"] > changed[items[0]])).all()
+    noir = rows[rows["item_id"] == items[2]]
+    assert ((noir["release_year"] == 1950) == (noir["timestamp"] > changed[items[2]])).all()
+
+
 def test_profiles_with_several_versions_take_the_newest_before_each_example(spark, ml_store, tmp_path):
     """Profile rows restamped mid-data (new values for some users and items): each example takes the
     version stamped strictly before it (DuckDB's as-of join; a join and ROW_NUMBER on Spark), the
