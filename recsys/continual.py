@@ -24,12 +24,18 @@ baseline has one row per value of its training run and maps every other value to
 learn new ids, and all of them train that one shared "unknown" row. ``learn`` counts such values
 (``Learned.unknown_values``; always 0 for unified and hashed).
 
-Checkpoints go to ``<out_dir>/continual/ckpt-<n>``, crash-safe: written in full (tensors, then the
-meta with the learner's progress) into a hidden ``.ckpt-<n>.tmp``, synced, then renamed, so a process
-killed at any moment leaves the previous checkpoint as the latest. ``position`` (the caller's stream
-offsets) is saved in the same checkpoint as the weights that learned up to it, so a job that resumes
-from ``latest_checkpoint(out_dir)`` and seeks to its ``progress.position`` learns no event twice. The
-newest ``keep_checkpoints`` are kept; the training run's own checkpoints are never touched.
+Versions carry their checkpoint. ``export`` writes the checkpoint (tensors, optimizer state, then the
+meta with the learner's progress and ``position``, the caller's stream offsets) and the version in one
+directory, ``<out_dir>/models/<version>/checkpoint/``, synced and renamed into place whole: a process
+killed at any moment leaves the previous version as the newest, and every version, for as long as it
+is kept, can be continued from (``from_model_dir``) with the weights it serves, the optimizers' state
+and the offsets it learned up to, so a job that continues it and seeks to its ``progress.position``
+learns no event twice. Removing a version removes its checkpoint: a removed lineage cannot come back.
+A training run's export carries a copy of its best checkpoint the same way. ``base_version`` names
+the version a learner's state descends from (recorded in each export's manifest).
+
+``save_checkpoint`` alone writes ``<out_dir>/continual/ckpt-<n>`` (the same crash-safe way; the
+newest ``keep_checkpoints`` are kept), for callers that checkpoint without exporting.
 
 One process is the tested case; every call is written so that all ranks of a torchrun group call it
 together, as the Trainer's are.
@@ -52,17 +58,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from features.durable import fsync_dir, fsync_tree
+from features.examples import Examples
 from recsys.config import RunConfig
 from recsys.data.batching import iterate_batches
-from features.examples import Examples
 from recsys.embeddings import FullVocabEmbedding
-from recsys.export import ModelArtifactError, read_manifest
+from recsys.export import CHECKPOINT_DIR, ModelArtifactError, read_manifest
 from recsys.known_warnings import torchrec_calls
 from recsys.metrics import ranking_metrics
 from recsys.train import CHECKPOINT_META, CheckpointMismatchError, Trainer
 
 CONTINUAL_DIR = "continual"  # under the run's out dir: the learner's checkpoints
 CHECKPOINT_NAME = re.compile(r"ckpt-(\d{8})")
+EXPORT_STAGING = ".export.tmp"  # under CONTINUAL_DIR: the checkpoint of the version being exported
 
 
 @dataclass
@@ -109,7 +117,12 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 def checkpoint_of(model_dir: str | Path) -> Path:
     """The checkpoint an exported model version was made from (a training run's best epoch, or a
-    learner's save): where a learner for the served model starts. Export dirs are ``<out_dir>/models/<v>``."""
+    learner's save): where a learner for that version starts. Its own ``checkpoint/`` where it carries
+    one; a version exported before versions did, the one its manifest names under its run directory
+    (``<out_dir>/models/<v>``), which may since be pruned."""
+    carried = Path(model_dir) / CHECKPOINT_DIR
+    if (carried / CHECKPOINT_META).is_file():
+        return carried
     manifest = read_manifest(model_dir)
     out_dir = Path(model_dir).resolve().parent.parent
     metrics = manifest.get("metrics") or {}
@@ -131,14 +144,16 @@ class ContinualLearner:
     ``save_checkpoint``, ``export`` new versions. Build it with ``from_checkpoint`` or ``from_model_dir``."""
 
     def __init__(self, trainer: Trainer, *, progress: Progress | None = None, base_checkpoint: Path | None = None,
-                 keep_checkpoints: int = 3) -> None:
-        """Take ``trainer`` as it is (its model and optimizer state go on from where they are)."""
+                 keep_checkpoints: int = 3, base_version: str | None = None) -> None:
+        """Take ``trainer`` as it is (its model and optimizer state go on from where they are).
+        ``base_version``: the exported version this state descends from (None: not from a version)."""
         if keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints = {keep_checkpoints}: keep at least the latest")
         self.trainer = trainer
         self.progress = progress or Progress()
         self.base_checkpoint = base_checkpoint
         self.keep_checkpoints = keep_checkpoints
+        self.base_version = base_version
 
     @classmethod
     def from_checkpoint(cls, config: RunConfig, checkpoint: str | Path, examples: Examples | None = None, *,
@@ -167,13 +182,21 @@ class ContinualLearner:
         state = meta.get("continual") or {}  # a learner's checkpoint; a training run's has none
         base = state.get("base_checkpoint") if state else str(checkpoint.resolve())
         return cls(trainer, progress=Progress(**state["progress"]) if state else None,
-                   base_checkpoint=Path(base) if base else None, keep_checkpoints=keep_checkpoints)
+                   base_checkpoint=Path(base) if base else None, keep_checkpoints=keep_checkpoints,
+                   base_version=state.get("base_version"))
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, examples: Examples | None = None, **kwargs) -> ContinualLearner:
-        """Start from an exported (e.g. the served) version: its config and the checkpoint it came from."""
+    def from_model_dir(cls, model_dir: str | Path, examples: Examples | None = None, *,
+                       out_dir: str | Path | None = None, **kwargs) -> ContinualLearner:
+        """Continue an exported (e.g. the served) version: its config, and the checkpoint it came from
+        (weights, optimizer state, a learner's progress). Its exports go to ``out_dir``: by default the
+        version's run directory (``<out_dir>/models/<version>``)."""
+        model_dir = Path(model_dir)
         config = RunConfig.from_dict(read_manifest(model_dir)["config"])
-        return cls.from_checkpoint(config, checkpoint_of(model_dir), examples, **kwargs)
+        learner = cls.from_checkpoint(config, checkpoint_of(model_dir), examples,
+                                      out_dir=out_dir or model_dir.resolve().parent.parent, **kwargs)
+        learner.base_version = model_dir.name
+        return learner
 
     @property
     def config(self) -> RunConfig:
@@ -261,18 +284,23 @@ class ContinualLearner:
             dist.barrier()
         t.save_checkpoint(staging)  # tensors + the Trainer's meta, all ranks
         if t.ctx.is_main:
-            meta_path = staging / CHECKPOINT_META
-            meta = json.loads(meta_path.read_text())
-            meta["continual"] = {"progress": dataclasses.asdict(self.progress),
-                                 "base_checkpoint": str(self.base_checkpoint) if self.base_checkpoint else None}
-            meta_path.write_text(json.dumps(meta, indent=2))
-            _fsync_tree(staging)
+            self._write_state(staging)
+            fsync_tree(staging)
             os.replace(staging, final)
-            _fsync(root)
+            fsync_dir(root)
             self._prune(keep=final)
         if t.ctx.world_size > 1:
             dist.barrier()
         return final
+
+    def _write_state(self, checkpoint: Path) -> None:
+        """The learner's progress (its stream position included) into a checkpoint's meta."""
+        meta_path = checkpoint / CHECKPOINT_META
+        meta = json.loads(meta_path.read_text())
+        meta["continual"] = {"progress": dataclasses.asdict(self.progress),
+                             "base_checkpoint": str(self.base_checkpoint) if self.base_checkpoint else None,
+                             "base_version": self.base_version}
+        meta_path.write_text(json.dumps(meta, indent=2))
 
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.trainer.out_dir)
@@ -284,21 +312,37 @@ class ContinualLearner:
                 shutil.rmtree(old, ignore_errors=True)
 
     def export(self, metrics: dict[str, Any] | None = None) -> Path | None:
-        """Save a checkpoint and export it as a new model version under ``<out_dir>/models``
-        (recsys/export.py's artifact, which serving reloads by itself). Its manifest's metrics carry
-        ``continual``: the progress and that checkpoint (``checkpoint_of`` finds it). Returns the version
-        directory (None on ranks other than 0)."""
+        """Export the model as a new version under ``<out_dir>/models`` (recsys/export.py's artifact,
+        which serving reloads by itself) carrying its checkpoint (model, optimizer state, progress with
+        the stream position) in ``checkpoint/``: one directory, renamed into place whole, so there is
+        never a checkpoint without its version or a version without its checkpoint. Its manifest's
+        metrics carry ``continual``: the progress and ``base_version``, the version it descends from.
+        The learner's state then descends from the new version. Returns the version directory (None on
+        ranks other than 0)."""
         t = self.trainer
-        checkpoint = self.save_checkpoint()
-        continual = {**dataclasses.asdict(self.progress),
-                     "checkpoint": checkpoint.resolve().relative_to(t.out_dir.resolve()).as_posix(),
-                     "base_checkpoint": str(self.base_checkpoint) if self.base_checkpoint else None}
-        model_dir = None
+        staging = self.checkpoint_dir / EXPORT_STAGING
         if t.ctx.is_main:
-            _wait_for_a_free_version_name(t.out_dir / "models", t.fingerprint)
-            model_dir = t.export(checkpoint, {**(metrics or {}), "continual": continual})
+            staging.parent.mkdir(parents=True, exist_ok=True)
+            if staging.exists():  # the leftover of a process killed while exporting
+                shutil.rmtree(staging)
         if t.ctx.world_size > 1:
             dist.barrier()
+        t.save_checkpoint(staging)  # tensors + the Trainer's meta, all ranks
+        continual = {**dataclasses.asdict(self.progress), "checkpoint": CHECKPOINT_DIR,
+                     "base_checkpoint": str(self.base_checkpoint) if self.base_checkpoint else None,
+                     "base_version": self.base_version}
+        model_dir = None
+        if t.ctx.is_main:
+            self._write_state(staging)
+            _wait_for_a_free_version_name(t.out_dir / "models", t.fingerprint)
+            model_dir = t.export(staging, {**(metrics or {}), "continual": continual}, move_checkpoint=True)
+        if t.ctx.world_size > 1:
+            dist.barrier()
+            shared: list[Any] = [model_dir.name if model_dir else None]
+            dist.broadcast_object_list(shared, src=0)
+            self.base_version = shared[0]
+        else:
+            self.base_version = model_dir.name
         return model_dir
 
 
@@ -308,18 +352,3 @@ def _wait_for_a_free_version_name(root: Path, fingerprint: str) -> None:
     while (root / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{fingerprint[:8]}").exists():
         time.sleep(0.05)
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file under ``root`` and the directories themselves to disk."""
-    for directory, _, files in os.walk(root):
-        for name in files:
-            _fsync(Path(directory) / name)
-        _fsync(Path(directory))

@@ -4,9 +4,14 @@
                                    hash name + version, vocabulary sizes, the data set's
                                    schema and its fingerprint, metrics, time
     <model_dir>/weights.safetensors  the plain (unsharded) Ranker's state dict
+    <model_dir>/checkpoint/        the training state it was exported from (the sharded
+                                   weights, the optimizers' state, a learner's progress and
+                                   offsets): what a learner continues from (recsys/continual.py)
 
 Serving loads these with ``load_model``, which imports no training or
-distributed code and refuses a manifest it does not understand.
+distributed code and refuses a manifest it does not understand. A version is
+written whole under a hidden name, fsynced, then renamed into place: a crash
+leaves it complete or absent.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from features.durable import fsync_dir, fsync_tree
 from recsys import hashing
 from recsys.config import RunConfig
 from recsys.model import Ranker, build_ranker
@@ -30,6 +37,7 @@ MANIFEST_FORMAT = "plexrec-model"
 MANIFEST_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
+CHECKPOINT_DIR = "checkpoint"  # inside a version: the checkpoint it was exported from
 
 
 class ModelArtifactError(ValueError):
@@ -50,8 +58,13 @@ def model_fingerprint(config: RunConfig, vocab_sizes: dict[str, int], dense_name
 
 
 def export_model(model: Ranker, config: RunConfig, vocab_sizes: dict[str, int], dense_names: list[str],
-                 metrics: dict[str, Any], root: str | Path, schema=None) -> Path:
-    """Write ``root/<version>/`` atomically (temp dir + rename) and return it."""
+                 metrics: dict[str, Any], root: str | Path, schema=None, *, checkpoint: Path | None = None,
+                 move_checkpoint: bool = False) -> Path:
+    """Write ``root/<version>/`` atomically (temp dir, fsync, rename, fsync of ``root``) and return it.
+
+    ``checkpoint``: the checkpoint directory the model was exported from, carried inside the version as
+    ``checkpoint/`` (copied; moved with ``move_checkpoint``, e.g. a learner's freshly written one), so
+    that the version can be continued from for as long as it is kept."""
     created = datetime.now(timezone.utc)
     fingerprint = model_fingerprint(config, vocab_sizes, dense_names)
     version = f"{created:%Y%m%dT%H%M%S}-{fingerprint[:8]}"
@@ -78,7 +91,14 @@ def export_model(model: Ranker, config: RunConfig, vocab_sizes: dict[str, int], 
         "metrics": metrics,
     }
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    if checkpoint is not None:
+        if move_checkpoint:
+            os.replace(checkpoint, staging / CHECKPOINT_DIR)
+        else:
+            shutil.copytree(checkpoint, staging / CHECKPOINT_DIR)
+    fsync_tree(staging)  # on disk before its name is: a crash after the rename never serves a hole
     os.replace(staging, final)
+    fsync_dir(root)
     return final
 
 

@@ -11,29 +11,36 @@ A loop, every ``--poll-seconds``:
      order, none that the bulk load already holds) and build their examples point in
      time from the offline store, as training does (features/training.py): each with
      the features it had just before it happened
-  3. learn them, oldest first (recsys/continual.py: the served version's checkpoint, its
-     optimizer state included)
-  4. every ``--export-seconds`` or ``--export-events`` learned: a checkpoint (weights,
-     optimizer state and the offsets learned up to, in one directory written whole) and
-     a new version under ``--model-dir``, which ``plexrec serve`` picks up by itself; then
-     the items whose embeddings changed are published tagged with that version (serving
-     uses them, features/online.py)
+  3. learn them, oldest first (recsys/continual.py: the version's checkpoint, its optimizer
+     state included)
+  4. every ``--export-seconds`` or ``--export-events`` learned: a new version under
+     ``--model-dir``, which ``plexrec serve`` picks up by itself, carrying its checkpoint
+     (weights, optimizer state and the offsets learned up to; one directory written whole);
+     then the items whose embeddings changed are published tagged with that version
+     (serving uses them, features/online.py)
 
-Crash-safe: the offsets live in the checkpoint with the weights that learned up to them.
-After a kill the job resumes from its latest checkpoint and takes the events after its
-offsets: what it learned after that checkpoint died with the process, so every event is
-learned once by the model that survives (tests/test_learn.py kills it with SIGKILL).
+One lineage: the learner follows the served model. It continues from the newest version in
+the models root (the one serving picks) and looks again at every step: a version that is not
+its own (a `plexrec train` into the same run exported it) or the disappearance of the version
+it descends from (an operator rolled back by deleting the newest versions) makes it drop what
+it learned since and continue from that version: its weights and optimizer state (its
+``checkpoint/``), and as stream position its offsets if a learner exported it, else the events
+up to the newest example of its training data (``data_until`` in its manifest) count as
+learned. Each export's manifest names the version it descends from (``base_version``). As
+checkpoints live only inside versions, a removed lineage cannot be exported again.
 
-The first start (no learner checkpoint yet) takes the newest served version; events up to
-the newest example of its training data (``data_until`` in its manifest) count as learned,
-the rest of the log is new. On SIGINT / SIGTERM it finishes the window, exports what it
-learned since the last version, and stops.
+Crash-safe: the offsets live in the version with the weights that learned up to them. After
+a kill the job continues from the newest version and takes the events after its offsets:
+what it learned since that version died with the process and is learned again, so every
+event is learned once by the model that survives (tests/test_learn.py kills it with SIGKILL).
+One learner per run directory: it holds ``<run>/learn.lock``; a second one exits naming the
+first's pid. On SIGINT / SIGTERM it finishes the window, exports what it learned since the
+last version, and stops.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -41,6 +48,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from features.durable import HeldByAnother, hold_exclusive
 from features.event_log import (
     compact_event_log,
     event_times,
@@ -51,16 +59,51 @@ from features.event_log import (
 from features.publish import PublishedEmbeddings
 from features.store import data_dir, open_store, read_store_meta, stored_schema
 from recsys.config import RunConfig
-from recsys.continual import ContinualLearner, latest_checkpoint
+from recsys.continual import CONTINUAL_DIR, EXPORT_STAGING, ContinualLearner, checkpoint_of
 from recsys.export import (
     MANIFEST_FILE,
-    latest_model_dir,
+    ModelArtifactError,
     read_manifest,
     version_directories,
 )
-from recsys.train import CHECKPOINT_META
 
 log = logging.getLogger("plexrec.learn")
+
+LOCK_FILE = "learn.lock"  # in the run directory: held by its one learner
+
+
+class LearnerRunningError(RuntimeError):
+    """Another process is learning into the same run directory."""
+
+
+# run directory -> [the open lock file, how many StreamLearners of this process use it]: the lock
+# keeps other processes out; learners of one process (tests) share it
+_run_locks: dict[Path, list] = {}
+
+
+def _hold_run_lock(run_dir: Path) -> None:
+    key = run_dir.resolve()
+    if key in _run_locks:
+        _run_locks[key][1] += 1
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        _run_locks[key] = [hold_exclusive(key / LOCK_FILE), 1]
+    except HeldByAnother as held:
+        raise LearnerRunningError(
+            f"another plexrec learn (pid {held.pid if held.pid is not None else 'unknown'}) is learning into "
+            f"{run_dir} (it holds {held.lock_path}); one learner per run directory: stop it first") from None
+
+
+def _release_run_lock(run_dir: Path) -> None:
+    key = run_dir.resolve()
+    held = _run_locks.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        held[0].close()
+        del _run_locks[key]
 
 
 @dataclass
@@ -97,7 +140,8 @@ def learned_offsets(manifest: dict) -> dict[str, int]:
 
 
 class StreamLearner:
-    """One learner over one store: ``run()`` until stopped, or ``step()`` one window at a time."""
+    """One learner over one store: ``run()`` until stopped, or ``step()`` one window at a time;
+    ``close()`` (or a ``with`` block) lets another process learn into the run directory."""
 
     def __init__(self, config: LearnConfig) -> None:
         config.check()
@@ -106,36 +150,94 @@ class StreamLearner:
         if (self.models / MANIFEST_FILE).exists():  # a version directory: its root is what serving watches
             self.models = self.models.parent
         self.run_dir = self.models.parent
-        self.directory = data_dir(config.data_dir)
-        read_store_meta(self.directory)  # StoreError, saying what to do, where no store was loaded
-        self.store = open_store(config.profile, self.directory, config.redis_url)
-        self.learner: ContinualLearner | None = None
-        self.offsets: dict[str, int] | None = None  # "<topic incarnation>/<partition>" -> last offset learned
-        self.stats = LearnStats()
-        self._unexported = 0
-        self._last_export = time.monotonic()
-        # the store's published item vectors (read from its files at the first publish, then kept)
-        self._published = PublishedEmbeddings()
-        self._resume()
+        _hold_run_lock(self.run_dir)  # LearnerRunningError, naming the holder's pid
+        self._locked = True
+        try:
+            self.directory = data_dir(config.data_dir)
+            read_store_meta(self.directory)  # StoreError, saying what to do, where no store was loaded
+            self.store = open_store(config.profile, self.directory, config.redis_url)
+            self.learner: ContinualLearner | None = None
+            self.version: Path | None = None  # the version the learner's state descends from
+            self.offsets: dict[str, int] | None = None  # "<topic incarnation>/<partition>" -> last offset learned
+            self.stats = LearnStats()
+            self._unexported = 0
+            self._export_due = False
+            self._last_export = time.monotonic()
+            self._own: set[str] = set()  # the versions this learner exported
+            self._listed: set[str] = set()  # the versions in the models root at the last look
+            # the store's published item vectors (read from its files at the first publish, then kept)
+            self._published = PublishedEmbeddings()
+            self._follow()
+            if (self.run_dir / CONTINUAL_DIR / EXPORT_STAGING).exists():
+                # a learner died exporting what it had learned: learned again from the stream, it is
+                # served at the first window, not an export period later
+                log.info("a previous learner died while exporting (%s is left): exporting the first window at once",
+                         self.run_dir / CONTINUAL_DIR / EXPORT_STAGING)
+                self._export_due = True
+        except BaseException:
+            self.close()
+            raise
 
-    def _resume(self) -> None:
-        """The learner's latest checkpoint and its offsets; else the served version's, offsets of its data."""
-        checkpoint = latest_checkpoint(self.run_dir)
-        if checkpoint is not None:
-            self._checkpoint = checkpoint
-            # its config: the newest version's (a learner never changes it)
-            self._config = RunConfig.from_dict(read_manifest(latest_model_dir(self.models))["config"])
-            meta = json.loads((checkpoint / CHECKPOINT_META).read_text())
-            position = meta["continual"]["progress"]["position"]
-            self.offsets = {str(p): int(o) for p, o in position.get("offsets", {}).items()}
-            log.info("resuming from %s: offsets %s", checkpoint, self.offsets)
-            return
-        self._checkpoint = None
-        self._base = latest_model_dir(self.models)
-        manifest = read_manifest(self._base)
+    def close(self) -> None:
+        """Let go of the run directory's lock (another process may then learn into it)."""
+        if self._locked:
+            _release_run_lock(self.run_dir)
+            self._locked = False
+
+    def __enter__(self) -> StreamLearner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- which version the learner continues ---
+
+    def _follow(self) -> bool:
+        """Continue from the version serving picks when the learner's state no longer leads to it: at
+        the start, the newest version; then a version that appeared and is not the learner's own (the
+        newest such), or, when the version it descends from was removed, the newest one. True when it
+        switched (what it learned since its last export is dropped: another lineage's)."""
+        versions = version_directories(self.models)[0]
+        if not versions:
+            raise ModelArtifactError(f"{self.models}: holds no exported model version (YYYYMMDDTHHMMSS-xxxxxxxx); "
+                                     "run `plexrec train` first")
+        names = {v.name for v in versions}
+        appeared = [v for v in versions if v.name not in self._listed and v.name not in self._own]
+        self._listed = names
+        if self.version is None:
+            target, why = versions[-1], "the newest version"
+        elif appeared:
+            target, why = appeared[-1], "a version this learner did not export (a retrain?)"
+        elif self.version.name not in names:
+            target, why = versions[-1], f"the newest version: {self.version.name} was removed (a rollback?)"
+        else:
+            return False
+        self._continue_from(target, why, behind=target != versions[-1])
+        return True
+
+    def _continue_from(self, version: Path, why: str, behind: bool) -> None:
+        manifest = read_manifest(version)
+        checkpoint_of(version)  # ModelArtifactError now, saying why, where it cannot be continued
+        metrics = manifest.get("metrics") or {}
+        dropped, previous = self._unexported, self.version
+        self.learner, self.version, self._unexported = None, version, 0  # built from it at the next window
         self._config = RunConfig.from_dict(manifest["config"])
-        self._data_until = (manifest.get("metrics") or {}).get("data_until")
-        log.info("starting from the served version %s (its data up to %s)", self._base.name, self._data_until)
+        if "continual" in metrics:  # a learner's export: the offsets it learned up to
+            self.offsets, self._data_until = learned_offsets(manifest), None
+            position = f"its offsets {self.offsets}"
+        else:  # a training run's: placed in the log at the first step, by its data's newest example
+            self.offsets, self._data_until = None, metrics.get("data_until")
+            position = f"its data up to {self._data_until}"
+        # behind: a version named before this learner's newest export (a retrain that was still writing
+        # when the learner last looked): serving has the learner's; a version of this lineage must follow
+        self._export_due = behind
+        if previous is None:
+            log.info("continuing from %s, %s, as stream position %s", version.name, why, position)
+        else:
+            log.warning("continuing from %s, %s, instead of %s: as stream position %s; %d events learned since "
+                        "the last export are dropped (another lineage's)%s", version.name, why, previous.name,
+                        position, dropped, "; exporting at the next step (a newer name of this learner's is "
+                        "served)" if behind else "")
 
     def _first_offsets(self) -> dict[str, int]:
         """Offsets past the events the base version's data may hold: per position, the offset of the
@@ -143,7 +245,7 @@ class StreamLearner:
         order puts every later event there; one that came late, behind it, is taken as learned)."""
         if self._data_until is None:
             log.warning("%s records no data_until (exported before it was recorded): every logged event counts "
-                        "as new", self._base)
+                        "as new", self.version)
             return {}
         logged = read_event_log(self.directory)
         if not len(logged):
@@ -154,7 +256,9 @@ class StreamLearner:
     # --- one window ---
 
     def step(self) -> int:
-        """Compact, learn the events past the offsets, export when due; how many events were learned."""
+        """Follow the served lineage, compact, learn the events past the offsets, export when due; how
+        many events were learned."""
+        self._follow()
         compaction = compact_event_log(self.directory)
         if self.offsets is None:  # the first start: once there is a log to place the base version's data in
             self.offsets = self._first_offsets()
@@ -173,34 +277,35 @@ class StreamLearner:
                      "%s", learned.examples, learned.loss, time.perf_counter() - started,
                      learner.progress.last_event_time, compaction.summary())
         self.offsets = reached
-        if self._unexported and (self._unexported >= self.config.export_events
+        if self._unexported and (self._export_due or self._unexported >= self.config.export_events
                                  or time.monotonic() - self._last_export >= self.config.export_seconds):
             self.export()
         return len(rows)
 
     def _learner(self, examples) -> ContinualLearner:
-        """Built at the first window (its examples give the feature and dense names)."""
+        """Built at the first window from the version followed (its examples give the feature and dense
+        names): its weights, optimizer state and progress."""
         if self.learner is None:
-            if self._checkpoint is not None:
-                self.learner = ContinualLearner.from_checkpoint(self._config, self._checkpoint, examples,
-                                                                out_dir=self.run_dir)
-            else:
-                self.learner = ContinualLearner.from_model_dir(self._base, examples)
+            self.learner = ContinualLearner.from_model_dir(self.version, examples, out_dir=self.run_dir)
         return self.learner
 
     def export(self) -> Path | None:
-        """Checkpoint with the offsets, export a version, publish the items whose vectors changed."""
-        if self.learner is None or not self._unexported:
+        """Export a version carrying its checkpoint and the offsets, publish the items whose vectors
+        changed. Nothing when a version of another lineage appeared meanwhile (the learner follows it)."""
+        if self.learner is None or not self._unexported or self._follow():
             return None
         self.learner.progress.position = {"offsets": dict(sorted(self.offsets.items()))}
-        version = self.learner.export()
-        self._unexported, self._last_export = 0, time.monotonic()
+        version, base = self.learner.export(), self.version
+        self._unexported, self._last_export, self._export_due = 0, time.monotonic(), False
+        self.version = version
+        self._own.add(version.name)
+        self._listed.add(version.name)
         self.stats.versions.append(version.name)
         published = self._publish(version)
         self.stats.published += published
         self._prune_versions()
-        log.info("exported %s (%d events learned in all, offsets %s); published %d changed item embeddings",
-                 version.name, self.learner.progress.examples, self.offsets, published)
+        log.info("exported %s, descending from %s (%d events learned in all, offsets %s); published %d changed "
+                 "item embeddings", version.name, base.name, self.learner.progress.examples, self.offsets, published)
         return version
 
     def _prune_versions(self) -> None:
@@ -264,7 +369,7 @@ class StreamLearner:
 def add_learn_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", required=True,
                         help="the models root `plexrec serve` watches (a training run's <out>/models); new "
-                             "versions are exported there, learner checkpoints next to it in <out>/continual")
+                             "versions are exported there, each carrying the checkpoint it continues from")
     parser.add_argument("--data-dir", help="the feature store's data directory (default: $PLEXREC_DATA_DIR or .plexrec)")
     parser.add_argument("--profile", default="local", choices=["local", "redis"], help="store profile")
     parser.add_argument("--redis-url", help="host:port of Redis for --profile redis")
@@ -286,7 +391,6 @@ def add_learn_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     from features.store import StoreError
     from recsys.cli import configure_logging
-    from recsys.export import ModelArtifactError
 
     parser = argparse.ArgumentParser(prog="plexrec learn", description=__doc__.splitlines()[0])
     add_learn_arguments(parser)
@@ -301,8 +405,9 @@ def main(argv: list[str] | None = None) -> None:
                          keep_versions=args.keep_versions,
                          stop_after_idle_seconds=args.stop_after_idle_seconds)
     try:
-        stats = StreamLearner(config).run()
-    except (StoreError, ModelArtifactError, ValueError) as exc:
+        with StreamLearner(config) as learner:
+            stats = learner.run()
+    except (StoreError, ModelArtifactError, LearnerRunningError, ValueError) as exc:
         sys.exit(f"plexrec learn: {exc}")
     log.info("learned %d events in %d windows; exported %d versions%s", stats.events, stats.windows,
              len(stats.versions), f" (last {stats.versions[-1]})" if stats.versions else "")

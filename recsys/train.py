@@ -563,14 +563,15 @@ class Trainer:
         self.model.load_state_dict(state["model"])
 
     @_torchrec_call
-    def export(self, checkpoint: Path, metrics: dict[str, Any]) -> Path:
-        """Rebuild the plain model from a checkpoint (any sharding) and export it."""
+    def export(self, checkpoint: Path, metrics: dict[str, Any], move_checkpoint: bool = False) -> Path:
+        """Rebuild the plain model from a checkpoint (any sharding) and export it, the checkpoint inside
+        (copied, or moved): a learner continues a version from its own checkpoint (recsys/continual.py)."""
         plain = build_ranker(self.config, self.vocabularies, len(self.dense_names))
         state = {"model": plain.state_dict()}
         dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
         plain.load_state_dict(state["model"])
         return export_model(plain, self.config, self.vocab_sizes, self.dense_names, metrics, self.out_dir / "models",
-                            schema=self.schema)
+                            schema=self.schema, checkpoint=checkpoint, move_checkpoint=move_checkpoint)
 
 
 def plot_training(history: list[dict[str, Any]], path: Path, best_epoch: int | None = None) -> None:

@@ -4,6 +4,8 @@ with the optimizers' state, exported as versions that load and score like the le
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,8 +142,8 @@ def test_an_export_loads_and_scores_like_the_learner(base_run, small_examples, w
     assert manifest["metrics"]["continual"]["examples"] == len(a) + len(b)
     assert load_model(first)[1]["metrics"]["note"] == "after A"
 
-    # the version names the checkpoint it came from: a learner for the served model starts there
-    assert checkpoint_of(second) == learner.latest_checkpoint()
+    # the version carries the checkpoint it came from: a learner for the served model starts there
+    assert checkpoint_of(second) == second / "checkpoint" and learner.latest_checkpoint() is None
     again = ContinualLearner.from_model_dir(second, small_examples)
     np.testing.assert_allclose(again.predict(b), exported, atol=1e-6)
     assert again.progress.examples == len(a) + len(b)
@@ -208,3 +210,64 @@ def test_new_ids_are_learned_by_unified_tables_not_by_the_full_vocabulary(base_r
     for _ in range(2):
         assert [full.learn(window).unknown_values for window in stream] == [len(w) for w in stream]
     assert preference(full) == 0.0  # one row for both
+
+
+def exported_scores(version, examples, learner: ContinualLearner) -> np.ndarray:
+    """What the version's exported weights score ``examples`` (serving's model)."""
+    model, _ = load_model(version)
+    batch = make_batch(examples, np.arange(len(examples)), learner.trainer.batch_features,
+                       learner.trainer.history_length)
+    with torch.inference_mode():
+        return torch.sigmoid(model(batch.dense, batch.sparse)).numpy()
+
+
+def test_every_version_can_be_continued_from_with_the_weights_it_serves(base_run, small_examples, windows,
+                                                                         tmp_path):
+    """Five learner versions (more than the checkpoints a learner keeps) and two training runs into one
+    run directory (the second's checkpoints replace the first's): each version continues with the
+    weights it serves and the progress it recorded."""
+    a, b = windows
+    learner = learner_from(base_run, small_examples, tmp_path)
+    versions = []
+    for window in time_windows(a, 5):
+        learner.learn(window)
+        versions.append(learner.export())
+    for seed in (1, 2):
+        config = small_config(seed=seed)
+        versions.append(Path(Trainer(config, examples=small_examples, out_dir=tmp_path).fit(progress=False)
+                             ["model_dir"]))
+    for version in versions:
+        again = ContinualLearner.from_model_dir(version, small_examples)
+        np.testing.assert_allclose(again.predict(b), exported_scores(version, b, again), atol=1e-6)
+        recorded = load_model(version)[1]["metrics"].get("continual", {}).get("examples", 0)
+        assert again.progress.examples == recorded and again.base_version == version.name
+
+
+def test_an_export_is_on_disk_before_its_name_is(base_run, small_examples, windows, tmp_path, monkeypatch):
+    """Every file of a version (weights, manifest, checkpoint) and every folder of it is fsynced before
+    the rename that gives the version its name, and the models folder after it: a crash never leaves a
+    named version with missing data. What this checks is the order of the calls, not a power loss."""
+    a, _ = windows
+    learner = learner_from(base_run, small_examples, tmp_path)
+    learner.learn(a)
+    calls: list[tuple[str, object]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(source, target):
+        calls.append(("replace", (str(source), str(target))))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    version = learner.export()
+    monkeypatch.undo()
+    staging = str(version.parent / f".{version.name}.tmp")
+    (named,) = [i for i, (kind, what) in enumerate(calls) if kind == "replace" and what == (staging, str(version))]
+    synced_before = {what for kind, what in calls[:named] if kind == "fsync"}
+    contents = [staging + str(path)[len(str(version)):] for path in [version, *version.rglob("*")]]
+    assert len(contents) > 5 and not set(contents) - synced_before, sorted(set(contents) - synced_before)
+    assert ("fsync", str(version.parent)) in calls[named + 1:]
