@@ -342,7 +342,7 @@ class Trainer:
         parts = []
         for batch in iterate_batches(examples, self.batch_features, self.config.train.batch_size * 4,
                                      shuffle=False, rank=self.ctx.rank, world_size=self.ctx.world_size,
-                                     history_length=self.history_length):
+                                     history_length=self.history_length, every_example=True):
             batch = batch.to(self.ctx.device)
             parts.append(torch.sigmoid(self.model(batch.dense, batch.sparse)).cpu().numpy())
         local = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)

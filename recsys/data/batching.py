@@ -104,14 +104,20 @@ def num_steps(num_examples: int, global_batch_size: int) -> int:
 
 def iterate_batches(examples: Examples, feature_names: list[str], global_batch_size: int, *,
                     shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
-                    start_step: int = 0, history_length: int = 0) -> Iterator[Batch]:
+                    start_step: int = 0, history_length: int = 0, every_example: bool = False) -> Iterator[Batch]:
     """This rank's share of each global batch, from ``start_step`` on.
 
-    Rank r takes the r-th contiguous slice of every global batch, so W ranks
-    together see exactly the batches one process would.
+    Rank r takes the r-th of W equal contiguous slices of every global batch, so W ranks together
+    see the batches one process would, up to W - 1 examples of a batch that W does not divide:
+    the ranks' batches must be of one size (a row-wise sharded table's backward all-gathers them).
+    ``every_example`` (prediction: a forward takes unequal batches): slices differing by at most
+    one, none left out.
     """
     order = epoch_order(len(examples), seed, epoch, shuffle)
     for step in range(start_step, num_steps(len(examples), global_batch_size)):
         global_index = order[step * global_batch_size:(step + 1) * global_batch_size]
-        bounds = np.linspace(0, len(global_index), world_size + 1).astype(int)
+        if every_example:
+            bounds = np.linspace(0, len(global_index), world_size + 1).astype(int)
+        else:
+            bounds = np.arange(world_size + 1) * (len(global_index) // world_size if world_size > 1 else len(global_index))
         yield make_batch(examples, global_index[bounds[rank]:bounds[rank + 1]], feature_names, history_length)

@@ -11,8 +11,9 @@ shard is an Examples of its own. Training reads them as a stream:
                       drawn is closed and the next one opened (its examples join the pool, which
                       is shuffled again)
     steps             every rank takes the same number of steps per epoch (the fewest any rank
-                      can fill); a rank with more examples leaves its last few for the next epoch's
-                      order to reach
+                      can fill), of one batch size on all ranks (the last batch as short as the
+                      rank with the fewest examples left needs); a rank with more examples leaves
+                      its last few for the next epoch's order to reach
 
 Peak memory is ``buffer_shards`` shards plus a batch; the number of shards, chosen when the
 examples are built (``shard_examples`` per shard), sets a shard's size. At open, the split's
@@ -91,14 +92,29 @@ class ShardedPart:
     def shards_of(self, rank: int, world_size: int) -> list[int]:
         return [shard for shard in range(rank, self.source.tables.shards, world_size) if self.counts[shard]]
 
-    def local_batch_sizes(self, global_batch_size: int, world_size: int) -> np.ndarray:
-        return np.diff(np.linspace(0, global_batch_size, world_size + 1).astype(int))
+    @staticmethod
+    def local_batch_size(global_batch_size: int, world_size: int) -> int:
+        """Every rank's batch size: the same on all of them (a row-wise sharded table's backward
+        all-gathers the ranks' batches, which must be equal)."""
+        return max(1, global_batch_size // world_size)
+
+    def rank_counts(self, world_size: int) -> list[int]:
+        return [int(self.counts[self.shards_of(r, world_size)].sum()) for r in range(world_size)]
 
     def steps(self, global_batch_size: int, world_size: int) -> int:
         """Steps per epoch: the fewest that any rank's examples fill (the last batch may be short)."""
-        sizes = self.local_batch_sizes(global_batch_size, world_size)
-        per_rank = [int(self.counts[self.shards_of(r, world_size)].sum()) for r in range(world_size)]
-        return min(-(-n // max(int(size), 1)) for n, size in zip(per_rank, sizes))
+        size = self.local_batch_size(global_batch_size, world_size)
+        return min(-(-n // size) for n in self.rank_counts(world_size))
+
+    def batch_sizes(self, global_batch_size: int, world_size: int) -> np.ndarray:
+        """Every step's batch size, the same on every rank: full ones, then the last one as short
+        as the rank with the fewest examples left needs."""
+        size = self.local_batch_size(global_batch_size, world_size)
+        steps = self.steps(global_batch_size, world_size)
+        sizes = np.full(steps, size, dtype=np.int64)
+        if steps:
+            sizes[-1] = min(min(n - (steps - 1) * size for n in self.rank_counts(world_size)), size)
+        return sizes
 
     def examples(self, shard: int) -> Examples:
         examples = self.source.read(shard)
@@ -118,15 +134,14 @@ class ShardedPart:
                 epoch: int = 0, rank: int = 0, world_size: int = 1, start_step: int = 0,
                 history_length: int = 0) -> Iterator[Batch]:
         """This rank's batches of one epoch through the shuffle buffer, from ``start_step`` on."""
-        size = int(self.local_batch_sizes(global_batch_size, world_size)[rank])
-        steps = self.steps(global_batch_size, world_size)
+        sizes = self.batch_sizes(global_batch_size, world_size)
         rng = np.random.default_rng([seed, epoch, rank])
         shards = self.shards_of(rank, world_size)
         waiting = list(rng.permutation(shards)) if shuffle else list(shards)
         open_shards: dict[int, Examples] = {}
         undrawn: dict[int, int] = {}  # open shard -> its examples still in the pool
         pool = np.zeros((0, 2), dtype=np.int64)  # (shard, example index) pairs not drawn yet
-        for step in range(steps):
+        for step, size in enumerate(sizes.tolist()):
             while len(pool) < size and waiting or len(open_shards) < self.source.buffer_shards and waiting:
                 shard = int(waiting.pop(0))
                 open_shards[shard] = self.examples(shard)
