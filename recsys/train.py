@@ -96,10 +96,14 @@ def init_distributed() -> DistributedContext:
     return DistributedContext(rank, world_size, device)
 
 
-def vocabularies_of(train: Examples | ShardedPart, feature_names: list[str]) -> dict[str, torch.Tensor]:
-    """The raw ids seen in training, per feature (the full-vocabulary tables' rows)."""
+def vocabularies_of(train: Examples | ShardedPart, feature_names: list[str], kind: str) -> dict[str, torch.Tensor]:
+    """The raw ids seen in training, per feature: the rows of full-vocabulary tables and the sizes
+    of hashed ones. A unified table hashes every id into its shared rows: it needs none (and
+    finding them is a pass over every streamed shard: 64 s at 1M rows), so its are empty."""
+    if kind == "unified":
+        return {name: torch.zeros(0, dtype=torch.int64) for name in feature_names}
     if isinstance(train, ShardedPart):
-        return {name: torch.from_numpy(train.distinct_ids(name)) for name in feature_names}
+        return {name: torch.from_numpy(ids) for name, ids in train.distinct_ids(feature_names).items()}
     return {name: torch.from_numpy(np.unique(train.feature_values[name])) for name in feature_names}
 
 
@@ -239,8 +243,9 @@ class Trainer:
         self.eval_examples = {"valid": examples.split_part(VALID), "test": examples.split_part(TEST)}
         self.dense_names = examples.dense_names
         self.schema = examples.schema
-        self.vocabularies = (vocabularies_of(self.train_examples, self.feature_names) if vocab_sizes is None else
-                             {name: torch.zeros(vocab_sizes[name], dtype=torch.int64) for name in self.feature_names})
+        self.vocabularies = (
+            vocabularies_of(self.train_examples, self.feature_names, config.embedding.kind) if vocab_sizes is None
+            else {name: torch.zeros(vocab_sizes[name], dtype=torch.int64) for name in self.feature_names})
         self.vocab_sizes = {name: int(len(v)) for name, v in self.vocabularies.items()}
         self.fingerprint = model_fingerprint(config, self.vocab_sizes, self.dense_names)
 

@@ -125,10 +125,14 @@ class ShardedPart:
         for shard in self.shards_of(rank, world_size):
             yield self.examples(shard)
 
-    def distinct_ids(self, name: str) -> np.ndarray:
-        """The raw ids of feature ``name`` in this part (a pass over the shards)."""
-        seen = [np.unique(examples.feature_values[name]) for examples in self.in_order()]
-        return np.unique(np.concatenate(seen)) if seen else np.zeros(0, dtype=np.int64)
+    def distinct_ids(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The raw ids of each feature in ``names`` in this part (one pass over the shards)."""
+        seen: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        for examples in self.in_order():
+            for name in names:
+                seen[name].append(np.unique(examples.feature_values[name]))
+        return {name: np.unique(np.concatenate(ids)) if ids else np.zeros(0, dtype=np.int64)
+                for name, ids in seen.items()}
 
     def batches(self, feature_names: list[str], global_batch_size: int, *, shuffle: bool, seed: int = 0,
                 epoch: int = 0, rank: int = 0, world_size: int = 1, start_step: int = 0,
