@@ -1,4 +1,4 @@
-"""Exported model directories: a manifest plus weights, no pickle anywhere.
+"""Exported model directories: a manifest plus weights (what serving reads: no pickle), and the checkpoint.
 
     <model_dir>/manifest.json      format, model version, run config, feature spec,
                                    hash name + version, vocabulary sizes, the data set's
@@ -8,8 +8,10 @@
                                    weights, the optimizers' state, a learner's progress and
                                    offsets): what a learner continues from (recsys/continual.py)
 
-Serving loads these with ``load_model``, which imports no training or
-distributed code and refuses a manifest it does not understand. A version is
+Serving loads these with ``load_model``, which reads only the manifest and the
+weights (no pickle), imports no training or distributed code and refuses a
+manifest it does not understand; ``checkpoint/`` is torch.distributed.checkpoint's
+format (its metadata is pickled), read only by a learner. A version is
 written whole under a hidden name, fsynced, then renamed into place: a crash
 leaves it complete or absent.
 """

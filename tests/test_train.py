@@ -87,10 +87,12 @@ def test_fit_exports_a_model_that_predicts_like_the_trainer(small_examples, tmp_
     with torch.inference_mode():
         exported = torch.sigmoid(model(batch.dense, batch.sparse)).numpy()
     np.testing.assert_allclose(exported, trainer.predict(test), atol=1e-6)
-    # nothing pickled: models/ holds this one version, with only the manifest and the safetensors weights
+    # nothing pickled for serving: models/ holds this one version, with the manifest and the safetensors
+    # weights (all load_model reads) and checkpoint/, the training state only a learner reads
     models, version = tmp_path / "models", manifest["model_version"]
-    assert sorted(p.relative_to(models).as_posix() for p in models.rglob("*")) == [
-        version, f"{version}/manifest.json", f"{version}/weights.safetensors"]
+    assert [p.name for p in models.iterdir()] == [version]
+    assert sorted(p.name for p in (models / version).iterdir()) == ["checkpoint", "manifest.json",
+                                                                     "weights.safetensors"]
 
 
 def test_the_latest_model_dir_is_the_newest_version_never_another_directory(tmp_path):
