@@ -256,11 +256,6 @@ class InputBuilder:
         parts += [v for v in (vectors.attention, vectors.representation) if v is not None]
         return parts
 
-    def take_published(self) -> dict[str, int]:
-        """Items scored with published vectors, by outcome, since the last call: none, ever (they are
-        not read; kept for callers that add these counts to their metrics)."""
-        return {}
-
     def batch(self, requests: list[tuple[UserFeatures, list[ItemFeatures]]],
               history_items: dict[int, ItemFeatures]) -> ScoringInputs:
         users = [user for user, _ in requests]

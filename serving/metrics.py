@@ -23,10 +23,6 @@ class ServingMetrics(MetricsEndpoint):
                                     buckets=(1, 10, 50, 100, 200, 500, 1000, 5000))
         self.batch_calls = Histogram("plexrec_batch_calls", "calls sharing the forward a call was scored in",
                                      registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64))
-        self.item_vectors = Counter(
-            "plexrec_item_vectors", "items whose vectors the served model computed, by the vectors the store had "
-            "published for them: used (the served version's), stale (another version's: not used), absent",
-            ["published"], registry=self.registry)
         self.model = Gauge("plexrec_model_info", "1 for the model version being served, 0 for earlier ones", ["version"],
                            registry=self.registry)
         self._version: str | None = None

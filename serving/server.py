@@ -278,8 +278,6 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
                 end = start + len(candidates[position])
                 results[position] = scores[start:end]
                 start = end
-        for published, count in model.inputs.take_published().items():
-            self.metrics.item_vectors.labels(published).inc(count)
         timing = CallTiming(fetched - started, build, forward, len(live))
         for position in live:
             results[position] = (results[position], timing)

@@ -201,7 +201,6 @@ def test_published_vectors_never_replace_the_models_own(mode, ml100k_slice, rng)
         fast, eager, builder, *_ = both_paths(ml100k_slice, model, config, dense_names, users,
                                               published(version, scale), model_version="v1")
         np.testing.assert_allclose(fast, eager, rtol=0, atol=1e-5)
-        assert builder.take_published() == {}
 
 
 # --- the item vector cache ---
