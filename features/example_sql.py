@@ -87,35 +87,38 @@ def rows_query(schema, has_stream: bool) -> str:
             f"CASE WHEN {example} THEN 1 ELSE 0 END AS is_example FROM ({' UNION ALL '.join(parts)}) AS r")
 
 
-def counted_examples_query(schema, examples_from: str, window_only: bool) -> str:
+def counted_examples_query(schema, examples_from: str, window_only: bool, sampled: bool = False) -> str:
     """Each example with the user's and the item's behaviours strictly before its instant.
 
     The behaviours (weight 1) and the examples (weight 0) are put in one frame per key, ordered
     by time; ``RANGE ... 1 PRECEDING`` sums the weights of strictly earlier integer timestamps, so
     behaviours of the example's own instant never count, wherever they sort. With ``window_only``
-    only the behaviours of the examples' users and items are read."""
+    only the behaviours of the examples' users and items are read. ``sampled``: the examples have
+    a ``sample`` column (0, or k + 1 for a sampled negative, which shares its positive's ordinal)."""
     user_filter = " AND user_id IN (SELECT user_id FROM ex)" if window_only else ""
     item_filter = " AND item_id IN (SELECT item_id FROM ex)" if window_only else ""
     before = "RANGE BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING"
+    sample, key = ("sample, ", " AND u.sample = ex.sample") if sampled else ("", "")
+    zero = "CAST(0 AS BIGINT) AS sample, " if sampled else ""
     return f"""
     WITH ex AS ({examples_from}),
     by_user AS (
-        SELECT ordinal, user_id, timestamp, 1 AS weight, 0 AS is_ex FROM rows WHERE is_behaviour = 1{user_filter}
-        UNION ALL SELECT ordinal, user_id, timestamp, 0, 1 FROM ex),
+        SELECT ordinal, {zero}user_id, timestamp, 1 AS weight, 0 AS is_ex FROM rows WHERE is_behaviour = 1{user_filter}
+        UNION ALL SELECT ordinal, {sample}user_id, timestamp, 0, 1 FROM ex),
     user_counts AS (
-        SELECT ordinal, CAST(COALESCE(SUM(weight) OVER (PARTITION BY user_id ORDER BY timestamp {before}), 0)
+        SELECT ordinal, {sample}CAST(COALESCE(SUM(weight) OVER (PARTITION BY user_id ORDER BY timestamp {before}), 0)
                AS BIGINT) AS user_interaction_count, is_ex FROM by_user),
     by_item AS (
-        SELECT ordinal, item_id, timestamp, 1 AS weight, 0 AS is_ex FROM rows WHERE is_behaviour = 1{item_filter}
-        UNION ALL SELECT ordinal, item_id, timestamp, 0, 1 FROM ex),
+        SELECT ordinal, {zero}item_id, timestamp, 1 AS weight, 0 AS is_ex FROM rows WHERE is_behaviour = 1{item_filter}
+        UNION ALL SELECT ordinal, {sample}item_id, timestamp, 0, 1 FROM ex),
     item_counts AS (
-        SELECT ordinal, CAST(COALESCE(SUM(weight) OVER (PARTITION BY item_id ORDER BY timestamp {before}), 0)
+        SELECT ordinal, {sample}CAST(COALESCE(SUM(weight) OVER (PARTITION BY item_id ORDER BY timestamp {before}), 0)
                AS BIGINT) AS item_interaction_count, is_ex FROM by_item)
-    SELECT {", ".join("ex." + quote(c) for c in interaction_columns(schema))}, ex.ordinal,
+    SELECT {", ".join("ex." + quote(c) for c in interaction_columns(schema))}, ex.ordinal,{" ex.sample," if sampled else ""}
            u.user_interaction_count, i.item_interaction_count
     FROM ex
-    JOIN (SELECT * FROM user_counts WHERE is_ex = 1) AS u ON u.ordinal = ex.ordinal
-    JOIN (SELECT * FROM item_counts WHERE is_ex = 1) AS i ON i.ordinal = ex.ordinal
+    JOIN (SELECT * FROM user_counts WHERE is_ex = 1) AS u ON u.ordinal = ex.ordinal{key}
+    JOIN (SELECT * FROM item_counts WHERE is_ex = 1) AS i ON i.ordinal = ex.ordinal{key.replace("u.", "i.")}
     """
 
 

@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 from features.event_log import stream_item_profile_parts, stream_parts
 from features.example_sql import (EngineSettings, behaviours_query, counted_examples_query, interaction_columns,
                                    item_profile_query, quote, rows_query)
+from features.negatives import negatives_query
 
 log = logging.getLogger("plexrec.features")
 
@@ -186,6 +187,12 @@ def build_example_tables(offline: Path, schema, out: Path, *, shards: int = 1, s
     if engine == "spark":
         from features.example_tables_spark import SparkEngine
 
+        if schema.implicit:
+            from features.errors import ConfigError
+
+            raise ConfigError(f"schema {schema.name}: implicit feedback (sampled negatives) is built by DuckDB only; "
+                              "set data.example_engine: duckdb (the Spark engine does not sample negatives yet)")
+
         runner = SparkEngine(offline, schema, settings, events)
     elif engine == "duckdb":
         runner = DuckDBEngine(offline, schema, settings, events)
@@ -194,7 +201,15 @@ def build_example_tables(offline: Path, schema, out: Path, *, shards: int = 1, s
     try:
         window_only = events is not None
         examples_from = "SELECT * FROM events" if window_only else "SELECT * FROM rows WHERE is_example = 1"
-        counted = counted_examples_query(schema, examples_from, window_only)
+        labelled = examples_from  # the label events: a time split's cuts are theirs
+        if schema.implicit:  # and each positive's sampled negatives (features/negatives.py)
+            columns = ", ".join(quote(c) for c in interaction_columns(schema))
+            examples_from = (f"SELECT {columns}, ordinal, CAST(0 AS BIGINT) AS sample FROM ({labelled}) AS l "
+                             f"UNION ALL SELECT * FROM ({negatives_query(schema, labelled, [quote(c) for c in interaction_columns(schema)])}) AS n")
+            if engine == "duckdb":  # drawn once: the shards and the counts read the same rows
+                runner.connection.execute(f"CREATE TEMP TABLE plexrec_examples AS {examples_from}")
+                examples_from = "SELECT * FROM plexrec_examples"
+        counted = counted_examples_query(schema, examples_from, window_only, sampled=bool(schema.implicit))
         if shard_examples:
             count = runner.scalar(f"SELECT COUNT(*) FROM ({examples_from}) AS e")
             shards = max(min_shards, -(-int(count) // shard_examples))
@@ -202,13 +217,15 @@ def build_example_tables(offline: Path, schema, out: Path, *, shards: int = 1, s
             shutil.rmtree(out)
         out.mkdir(parents=True)
         runner.copy_sharded(runner.with_profiles(counted), out / EXAMPLES, shards)
-        behaviours_sql = behaviours_query(schema, examples_from, window_only)
+        behaviours_sql = behaviours_query(schema, labelled, window_only)
         runner.copy_sharded(behaviours_sql, out / BEHAVIOURS, shards)
         examples = runner.scalar(f"SELECT COUNT(*) FROM ({examples_from}) AS e")
         behaviours = runner.scalar(f"SELECT COUNT(*) FROM ({behaviours_sql}) AS b")
         valid_from = test_from = None
         if split is not None and split.kind == "time" and not schema.split and examples:
-            valid_from, test_from = time_cuts(runner, examples_from, examples, split)
+            labelled_count = examples if not schema.implicit else runner.scalar(
+                f"SELECT COUNT(*) FROM ({labelled}) AS e")
+            valid_from, test_from = time_cuts(runner, labelled, labelled_count, split)
     finally:
         runner.close()
     tables = ExampleTables(out, shards, int(examples), int(behaviours), time.perf_counter() - started,
@@ -251,11 +268,20 @@ def shard_split_counts(tables: ExampleTables, shard: int, schema, split) -> tupl
         return {}, None
     rows_schema = feature_row_schema(schema)
     columns = ["user_id", "timestamp", "ordinal"] + ([rows_schema.split] if rows_schema.split else [])
-    rows = pd.read_parquet(examples_path, columns=columns)
+    sampled = bool(schema.implicit) and "sample" in pq.read_schema(examples_path).names
+    rows = pd.read_parquet(examples_path, columns=columns + (["sample"] if sampled else []))
     if rows.empty:
         return {}, None
     rows = rows.sort_values(["user_id", "timestamp", "ordinal"]).reset_index(drop=True)
-    parts, counts = np.unique(split_parts(rows, rows_schema, shard_split(tables, split)), return_counts=True)
+    if not sampled:
+        parts, counts = np.unique(split_parts(rows, rows_schema, shard_split(tables, split)), return_counts=True)
+        return dict(zip(parts.tolist(), counts.tolist())), int(rows["timestamp"].max())
+    # sampled negatives are in their positive's part (and take no place in a user's sequence)
+    negative = rows["sample"].to_numpy(np.int64) > 0
+    labelled = rows[~negative].reset_index(drop=True)
+    part = split_parts(labelled, rows_schema, shard_split(tables, split))
+    parent = pd.Index(labelled["ordinal"].to_numpy(np.int64)).get_indexer(rows.loc[negative, "ordinal"].to_numpy(np.int64))
+    parts, counts = np.unique(np.concatenate([part, part[parent]]), return_counts=True)
     return dict(zip(parts.tolist(), counts.tolist())), int(rows["timestamp"].max())
 
 
@@ -269,6 +295,11 @@ def read_shard(tables: ExampleTables, shard: int, schema, split, history_length:
     if not examples_path.exists():
         return None
     rows = pd.read_parquet(examples_path).sort_values(["user_id", "timestamp", "ordinal"]).reset_index(drop=True)
+    negatives = None
+    if "sample" in rows:  # implicit feedback: the sampled negatives, added once the positives are built
+        sampled = rows["sample"].to_numpy(np.int64) > 0
+        negatives = rows[sampled].reset_index(drop=True)
+        rows = rows[~sampled].reset_index(drop=True)
     examples = build_examples(rows, feature_row_schema(schema), shard_split(tables, split))
     examples.dense[:, 0] = np.log1p(rows["user_interaction_count"].to_numpy(np.int64)).astype(np.float32)
     examples.dense[:, 1] = np.log1p(rows["item_interaction_count"].to_numpy(np.int64)).astype(np.float32)
@@ -291,4 +322,23 @@ def read_shard(tables: ExampleTables, shard: int, schema, split, history_length:
     examples.sequence_start = start.astype(np.int64)
     examples.history_length = (end - start).astype(np.int64)
     examples.schema = schema
+    if negatives is not None and len(negatives):
+        examples = _with_negative_rows(examples, rows, negatives, schema)
     return examples
+
+
+def _with_negative_rows(examples, rows: pd.DataFrame, negatives: pd.DataFrame, schema):
+    """A shard's Examples with its sampled negatives (rows with ``sample`` = k + 1 and their
+    positive's ordinal), each after its positive, as the direct loader places them."""
+    from features.examples import _raw_ids, _row_features, append_negatives, feature_row_schema
+    from features.negatives import ImplicitRule
+
+    rows_schema = feature_row_schema(schema)
+    parent = pd.Index(rows["ordinal"].to_numpy(np.int64)).get_indexer(negatives["ordinal"].to_numpy(np.int64))
+    user_raw, _ = _raw_ids(negatives["user_id"])
+    item_raw, _ = _raw_ids(negatives["item_id"])
+    values, offsets, numeric = _row_features(negatives, rows_schema, user_raw, item_raw)
+    item_count = negatives["item_interaction_count"].to_numpy(np.int64)
+    dense = np.stack([examples.dense[parent, 0], np.log1p(item_count).astype(np.float32), *numeric], axis=1)
+    return append_negatives(examples, parent, negatives["sample"].to_numpy(np.int64) - 1, values, offsets, dense,
+                            item_raw, ImplicitRule.of(schema.implicit).negatives)

@@ -33,6 +33,7 @@ cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,7 @@ from features.tables import check_columns
 TRAIN, VALID, TEST, CONTEXT = 0, 1, 2, 3
 SPLIT_NAMES = {"train": TRAIN, "valid": VALID, "validation": VALID, "test": TEST, "context": CONTEXT}
 DERIVED_DENSE = ["log_user_prior_count", "log_item_prior_count"]
+log = logging.getLogger("plexrec.features")
 NO_CATEGORY = 0  # the category id of an item whose category is missing or unknown
 
 
@@ -295,23 +297,8 @@ def build_examples(frame: pd.DataFrame, schema: DatasetSchema, split: SplitRule 
     split_part = _split(frame, schema, split, timestamp, position, user_length)
     label = labels_of(frame, schema)
 
-    values, offsets = {"user_id": user_raw, "item_id": item_raw}, {}
-    offsets["user_id"] = offsets["item_id"] = np.arange(n + 1, dtype=np.int64)
-    for column in schema.categorical:
-        values[column], offsets[column] = _raw_ids(frame[column])
-    for column, separator in schema.multi_valued.items():
-        values[column], offsets[column] = _multi_raw_ids(frame[column], separator)
+    values, offsets, numeric = _row_features(frame, schema, user_raw, item_raw)
     sequence_categories = None
-    if schema.category:
-        if schema.category in values:  # a declared feature: its (first) value, as the feature has it
-            bags = np.diff(offsets[schema.category]) > 0
-            row_category = np.full(n, NO_CATEGORY, dtype=np.int64)
-            row_category[bags] = values[schema.category][offsets[schema.category][:-1][bags]]
-        else:
-            row_category = category_ids(frame[schema.category])
-        values[CATEGORY_FEATURE] = row_category
-        offsets[CATEGORY_FEATURE] = np.arange(n + 1, dtype=np.int64)
-
     # behaviours: the rows that enter histories and counters
     behaviour = np.ones(n, dtype=bool) if schema.history == "all" else label == 1
     behaviours_before_row = np.concatenate([[0], np.cumsum(behaviour)])
@@ -321,9 +308,9 @@ def build_examples(frame: pd.DataFrame, schema: DatasetSchema, split: SplitRule 
         sequence_categories = values[CATEGORY_FEATURE][behaviour]
     dense_columns = [np.log1p(history_length).astype(np.float32),
                      np.log1p(_count_strictly_before(item_raw, timestamp, behaviour)).astype(np.float32)]
-    dense_columns += [numeric_values(frame[column], column) for column in schema.numeric]
+    dense_columns += numeric
 
-    return Examples(
+    examples = Examples(
         feature_values=values, feature_offsets=offsets,
         dense=np.stack(dense_columns, axis=1), dense_names=DERIVED_DENSE + list(schema.numeric),
         label=label, user_id=user_raw, item_id=item_raw, timestamp=timestamp, split=split_part,
@@ -332,6 +319,100 @@ def build_examples(frame: pd.DataFrame, schema: DatasetSchema, split: SplitRule 
         sequence_start=sequence_start.astype(np.int64), position=position.astype(np.int64),
         history_length=history_length, schema=schema,
     )
+    if schema.implicit:
+        examples = _with_sampled_negatives(examples, frame, schema, behaviour)
+    return examples
+
+
+def _row_features(frame: pd.DataFrame, schema: DatasetSchema, user_raw: np.ndarray,
+                  item_raw: np.ndarray) -> tuple[dict, dict, list[np.ndarray]]:
+    """Every row's categorical features (raw ids: values and offsets per feature, the category
+    included) and its numeric features as the tower reads them."""
+    n = len(frame)
+    values, offsets = {"user_id": user_raw, "item_id": item_raw}, {}
+    offsets["user_id"] = offsets["item_id"] = np.arange(n + 1, dtype=np.int64)
+    for column in schema.categorical:
+        values[column], offsets[column] = _raw_ids(frame[column])
+    for column, separator in schema.multi_valued.items():
+        values[column], offsets[column] = _multi_raw_ids(frame[column], separator)
+    if schema.category:
+        if schema.category in values:  # a declared feature: its (first) value, as the feature has it
+            bags = np.diff(offsets[schema.category]) > 0
+            row_category = np.full(n, NO_CATEGORY, dtype=np.int64)
+            row_category[bags] = values[schema.category][offsets[schema.category][:-1][bags]]
+        else:
+            row_category = category_ids(frame[schema.category])
+        values[CATEGORY_FEATURE] = row_category
+        offsets[CATEGORY_FEATURE] = np.arange(n + 1, dtype=np.int64)
+    return values, offsets, [numeric_values(frame[column], column) for column in schema.numeric]
+
+
+def _with_sampled_negatives(examples: Examples, frame: pd.DataFrame, schema: DatasetSchema,
+                            behaviour: np.ndarray) -> Examples:
+    """The direct loader's sampled negatives (features/negatives.py): each a copy of its positive's
+    row (user, instant, user and context columns) with the drawn item's columns."""
+    from features.negatives import ImplicitRule, catalogue, sample_negatives
+
+    rule = ImplicitRule.of(schema.implicit)
+    positive = np.flatnonzero((examples.label == 1) & (examples.split != CONTEXT))
+    items, times = catalogue(examples.user_id[behaviour], examples.item_id[behaviour],
+                             examples.timestamp[behaviour], rule.sampler)
+    draws = sample_negatives(rule, examples.user_id[positive], examples.item_id[positive],
+                             examples.timestamp[positive], items, times,
+                             examples.user_id, examples.item_id, examples.timestamp)
+    if draws.dropped:
+        log.info("implicit feedback: %d of %d negatives dropped (every draw was an item the user had met)",
+                 draws.dropped, len(positive) * rule.negatives)
+    parent = positive[draws.positive]
+    # the drawn item's columns from one of its rows (its profile, joined onto every row of the item)
+    others = {*schema.users.columns, *schema.context.columns}
+    item_columns = [c for c in dict.fromkeys([schema.item, *schema.items.columns, schema.category])
+                    if c is not None and c not in others]
+    distinct, last_row = np.unique(examples.item_id[::-1], return_index=True)
+    row_of_item = len(examples.item_id) - 1 - last_row
+    item_rows = row_of_item[np.searchsorted(distinct, draws.item)]
+    rows = frame.iloc[parent].reset_index(drop=True)
+    drawn = frame.iloc[item_rows].reset_index(drop=True)
+    for column in item_columns:
+        rows[column] = drawn[column]
+    values, offsets, numeric = _row_features(rows, schema, examples.user_id[parent], draws.item)
+    # the drawn item's behaviours strictly before the instant: counted among every behaviour
+    keys = np.concatenate([examples.item_id[behaviour], draws.item])
+    stamps = np.concatenate([examples.timestamp[behaviour], examples.timestamp[parent]])
+    weights = np.concatenate([np.ones(int(behaviour.sum()), dtype=np.int64), np.zeros(len(parent), dtype=np.int64)])
+    item_count = _count_strictly_before(keys, stamps, weights)[int(behaviour.sum()):]
+    dense = np.stack([examples.dense[parent, 0], np.log1p(item_count).astype(np.float32), *numeric], axis=1)
+    return append_negatives(examples, parent, draws.k, values, offsets, dense, draws.item, rule.negatives)
+
+
+def append_negatives(examples: Examples, parent: np.ndarray, k: np.ndarray, values: dict, offsets: dict,
+                     dense: np.ndarray, item_id: np.ndarray, per_positive: int) -> Examples:
+    """``examples`` with negatives, each right after its positive ``parent`` (in k order), of its
+    split part, with its history and user counter; ``values`` / ``offsets`` / ``dense``: the
+    negatives' features."""
+    n = len(examples)
+    key = np.concatenate([np.arange(n, dtype=np.int64) * (per_positive + 1), parent * (per_positive + 1) + k + 1])
+    order = np.argsort(key, kind="stable")
+    new_values, new_offsets = {}, {}
+    for name in examples.feature_values:
+        joined_values = np.concatenate([examples.feature_values[name], values[name]])
+        base = examples.feature_offsets[name]
+        joined_offsets = np.concatenate([base, base[-1] + offsets[name][1:]])
+        new_values[name], new_offsets[name] = take_jagged(joined_values, joined_offsets, order)
+
+    def both(mine: np.ndarray, theirs: np.ndarray) -> np.ndarray:
+        return np.concatenate([mine, theirs.astype(mine.dtype, copy=False)])[order]
+
+    return dataclasses.replace(
+        examples, feature_values=new_values, feature_offsets=new_offsets,
+        dense=both(examples.dense, dense.reshape(len(parent), examples.dense.shape[1])),
+        label=both(examples.label, np.zeros(len(parent), dtype=np.float32)),
+        user_id=both(examples.user_id, examples.user_id[parent]), item_id=both(examples.item_id, item_id),
+        timestamp=both(examples.timestamp, examples.timestamp[parent]),
+        split=both(examples.split, examples.split[parent]),
+        sequence_start=both(examples.sequence_start, examples.sequence_start[parent]),
+        position=both(examples.position, examples.position[parent]),
+        history_length=both(examples.history_length, examples.history_length[parent]))
 
 
 # --- feature-store rows -> Examples (training's point-in-time join, serving's online read) ---
@@ -344,7 +425,8 @@ def feature_row_schema(schema: DatasetSchema) -> DatasetSchema:
 
     return dataclasses.replace(schema, user="user_id", item="item_id", timestamp="timestamp", path="",
                                format="table", users=inline(schema.users), items=inline(schema.items),
-                               category=CATEGORY_FEATURE if schema.category else None)
+                               category=CATEGORY_FEATURE if schema.category else None,
+                               implicit=None)  # feature rows hold their negatives already (or none: serving)
 
 
 def _arrays(column: pd.Series) -> list[np.ndarray]:

@@ -31,6 +31,9 @@ tables (paths relative to the schema file):
       categorical: [tab]            # call sends them in ScoreRequest.context
       numeric: []
     split: null                     # optional column: train / valid / test / context per row
+    implicit: null                  # optional, for logs of positives: {negatives: 2, sampler:
+                                    # popularity | uniform, seed: 0, rounds: 4}: each positive gets
+                                    # that many sampled negatives (features/negatives.py)
 
 Other formats: ``format: grouplens`` reads a MovieLens folder (``path``) through
 features/movielens.py; ``format: synthetic`` generates the long-sequence data
@@ -109,12 +112,15 @@ class DatasetSchema:
     category: str | None = None
     split: str | None = None
     generator: dict = field(default_factory=dict)  # format synthetic: SyntheticConfig fields
+    implicit: dict | None = None  # sampled negatives per positive (features/negatives.py ImplicitRule)
 
     def __post_init__(self) -> None:
         for group_name in ("users", "items", "context"):
             group = getattr(self, group_name)
             if isinstance(group, dict):
                 setattr(self, group_name, _group(group, group_name))
+        if self.implicit is not None:
+            self.implicit = _implicit(self.implicit)
         self.validate()
 
     def validate(self) -> None:
@@ -225,6 +231,8 @@ class DatasetSchema:
         contract = self.to_dict()
         for key in ("path", "name", "format", "generator", "split"):
             contract.pop(key)
+        if contract["implicit"] is None:  # the contract (and fingerprint) of a schema without it is unchanged
+            contract.pop("implicit")
         for group_name in ("users", "items"):
             contract[group_name].pop("path")
             contract[group_name].pop("title")
@@ -313,6 +321,26 @@ def _group(raw: Any, name: str) -> FeatureGroup:
     if not isinstance(group.multi_valued, dict):
         raise ConfigError(f"schema {name}.multi_valued: a mapping of column -> separator (null for list columns)")
     return group
+
+
+def _implicit(raw: Any) -> dict[str, Any]:
+    """The ``implicit`` setting, every key filled in (so the contract names the whole rule)."""
+    from features.negatives import SAMPLERS, ImplicitRule
+
+    if not isinstance(raw, dict):
+        raise ConfigError("schema implicit: expected a mapping {negatives, sampler, seed, rounds}")
+    known = {f.name for f in dataclasses.fields(ImplicitRule)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"schema implicit: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    rule = dataclasses.asdict(ImplicitRule(**raw))
+    for key in ("negatives", "rounds", "seed"):
+        if not isinstance(rule[key], int) or isinstance(rule[key], bool) or rule[key] < (0 if key == "seed" else 1):
+            raise ConfigError(f"schema implicit.{key} = {rule[key]!r}: expected an integer >= "
+                              f"{0 if key == 'seed' else 1}")
+    if rule["sampler"] not in SAMPLERS:
+        raise ConfigError(f"schema implicit.sampler = {rule['sampler']!r}: choose one of {', '.join(SAMPLERS)}")
+    return rule
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
