@@ -69,6 +69,7 @@ from features.durable import exclusive, write_parquet, write_text
 log = logging.getLogger("plexrec.features")
 
 LOG = "log"  # offline/events/log/date=YYYY-MM-DD/part-<seq>.parquet
+LOG_UNDER_OFFLINE = "events"  # a log path under offline/ (a retired entry's): events/<log path>
 MANIFEST = "manifest.json"  # offline/events/manifest.json: the committed parts
 BATCH_FILES = "batch-*.parquet"  # the ingester's; its half-written ones end in .tmp
 STREAM_INTERACTIONS = "stream_interactions"  # offline/stream_interactions/part-<seq>.parquet
@@ -80,6 +81,16 @@ READ_ATTEMPTS = 10
 LOADED_KEY = ["user_id", "item_id", "timestamp"]  # a logged event with these of a loaded row is that row
 GROUP_EVENTS = 1_000_000  # batch files' events committed together, at most (about): a compaction's memory
 ROWS_PER_PART = 1 << 28  # a stream row's ordinal: part seq * ROWS_PER_PART + its row in the part
+# Merging (module doc): the newest MERGE_FANIN parts of one level become one part of the next. 8: a
+# store keeps at most 7 parts a level, so about 7 * log8(compactions) parts (a day of a learner's
+# 2-second polls, 43k compactions: 6 levels, at most ~40 parts; 16 would keep up to ~60 for one
+# rewrite less), and each event is rewritten once a level (~5 times in a day); small merges are
+# frequent and cheap, the rare big ones read at most MERGE_MAX_EVENTS events.
+MERGE_FANIN = 8
+MERGE_MAX_EVENTS = GROUP_EVENTS  # a merge reads its parts whole: the memory of a compaction's group
+# A merged-away file stays on disk this long after the merge's commit: a reader that listed the
+# parts before it (a training build, a learner window: minutes) still reads every file it listed.
+RETIRE_SECONDS = 3600
 
 
 def log_dir(directory: str | Path) -> Path:
@@ -87,9 +98,11 @@ def log_dir(directory: str | Path) -> Path:
 
 
 def read_manifest(directory: str | Path) -> dict:
-    """The committed parts: {"next": the next part's seq, "parts": {seq: {"log": [paths under
-    events/], "stream": path under offline/ or null, "item_profile": path under offline/ or absent,
-    "events": n}}}."""
+    """The committed parts: {"next": the next file seq, "parts": {seq: {"log": [paths under events/],
+    "stream": path under offline/ or null, "item_profile": path under offline/ or absent, "events": n,
+    "level": merges behind it (absent: 0), "offsets": {position: its highest offset} (absent: unknown)}},
+    "retired": [{"paths": [merged-away files, under offline/], "at": epoch seconds}] (absent: none)}.
+    A part's key orders it among the parts (commit order); a merged part keeps its oldest part's."""
     path = log_dir(directory) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else {"next": 0, "parts": {}}
 
@@ -178,6 +191,9 @@ class Compaction:
     stream_interactions: int = 0  # new events that are interaction rows
     item_profile_rows: int = 0  # streamed item-profile rows written (item attributes the new events carry)
     orphans_removed: int = 0  # part files of a compaction killed before its commit
+    merges: int = 0  # merges of MERGE_FANIN parts into one
+    files_retired: int = 0  # part files merged away (deleted RETIRE_SECONDS later)
+    retired_removed: int = 0  # retired files deleted
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -208,6 +224,8 @@ def _append(directory: Path, report: Compaction) -> None:
     events = log_dir(directory)
     manifest = read_manifest(directory)
     report.orphans_removed = _remove_orphans(directory, manifest)
+    manifest = _remove_retired(directory, manifest, report)
+    manifest = _merge(directory, manifest, report)  # normally nothing: a merge a kill cut short
     report.log_events = sum(part["events"] for part in manifest["parts"].values())
     batches = sorted(events.glob(BATCH_FILES))  # by name: the time each was logged
     if not batches:
@@ -219,7 +237,7 @@ def _append(directory: Path, report: Compaction) -> None:
                          f"schema (e.g. {foreign[0].name}): move them away (or delete them) and compact again")
     report.batch_files = len(batches)
     for group in _groups(batches):  # a group at a time: memory is set by GROUP_EVENTS, not by the backlog
-        manifest = _append_group(directory, group, manifest, report)
+        manifest = _merge(directory, _append_group(directory, group, manifest, report), report)
         for batch in group:  # only now: every event of theirs is in a committed part
             batch.unlink(missing_ok=True)
 
@@ -252,7 +270,7 @@ def _append_group(directory: Path, batches: list[Path], manifest: dict, report: 
     if not len(new):
         return manifest
     seq = int(manifest["next"])
-    part = {"log": [], "stream": None, "events": len(new)}
+    part = {"log": [], "stream": None, "events": len(new), "level": 0, "offsets": last_offsets(new)}
     for date, rows in new.groupby(_dates(new), sort=True):
         relative = f"{LOG}/date={date}/part-{seq:08d}.parquet"
         write_parquet(rows.reset_index(drop=True), events / relative)
@@ -267,7 +285,7 @@ def _append_group(directory: Path, batches: list[Path], manifest: dict, report: 
         part["item_profile"] = f"{STREAM_ITEM_PROFILE}/part-{seq:08d}.parquet"
         _write_table(profile.append_column(PROFILE_ORDER, order), directory / "offline" / part["item_profile"])
         report.item_profile_rows += profile.num_rows
-    manifest = {"next": seq + 1, "parts": {**manifest["parts"], str(seq): part}}
+    manifest = {**manifest, "next": seq + 1, "parts": {**manifest["parts"], str(seq): part}}
     write_text(json.dumps(manifest, indent=1) + "\n", events / MANIFEST)  # the commit
     report.new_events += len(new)
     report.stream_interactions += len(rows)
@@ -287,9 +305,12 @@ def _event_ids(directory: Path, manifest: dict, dates: set[str]) -> pa.Array:
 
 
 def _remove_orphans(directory: Path, manifest: dict) -> int:
-    """Delete the part files no committed part names (a compaction killed before its commit)."""
+    """Delete the part files neither a committed part nor a retired entry names (a compaction killed
+    before its commit, or after a commit that dropped retired files, before it deleted them)."""
+    offline = directory / "offline"
     committed = {path.resolve() for path in log_parts(directory, manifest) + stream_parts(directory, manifest)
                  + stream_item_profile_parts(directory, manifest)}
+    committed |= {(offline / path).resolve() for entry in manifest.get("retired", []) for path in entry["paths"]}
     candidates = [*(log_dir(directory) / LOG).glob("date=*/part-*"),
                   *(directory / "offline" / STREAM_INTERACTIONS).glob("part-*"),
                   *(directory / "offline" / STREAM_ITEM_PROFILE).glob("part-*")]
@@ -297,6 +318,100 @@ def _remove_orphans(directory: Path, manifest: dict) -> int:
     for path in orphans:
         path.unlink(missing_ok=True)
     return len(orphans)
+
+
+def _remove_retired(directory: Path, manifest: dict, report: Compaction) -> dict:
+    """Delete the files merged away more than RETIRE_SECONDS ago: the manifest without them first
+    (the commit), then the files (a kill between leaves orphans, which the next compaction deletes)."""
+    retired = manifest.get("retired", [])
+    now = time.time()
+    expired = [entry for entry in retired if now - float(entry["at"]) >= RETIRE_SECONDS]
+    if not expired:
+        return manifest
+    manifest = {**manifest, "retired": [entry for entry in retired if now - float(entry["at"]) < RETIRE_SECONDS]}
+    write_text(json.dumps(manifest, indent=1) + "\n", log_dir(directory) / MANIFEST)
+    for entry in expired:
+        for path in entry["paths"]:
+            (directory / "offline" / path).unlink(missing_ok=True)
+        report.retired_removed += len(entry["paths"])
+    return manifest
+
+
+class _Unmergeable(Exception):
+    """Parts whose files do not have one set of columns (a log written by an older ingester)."""
+
+
+def _merge(directory: Path, manifest: dict, report: Compaction) -> dict:
+    """While the newest MERGE_FANIN parts have one level and at most MERGE_MAX_EVENTS events, merge
+    them into one part of the next level (module doc); the manifest after it."""
+    while len(manifest["parts"]) >= MERGE_FANIN:
+        keys = sorted(manifest["parts"], key=int)[-MERGE_FANIN:]
+        parts = [manifest["parts"][key] for key in keys]
+        levels = {int(part.get("level", 0)) for part in parts}
+        if len(levels) > 1 or sum(int(part["events"]) for part in parts) > MERGE_MAX_EVENTS:
+            break
+        try:
+            manifest = _merge_parts(directory, manifest, keys, levels.pop() + 1, report)
+        except _Unmergeable as exc:
+            log.warning("event log parts %s left unmerged: %s", ", ".join(keys), exc)
+            break
+    return manifest
+
+
+def _merge_parts(directory: Path, manifest: dict, keys: list[str], level: int, report: Compaction) -> dict:
+    """Commit the parts ``keys`` (consecutive, oldest first) as one part under the oldest's key, its
+    files named by a fresh seq: per event date the log rows in commit order, stably sorted by event
+    time (the order the log promises); the stream rows and the item-profile rows in commit order, with
+    their ordinals as stored. The merged-away files are retired, not deleted (module doc)."""
+    events, offline = log_dir(directory), directory / "offline"
+    parts = [manifest["parts"][key] for key in keys]
+    seq = int(manifest["next"])
+    merged_part = {"log": [], "stream": None, "events": sum(int(part["events"]) for part in parts), "level": level}
+    if all("offsets" in part for part in parts):
+        offsets: dict[str, int] = {}
+        for part in parts:
+            for position, offset in part["offsets"].items():
+                offsets[position] = max(int(offset), offsets.get(position, -1))
+        merged_part["offsets"] = offsets
+    by_date: dict[str, list[str]] = {}
+    for part in parts:
+        for relative in part["log"]:
+            by_date.setdefault(Path(relative).parent.name.removeprefix("date="), []).append(relative)
+    retired = [f"{LOG_UNDER_OFFLINE}/{relative}" for part in parts for relative in part["log"]]
+    for date in sorted(by_date):
+        table = _concatenated([events / relative for relative in by_date[date]])
+        table = table.take(pc.sort_indices(table, sort_keys=[("event_timestamp", "ascending")]))  # stable
+        relative = f"{LOG}/date={date}/part-{seq:08d}.parquet"
+        _write_table(table, events / relative)
+        merged_part["log"].append(relative)
+    for kind, folder in (("stream", STREAM_INTERACTIONS), ("item_profile", STREAM_ITEM_PROFILE)):
+        paths = [part[kind] for part in parts if part.get(kind)]
+        if paths:
+            merged_part[kind] = f"{folder}/part-{seq:08d}.parquet"
+            _write_table(_concatenated([offline / path for path in paths]), offline / merged_part[kind])
+            retired += paths
+    remaining = {key: part for key, part in manifest["parts"].items() if key not in keys}
+    manifest = {**manifest, "next": seq + 1, "parts": {**remaining, keys[0]: merged_part},
+                "retired": [*manifest.get("retired", []), {"paths": retired, "at": time.time()}]}
+    write_text(json.dumps(manifest, indent=1) + "\n", events / MANIFEST)  # the commit
+    report.merges += 1
+    report.files_retired += len(retired)
+    return manifest
+
+
+def _concatenated(paths: list[Path]) -> pa.Table:
+    """The rows of ``paths`` in order, as one table (a column that is all null in some file takes the
+    others' type); _Unmergeable when their columns differ."""
+    tables = [pq.read_table(path) for path in paths]
+    names = {tuple(sorted(table.column_names)) for table in tables}
+    if len(names) > 1:
+        raise _Unmergeable(f"{paths[0].parent} holds files of different columns: {sorted(names)}")
+    try:
+        table = pa.concat_tables([table.select(tables[0].column_names) for table in tables],
+                                 promote_options="default")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise _Unmergeable(str(exc)) from None
+    return table.combine_chunks()
 
 
 def positions(logged: pd.DataFrame) -> pd.Series:

@@ -426,3 +426,179 @@ def test_streamed_item_attributes_reach_the_offline_profile_from_their_instant(b
             assert features.category == newest.loc[item, "item_category"], (reload, item)
             assert features.profile["release_year"] == newest.loc[item, "release_year"], (reload, item)
             assert list(features.profile["genres"]) == list(newest.loc[item, "genres"]), (reload, item)
+
+
+def hold_batch_files(directory, held):
+    """Move the log folder's batch files to ``held``; how many."""
+    held.mkdir(parents=True, exist_ok=True)
+    for batch in log_dir(directory).glob("batch-*.parquet"):
+        shutil.move(batch, held / batch.name)
+    return len(list(held.glob("batch-*.parquet")))
+
+
+def compact_each(directory, batches):
+    """Compact ``batches`` one at a time (each moved back into the log folder first): many small
+    compactions, as a learner polling a steady stream makes them; their reports."""
+    reports = []
+    for batch in batches:
+        shutil.move(batch, log_dir(directory) / batch.name)
+        reports.append(compact_event_log(directory))
+    return reports
+
+
+def digit_sum(n, base):
+    return 0 if n == 0 else n % base + digit_sum(n // base, base)
+
+
+def test_many_small_compactions_are_merged_into_logarithmically_many_parts(broker, movielens_past, ml100k_tables,
+                                                                           tmp_path_factory, monkeypatch):
+    """A compaction per tiny batch file (a learner polling a steady stream): the parts are merged
+    (size-tiered: MERGE_FANIN parts of a level into one of the next), so a store of n compactions
+    holds the base-MERGE_FANIN digit sum of n parts, not n; the log holds every event once in
+    event-time order, and the stream rows with their ordinals, a learner's windows and the examples
+    are those of a store whose compactions never merged (every store before merging)."""
+    from features import event_log
+    from features.event_log import events_after, last_offsets
+
+    store, directory, past, future = movielens_past
+    schema = ml100k_tables.schema
+    events = schema_events(future, schema)
+    stream(broker, store, directory, events, max_batch=6)
+    unmerged = tmp_path_factory.mktemp("unmerged") / "store"
+    shutil.copytree(directory, unmerged)
+    held, held_unmerged = tmp_path_factory.mktemp("held"), tmp_path_factory.mktemp("held-unmerged")
+    compactions = hold_batch_files(directory, held)
+    hold_batch_files(unmerged, held_unmerged)
+    assert compactions >= 150
+
+    monkeypatch.setattr(event_log, "MERGE_FANIN", 1 << 30)  # never: each compaction's part stays
+    compact_each(unmerged, sorted(held_unmerged.glob("batch-*.parquet")))
+    monkeypatch.setattr(event_log, "MERGE_FANIN", 4)
+    reports = compact_each(directory, sorted(held.glob("batch-*.parquet")))
+    assert len(read_manifest(unmerged)["parts"]) == compactions
+    manifest = read_manifest(directory)
+    assert len(manifest["parts"]) == digit_sum(compactions, 4) <= 3 * 4  # 4 ** 4 > compactions
+    assert max(part["level"] for part in manifest["parts"].values()) == 3
+    assert sum(report.merges for report in reports) == (compactions - digit_sum(compactions, 4)) // 3
+    assert sum(part["events"] for part in manifest["parts"].values()) == len(events)
+
+    logged = read_event_log(directory)
+    assert len(logged) == len(events) == logged["event_id"].nunique()
+    pd.testing.assert_frame_equal(logged, read_event_log(unmerged), check_dtype=False)
+    for path in log_parts(directory):  # each file in event-time order
+        assert pd.read_parquet(path)["event_timestamp"].is_monotonic_increasing, path
+    merged_rows = pd.concat([pd.read_parquet(path) for path in stream_parts(directory)], ignore_index=True)
+    unmerged_rows = pd.concat([pd.read_parquet(path) for path in stream_parts(unmerged)], ignore_index=True)
+    # in commit order, their ordinals as stored (seqs differ: a merge's files take one), so in one order
+    pd.testing.assert_frame_equal(merged_rows.drop(columns="ordinal"), unmerged_rows.drop(columns="ordinal"))
+    assert merged_rows["ordinal"].is_unique and merged_rows["ordinal"].is_monotonic_increasing
+    assert unmerged_rows["ordinal"].is_monotonic_increasing
+
+    halfway = last_offsets(logged.sort_values("offset").iloc[:len(logged) // 2])  # a learner's offsets
+    for taken in ({}, halfway):
+        window, reached = events_after(directory, taken)
+        expected_window, expected_reached = events_after(unmerged, taken)
+        pd.testing.assert_frame_equal(window, expected_window)
+        assert reached == expected_reached and len(window) > 0
+    examples = examples_from_store(store, directory)
+    assert_same_examples(examples, examples_from_store(store, unmerged), ML_HISTORY)
+    whole = build_examples(ml100k_tables.with_interactions(pd.concat([past, future])).joined(), schema)
+    assert_same_examples(examples, whole, ML_HISTORY)
+
+
+def test_a_merged_away_file_stays_readable_until_its_grace_period_ends(broker, movielens_past, ml100k_tables,
+                                                                       tmp_path_factory, monkeypatch):
+    """A reader that listed the parts before a merge (a training build, a learner window) reads every
+    file it listed right after the merge: the merged-away files are retired, not deleted, and no
+    compaction takes them for orphans; one after RETIRE_SECONDS deletes them, the log unchanged."""
+    from features import event_log
+    from features.event_log import stream_item_profile_parts
+
+    store, directory, past, future = movielens_past
+    events = schema_events(future, ml100k_tables.schema)
+    events[3].item_attributes.update({"release_year": "2001"})  # a streamed item-profile part too
+    stream(broker, store, directory, events[:200], max_batch=40)
+    held = tmp_path_factory.mktemp("held")
+    assert hold_batch_files(directory, held) >= 4
+    monkeypatch.setattr(event_log, "MERGE_FANIN", 4)
+    batches = sorted(held.glob("batch-*.parquet"))
+    assert sum(report.merges for report in compact_each(directory, batches[:3])) == 0
+    listed = log_parts(directory) + stream_parts(directory) + stream_item_profile_parts(directory)
+    assert len(stream_item_profile_parts(directory)) == 1
+    report = compact_each(directory, batches[3:4])[0]
+    assert report.merges == 1 and len(read_manifest(directory)["parts"]) == 1
+    logged = read_event_log(directory)
+    for path in listed:  # what the reader listed: every file there, whole
+        assert len(pd.read_parquet(path)) > 0, path
+    retired = [directory / "offline" / path for entry in read_manifest(directory)["retired"] for path in entry["paths"]]
+    assert len(retired) == report.files_retired and set(listed) < set(retired)
+    again = compact_event_log(directory)  # within the grace period: neither orphans nor deleted
+    assert (again.orphans_removed, again.retired_removed) == (0, 0) and all(path.exists() for path in retired)
+
+    monkeypatch.setattr(event_log, "RETIRE_SECONDS", 0)  # the grace period over
+    late = compact_event_log(directory)
+    assert late.retired_removed == len(retired) and not any(path.exists() for path in retired)
+    assert read_manifest(directory)["retired"] == [] and compact_event_log(directory).orphans_removed == 0
+    pd.testing.assert_frame_equal(read_event_log(directory), logged)
+    assert len(logged) == logged["event_id"].nunique() == sum(len(pd.read_parquet(path)) for path in
+                                                              log_parts(directory))
+
+
+def test_a_merge_killed_before_its_commit_loses_and_duplicates_nothing(broker, movielens_past, ml100k_tables,
+                                                                       tmp_path_factory, monkeypatch):
+    """A merge killed after any of its files, or at its manifest (the commit): readers see the unmerged
+    parts, every event once; the next compaction deletes the merged files as orphans and merges
+    again, leaving what an uninterrupted merge does."""
+    from features import event_log
+
+    store, directory, past, future = movielens_past
+    events = schema_events(future, ml100k_tables.schema)
+    stream(broker, store, directory, events[:300], max_batch=40)
+    held = tmp_path_factory.mktemp("held")
+    assert hold_batch_files(directory, held) >= 4
+    monkeypatch.setattr(event_log, "MERGE_FANIN", 4)
+    batches = sorted(held.glob("batch-*.parquet"))[:4]
+    compact_each(directory, batches[:3])
+    shutil.move(batches[3], log_dir(directory) / batches[3].name)
+    pristine = tmp_path_factory.mktemp("pristine") / "store"
+    shutil.copytree(directory, pristine)
+    assert compact_event_log(directory).merges == 1
+    expected = frames(directory)
+    merged_files = len(read_manifest(directory)["parts"]["0"]["log"]) + 1  # its log files, its stream part
+    real_replace, real_write_text = durable.durably_replace, event_log.write_text
+
+    for kill_at in [*range(merged_files), "commit"]:  # right after each merged file, or at the commit
+        copy = tmp_path_factory.mktemp(f"killed-{kill_at}") / "store"
+        shutil.copytree(pristine, copy)
+
+        def replace_then_die(staging, path, kill_at=kill_at, seen={"commits": 0, "files": 0}):
+            real_replace(staging, path)
+            if path.name == MANIFEST:
+                seen["commits"] += 1
+            elif seen["commits"] == 1:  # the append committed: the merge's files
+                seen["files"] += 1
+                if seen["files"] == kill_at + 1:
+                    raise Killed
+
+        def commit_then_die(text, path, calls=[]):
+            calls.append(path)
+            if len(calls) == 2:  # the append's commit went through; the merge's is killed
+                raise Killed
+            real_write_text(text, path)
+
+        if kill_at == "commit":
+            monkeypatch.setattr(event_log, "write_text", commit_then_die)
+        else:
+            monkeypatch.setattr(durable, "durably_replace", replace_then_die)
+        with pytest.raises(Killed):
+            compact_event_log(copy)
+        monkeypatch.setattr(durable, "durably_replace", real_replace)
+        monkeypatch.setattr(event_log, "write_text", real_write_text)
+        assert len(read_manifest(copy)["parts"]) == 4  # the merge did not commit
+        pd.testing.assert_frame_equal(read_event_log(copy), expected["log"], check_dtype=False)  # each once
+        repaired = compact_event_log(copy)
+        assert repaired.orphans_removed == (kill_at + 1 if kill_at != "commit" else merged_files)
+        assert repaired.merges == 1 and repaired.new_events == 0
+        assert_same_state(frames(copy), expected)
+        assert_same_examples(examples_from_store(store, copy, compact=False),
+                             examples_from_store(store, directory, compact=False), ML_HISTORY)
