@@ -28,15 +28,30 @@ training data by appending, never rewriting what it has:
   4. ``offline/events/manifest.json`` names the committed parts: readers see only those
   5. the batch files are deleted
 
-So a compaction's cost is its new events (and the event ids of the dates they touch), not the
-log's size. The views are not rebuilt: training computes every example's history and counters
+Merging. Each compaction that finds new events adds a part, so a learner compacting every poll
+would leave tens of thousands a day, each a few files every reader lists and opens. So after each
+append the parts are merged, size-tiered: a part is of level 0 when appended; while the newest
+MERGE_FANIN parts have one level L and at most MERGE_MAX_EVENTS events together, they become one
+part of level L+1 (per event date the log rows in commit order, stably sorted by event time; the
+stream and item-profile rows in commit order, their ordinals as stored), under the oldest one's
+key, so every reader's commit order stays. A store of n compactions holds about (MERGE_FANIN - 1)
+* log(n) parts, and each event is rewritten once a level. A merge commits as an append does (its
+files, then the manifest); the merged-away files are not deleted then, since a reader may hold
+the old list for minutes (a training build, a learner window): the manifest lists them as retired
+with the time, and the first compaction RETIRE_SECONDS later deletes them (the manifest without
+them first). Each part records its highest offset per position, so a learner's ``events_after``
+reads only the parts past its offsets.
+
+So a compaction's cost is its new events (and the event ids of the dates they touch; with merging,
+a few files per date), not the log's size. The views are not rebuilt: training computes every example's history and counters
 from the events themselves (features/example_tables.py), and a logged event that is a row of
 the bulk load (the same user, item and instant: a replay of what was loaded) is dropped there,
 so it is neither a second example nor a second behaviour, also after a later load.
 
 Crash safety. Every file is written under a temporary name and renamed into place (fsynced).
 The manifest is the commit: a kill before it leaves parts nobody reads, which the next
-compaction deletes before it does the same work again from the same batch files; a kill after
+compaction deletes (sparing the retired files) before it does the same work again from the same
+batch files (or the same merge); a kill after
 it leaves batch files whose events the log already holds, which the next compaction drops as
 duplicates. So compaction is idempotent, and a kill anywhere leaves a state the next one
 repairs. One compaction runs at a time (a lock file: the ranks of a training job may start
@@ -433,11 +448,15 @@ def events_after(directory: str | Path, offsets: dict[str, int]) -> tuple[pd.Dat
     ``positions``) as interaction rows in event-time order, without those that are rows of the bulk
     load; and the offsets they reach (a position with nothing new keeps its offset). What a job that
     follows the stream (recsys/learn.py) takes next; call compact_event_log first. Reads the
-    positions of the log, then the rows of the new events only."""
+    positions of the parts that may hold new events (not those whose highest offset per position,
+    in the manifest, is taken), then the rows of the new events only."""
     from features.store import read_store_meta, stored_schema
 
     directory = Path(directory)
-    parts = log_parts(directory)
+    manifest = read_manifest(directory)
+    ahead = {key: part for key, part in manifest["parts"].items() if "offsets" not in part  # unknown: read it
+             or any(int(offset) > offsets.get(position, -1) for position, offset in part["offsets"].items())}
+    parts = log_parts(directory, {**manifest, "parts": ahead})
     if not parts:
         return pd.DataFrame(), dict(offsets)
     where = pq.ParquetDataset(parts).read(columns=[c for c in ("source", "partition", "offset")

@@ -505,6 +505,19 @@ def test_many_small_compactions_are_merged_into_logarithmically_many_parts(broke
     whole = build_examples(ml100k_tables.with_interactions(pd.concat([past, future])).joined(), schema)
     assert_same_examples(examples, whole, ML_HISTORY)
 
+    # a learner's window reads no part whose events are all at or below its offsets (the manifest
+    # records each part's highest offset per position): with those parts' files gone, the same window
+    taken = [part for part in manifest["parts"].values()
+             if all(offset <= halfway.get(position, -1) for position, offset in part["offsets"].items())]
+    assert 0 < len(taken) < len(manifest["parts"])
+    for part in taken:
+        for path in part["log"]:
+            (log_dir(directory) / path).rename(log_dir(directory) / path.replace(".parquet", ".away"))
+    window, reached = events_after(directory, halfway)
+    expected_window, expected_reached = events_after(unmerged, halfway)
+    pd.testing.assert_frame_equal(window, expected_window)
+    assert reached == expected_reached
+
 
 def test_a_merged_away_file_stays_readable_until_its_grace_period_ends(broker, movielens_past, ml100k_tables,
                                                                        tmp_path_factory, monkeypatch):
