@@ -322,14 +322,14 @@ def _event_ids(directory: Path, manifest: dict, dates: set[str]) -> pa.Array:
 def _remove_orphans(directory: Path, manifest: dict) -> int:
     """Delete the part files neither a committed part nor a retired entry names (a compaction killed
     before its commit, or after a commit that dropped retired files, before it deleted them)."""
-    offline = directory / "offline"
-    committed = {path.resolve() for path in log_parts(directory, manifest) + stream_parts(directory, manifest)
-                 + stream_item_profile_parts(directory, manifest)}
-    committed |= {(offline / path).resolve() for entry in manifest.get("retired", []) for path in entry["paths"]}
+    offline = directory / "offline"  # every path below is built on it: compared as they are (no resolve)
+    committed = {*log_parts(directory, manifest), *stream_parts(directory, manifest),
+                 *stream_item_profile_parts(directory, manifest)}
+    committed |= {offline / path for entry in manifest.get("retired", []) for path in entry["paths"]}
     candidates = [*(log_dir(directory) / LOG).glob("date=*/part-*"),
-                  *(directory / "offline" / STREAM_INTERACTIONS).glob("part-*"),
-                  *(directory / "offline" / STREAM_ITEM_PROFILE).glob("part-*")]
-    orphans = [path for path in candidates if path.resolve() not in committed]
+                  *(offline / STREAM_INTERACTIONS).glob("part-*"),
+                  *(offline / STREAM_ITEM_PROFILE).glob("part-*")]
+    orphans = [path for path in candidates if path not in committed]
     for path in orphans:
         path.unlink(missing_ok=True)
     return len(orphans)
