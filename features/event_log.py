@@ -43,19 +43,20 @@ them first). Each part records its highest offset per position, so a learner's `
 reads only the parts past its offsets.
 
 So a compaction's cost is its new events (and the event ids of the dates they touch; with merging,
-a few files per date), not the log's size. The views are not rebuilt: training computes every example's history and counters
-from the events themselves (features/example_tables.py), and a logged event that is a row of
-the bulk load (the same user, item and instant: a replay of what was loaded) is dropped there,
-so it is neither a second example nor a second behaviour, also after a later load.
+a few files per date), not the log's size. The views are not rebuilt: training computes every
+example's history and counters from the events themselves (features/example_tables.py), and a
+logged event that is a row of the bulk load (the same user, item and instant: a replay of what
+was loaded) is dropped there, so it is neither a second example nor a second behaviour, also
+after a later load.
 
 Crash safety. Every file is written under a temporary name and renamed into place (fsynced).
 The manifest is the commit: a kill before it leaves parts nobody reads, which the next
 compaction deletes (sparing the retired files) before it does the same work again from the same
-batch files (or the same merge); a kill after
-it leaves batch files whose events the log already holds, which the next compaction drops as
-duplicates. So compaction is idempotent, and a kill anywhere leaves a state the next one
-repairs. One compaction runs at a time (a lock file: the ranks of a training job may start
-together); the ingester may go on writing batch files meanwhile, which the next one takes.
+batch files (or the same merge); a kill after it leaves batch files whose events the log already
+holds, which the next compaction drops as duplicates. So compaction is idempotent, and a kill
+anywhere leaves a state the next one repairs. One compaction runs at a time (a lock file: the
+ranks of a training job may start together); the ingester may go on writing batch files
+meanwhile, which the next one takes.
 
 A store whose event log was written under another schema (another data set loaded into the
 same directory: features/log_stamp.py) refuses to compact it, naming the files to move away.
