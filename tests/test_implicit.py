@@ -238,6 +238,28 @@ def test_a_window_of_events_draws_the_negatives_the_whole_build_draws(implicit_s
     assert keyed(window_examples, np.ones(len(window_examples), bool)) == keyed(whole, in_window)
 
 
+def test_sharded_builds_keep_negatives_with_their_users_and_count_them_in_their_parts(implicit_store, tmp_path):
+    """Streamed training (recsys/data/example_stream.py) reads user shards and sizes its parts from
+    shard_split_counts: the negatives are in their positive's shard and part."""
+    from features.example_tables import build_example_tables, read_shard, shard_split_counts
+
+    directory, tables = implicit_store
+    split = SplitRule(kind="time")
+    built = build_example_tables(directory / "offline", tables.schema, tmp_path / "shards", shards=3, split=split)
+    direct = build_examples(tables.joined(), tables.schema, split)
+    assert built.examples == len(direct)
+    read = 0
+    for shard in range(3):
+        examples = read_shard(built, shard, tables.schema, split, 200)
+        counts, _ = shard_split_counts(built, shard, tables.schema, split)
+        parts, sizes = np.unique(examples.split, return_counts=True)
+        assert counts == dict(zip(parts.tolist(), sizes.tolist()))
+        assert (examples.user_id % 3 == shard).all()
+        assert (examples.label == 0).sum() > 1.9 * (examples.label == 1).sum()
+        read += len(examples)
+    assert read == len(direct)
+
+
 def test_spark_refuses_an_implicit_schema_by_name(implicit_store, tmp_path):
     from features.example_tables import build_example_tables
 
