@@ -48,9 +48,7 @@ import json
 import os
 import re
 import shutil
-import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -334,7 +332,6 @@ class ContinualLearner:
         model_dir = None
         if t.ctx.is_main:
             self._write_state(staging)
-            _wait_for_a_free_version_name(t.out_dir / "models", t.fingerprint)
             model_dir = t.export(staging, {**(metrics or {}), "continual": continual}, move_checkpoint=True)
         if t.ctx.world_size > 1:
             dist.barrier()
@@ -344,11 +341,3 @@ class ContinualLearner:
         else:
             self.base_version = model_dir.name
         return model_dir
-
-
-def _wait_for_a_free_version_name(root: Path, fingerprint: str) -> None:
-    """export_model names a version by its UTC second and the fingerprint, which a learner never
-    changes: a second export within one second would find its name taken. Wait for the next second."""
-    while (root / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{fingerprint[:8]}").exists():
-        time.sleep(0.05)
-

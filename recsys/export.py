@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -67,13 +68,10 @@ def export_model(model: Ranker, config: RunConfig, vocab_sizes: dict[str, int], 
     ``checkpoint``: the checkpoint directory the model was exported from, carried inside the version as
     ``checkpoint/`` (copied; moved with ``move_checkpoint``, e.g. a learner's freshly written one), so
     that the version can be continued from for as long as it is kept."""
-    created = datetime.now(timezone.utc)
     fingerprint = model_fingerprint(config, vocab_sizes, dense_names)
-    version = f"{created:%Y%m%dT%H%M%S}-{fingerprint[:8]}"
     root = Path(root)
+    created, version, staging = _claim_version_name(root, fingerprint)
     final = root / version
-    staging = root / f".{version}.tmp"
-    staging.mkdir(parents=True, exist_ok=False)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(staging / WEIGHTS_FILE))
     manifest = {
@@ -102,6 +100,28 @@ def export_model(model: Ranker, config: RunConfig, vocab_sizes: dict[str, int], 
     os.replace(staging, final)
     fsync_dir(root)
     return final
+
+
+def _claim_version_name(root: Path, fingerprint: str) -> tuple[datetime, str, Path]:
+    """A version name no other export takes: its time, the name and its staging directory. Names are
+    per second and the fingerprint, so two exports of one model within a second (a learner's quick
+    exports, a retrain beside a learner) would share one: the staging directory's mkdir claims a name
+    (one process wins), and a name already published waits for the next second."""
+    root.mkdir(parents=True, exist_ok=True)
+    while True:
+        created = datetime.now(timezone.utc)
+        version = f"{created:%Y%m%dT%H%M%S}-{fingerprint[:8]}"
+        staging = root / f".{version}.tmp"
+        if not (root / version).exists():
+            try:
+                staging.mkdir()
+            except FileExistsError:  # another export holds this name now
+                pass
+            else:
+                if not (root / version).exists():  # not published between the check and the mkdir
+                    return created, version, staging
+                staging.rmdir()
+        time.sleep(0.05)
 
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,8 @@ import torch
 from recsys.continual import ContinualLearner, checkpoint_of, in_time_order, latest_checkpoint, time_windows
 from recsys.data.batching import make_batch
 from features.examples import TEST, VALID
-from recsys.export import latest_model_dir, load_model
+from recsys.config import RunConfig
+from recsys.export import export_model, latest_model_dir, load_model, version_directories
 from recsys.train import Trainer
 from tests.conftest import small_config
 
@@ -241,6 +244,22 @@ def test_every_version_can_be_continued_from_with_the_weights_it_serves(base_run
         np.testing.assert_allclose(again.predict(b), exported_scores(version, b, again), atol=1e-6)
         recorded = load_model(version)[1]["metrics"].get("continual", {}).get("examples", 0)
         assert again.progress.examples == recorded and again.base_version == version.name
+
+
+def test_exports_of_one_model_within_a_second_take_their_own_names_in_order(base_run, small_examples, tmp_path):
+    """Versions of one fingerprint written within one second (a retrain beside a learner, quick
+    exports): each takes its own name, the names sort in the order written, each loads. Names are per
+    second: the second export's rename used to fail (Directory not empty)."""
+    first = learner_from(base_run, small_examples, tmp_path).export()
+    model, manifest = load_model(first)
+    config = RunConfig.from_dict(manifest["config"])
+    while datetime.now(timezone.utc).microsecond > 200_000:  # the start of a second: the exports share it
+        time.sleep(0.01)
+    versions = [export_model(model, config, manifest["vocab_sizes"], manifest["dense_features"], {}, first.parent)
+                for _ in range(3)]
+    assert len(set(versions)) == 3 and version_directories(first.parent)[0] == [first, *versions]
+    for version in versions:
+        assert load_model(version)[1]["model_version"] == version.name
 
 
 def test_an_export_is_on_disk_before_its_name_is(base_run, small_examples, windows, tmp_path, monkeypatch):
