@@ -7,9 +7,10 @@ The ingester appends every batch it consumes to ``offline/events/batch-*.parquet
 logged again, and so is an event its producer sent twice. ``compact_event_log`` makes it
 training data by appending, never rewriting what it has:
 
-  1. the new events (the batch files' rows whose event id the log does not hold yet: only the
-     log's parts of the same event dates are read, a re-delivery has the event's own time)
-     become one part per event date, ``offline/events/log/date=YYYY-MM-DD/part-<seq>.parquet``,
+  1. the new events (the batch files' rows whose event id neither the log nor an earlier row of
+     the batch files holds: one DuckDB pass over the batch files' ids and the ids of the log's
+     parts of the same event dates, a re-delivery has the event's own time) become, a group of
+     about GROUP_EVENTS at a time, one part per event date, ``offline/events/log/date=YYYY-MM-DD/part-<seq>.parquet``,
      in event-time order (stable: among equal times, the order of logging)
   2. the same events as interaction rows in the store's columns, one part per compaction,
      ``offline/stream_interactions/part-<seq>.parquet`` (label or rating by the schema's rule,
@@ -96,6 +97,7 @@ STREAM_SPLIT = "train"  # a schema's split column describes the bulk rows; strea
 READ_ATTEMPTS = 10
 LOADED_KEY = ["user_id", "item_id", "timestamp"]  # a logged event with these of a loaded row is that row
 GROUP_EVENTS = 1_000_000  # batch files' events committed together, at most (about): a compaction's memory
+DEDUPE_MEMORY = "2GB"  # DuckDB's memory for finding a backlog's repeated event ids; it spills past it
 ROWS_PER_PART = 1 << 28  # a stream row's ordinal: part seq * ROWS_PER_PART + its row in the part
 # Merging (module doc): the newest MERGE_FANIN parts of one level become one part of the next. 8: a
 # store keeps at most 7 parts a level, so about 7 * log8(compactions) parts (a day of a learner's
@@ -252,8 +254,9 @@ def _append(directory: Path, report: Compaction) -> None:
         raise StoreError(f"{len(foreign)} event log file(s) in {events} were logged into a store of another "
                          f"schema (e.g. {foreign[0].name}): move them away (or delete them) and compact again")
     report.batch_files = len(batches)
+    repeated = _repeated_rows(directory, manifest, batches)
     for group in _groups(batches):  # a group at a time: memory is set by GROUP_EVENTS, not by the backlog
-        manifest = _merge(directory, _append_group(directory, group, manifest, report), report)
+        manifest = _merge(directory, _append_group(directory, group, repeated, manifest, report), report)
         for batch in group:  # only now: every event of theirs is in a committed part
             batch.unlink(missing_ok=True)
 
@@ -271,16 +274,17 @@ def _groups(batches: list[Path]) -> list[list[Path]]:
     return groups + ([current] if current else [])
 
 
-def _append_group(directory: Path, batches: list[Path], manifest: dict, report: Compaction) -> dict:
-    """Commit the new events of ``batches`` as the next part; the manifest after it."""
+def _append_group(directory: Path, batches: list[Path], repeated: dict[str, np.ndarray], manifest: dict,
+                  report: Compaction) -> dict:
+    """Commit the new events of ``batches`` (their rows but ``repeated``'s) as the next part; the
+    manifest after it."""
     from features.store import read_store_meta, stored_schema
 
     events = log_dir(directory)
-    fresh = merged([pd.read_parquet(batch) for batch in batches])
-    read = sum(pq.ParquetFile(b).metadata.num_rows for b in batches)
-    known = _event_ids(directory, manifest, set(_dates(fresh).unique()))
-    new = fresh[~pc.is_in(pa.array(fresh["event_id"].astype(str)), value_set=known).to_numpy(
-        zero_copy_only=False)].reset_index(drop=True)
+    frames = [pd.read_parquet(batch) for batch in batches]
+    read = sum(len(frame) for frame in frames)
+    new = merged([frame[~np.isin(np.arange(len(frame)), repeated.get(str(batch), []))]
+                  for batch, frame in zip(batches, frames)])
     report.events_read += read
     report.duplicates += read - len(new)
     if not len(new):
@@ -313,11 +317,56 @@ def _dates(frame: pd.DataFrame) -> pd.Series:
     return pd.to_datetime(frame["event_timestamp"], utc=True).dt.strftime("%Y-%m-%d")
 
 
-def _event_ids(directory: Path, manifest: dict, dates: set[str]) -> pa.Array:
-    """The event ids the committed log holds on ``dates`` (a re-delivered event keeps its time)."""
-    paths = [path for path in log_parts(directory, manifest) if path.parent.name.removeprefix("date=") in dates]
-    ids = [pq.read_table(path, columns=["event_id"]).column(0).combine_chunks().cast(pa.string()) for path in paths]
-    return pa.concat_arrays(ids) if ids else pa.array([], type=pa.string())
+def _repeated_rows(directory: Path, manifest: dict, batches: list[Path]) -> dict[str, np.ndarray]:
+    """Per batch file (its path), the rows that are no new event: an event id the committed log
+    holds on the batch files' event dates (a re-delivered event keeps its time), or one an earlier
+    row holds (files in name order: the order they were logged). One DuckDB pass over the backlog's
+    ids and the log's ids of those dates, spilling past DEDUPE_MEMORY, for the whole backlog: were
+    each group to read the log's ids of its dates, a backlog spanning the log's dates (a replay, a
+    first compaction) would read the log once a group, its time growing with the square of its size."""
+    import shutil
+    import tempfile
+
+    import duckdb
+
+    dates = set()
+    for batch in batches:
+        stamps = pq.read_table(batch, columns=["event_timestamp"]).column(0)
+        dates.update(pc.unique(pc.strftime(stamps, format="%Y-%m-%d")).to_pylist())
+    logged = [path for path in log_parts(directory, manifest) if path.parent.name.removeprefix("date=") in dates]
+    spill = tempfile.mkdtemp(prefix="plexrec-compaction-")
+    try:
+        connection = duckdb.connect()
+        connection.execute(f"SET memory_limit = '{DEDUPE_MEMORY}'")
+        connection.execute(f"SET temp_directory = '{spill}'")
+        connection.execute("SET preserve_insertion_order = false")
+        # file_row_number: the row of the file, as pandas reads it (the ingester writes no index)
+        connection.execute("CREATE VIEW backlog AS SELECT CAST(event_id AS VARCHAR) AS event_id, filename, "
+                           f"file_row_number FROM read_parquet({_sql_list(batches)}, filename = true, "
+                           "file_row_number = true)")
+        query = """
+            WITH repeated_ids AS (SELECT event_id FROM backlog GROUP BY event_id HAVING count(*) > 1)
+            SELECT filename, file_row_number FROM (
+                SELECT filename, file_row_number,
+                       row_number() OVER (PARTITION BY event_id ORDER BY filename, file_row_number) AS nth
+                FROM backlog WHERE event_id IN (SELECT event_id FROM repeated_ids))
+            WHERE nth > 1"""
+        if logged:
+            query += (" UNION SELECT filename, file_row_number FROM backlog WHERE event_id IN "
+                      f"(SELECT CAST(event_id AS VARCHAR) FROM read_parquet({_sql_list(logged)}))")
+        rows = connection.sql(query).to_arrow_table()
+        connection.close()
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+    if not rows.num_rows:
+        return {}
+    frame = pd.DataFrame({"file": rows.column("filename").to_numpy(zero_copy_only=False),
+                          "row": rows.column("file_row_number").to_numpy()})
+    return {file: group.to_numpy(dtype=np.int64) for file, group in frame.groupby("file")["row"]}
+
+
+def _sql_list(paths: list[Path]) -> str:
+    return "[" + ", ".join("'" + str(path).replace("'", "''") + "'" for path in paths) + "]"
 
 
 def _remove_orphans(directory: Path, manifest: dict) -> int:

@@ -347,17 +347,23 @@ def test_a_learner_window_read_during_another_compaction_has_the_features_of_its
 
 def test_a_backlog_is_appended_a_group_at_a_time(broker, movielens_past, ml100k_tables, monkeypatch):
     """Batch files of more events than one group holds become several committed parts (memory is set
-    by the group, not by the backlog), with every event once and the examples of the whole data set."""
+    by the group, not by the backlog), with every event once and the examples of the whole data set:
+    an event the log held before (re-sent later, in another group) and one an earlier group of the
+    backlog holds are dropped alike."""
     from features import event_log
 
     store, directory, past, future = movielens_past
     schema = ml100k_tables.schema
     events = schema_events(future, schema)
-    stream(broker, store, directory, events + events[:30], max_batch=40)  # 30 re-sent, in later files
+    stream(broker, store, directory, events[:100], max_batch=40)
+    assert compact_event_log(directory).new_events == 100
+    # 30 of the log's and 30 of the backlog's own re-sent, in later files
+    stream(broker, store, directory, events[100:] + events[:30] + events[100:130], max_batch=40)
     monkeypatch.setattr(event_log, "GROUP_EVENTS", 200)
+    monkeypatch.setattr(event_log, "MERGE_FANIN", 1 << 30)  # each group's part stays: counted below
     report = compact_event_log(directory)
-    assert report.new_events == len(events) and report.duplicates == 30
-    assert len(read_manifest(directory)["parts"]) >= len(events) // 200
+    assert report.new_events == len(events) - 100 and report.duplicates == 60
+    assert len(read_manifest(directory)["parts"]) >= 1 + (len(events) - 100) // 200
     assert len(read_event_log(directory)) == len(events)
     whole = build_examples(ml100k_tables.with_interactions(pd.concat([past, future])).joined(), schema)
     assert_same_examples(examples_from_store(store, directory), whole, ML_HISTORY)
