@@ -114,6 +114,10 @@ class TrainConfig:
     batch_size: int = 256  # global batch; each rank takes batch_size / world_size
     dense_lr: float = 1e-3
     embedding_lr: float = 0.05
+    # the row-wise Adagrad rate of the sequence's attention table (dare) or coupled table; None:
+    # embedding_lr. That table learns only through the softmax over the kept behaviours, whose
+    # gradients are small while the scores are flat (bench/dare_diagnostics.py)
+    attention_lr: float | None = None
     weight_decay: float = 0.0
     seed: int = 0
     out_dir: str = "runs/ml100k"
@@ -185,6 +189,10 @@ class RunConfig:
         if self.data.valid_fraction + self.data.test_fraction >= 1:
             raise ConfigError("data.valid_fraction + data.test_fraction leave no training rows; lower them")
         seq = self.sequence
+        if self.train.attention_lr is not None and (seq.mode not in ("dare", "coupled")
+                                                    or not self.train.attention_lr > 0):
+            raise ConfigError(f"train.attention_lr = {self.train.attention_lr!r}: a rate > 0 for the attention "
+                              "table of sequence.mode dare or coupled (leave it unset otherwise)")
         if seq.mode not in SEQUENCE_MODES:
             raise ConfigError(f"sequence.mode = {seq.mode!r}: choose one of {', '.join(SEQUENCE_MODES)}")
         if seq.mode != "none":

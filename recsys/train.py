@@ -202,6 +202,31 @@ def initialize_tables(model: DistributedModelParallel, seed: int) -> None:
                     tensor[lo - row0:hi - row0].copy_(chunk[lo - first:hi - first, col0:col0 + cols])
 
 
+def set_table_learning_rate(fused_optimizer, table: str, learning_rate: float) -> None:
+    """Set the rate of ``table``'s fused optimizer. TorchRec keeps one per table group (a table of
+    its own module, like the sequence's attention table, is a group alone); the kernel takes the
+    rate at the forward pass from a tensor that the optimizer's zero_grad and step copy
+    ``param_groups[0]["lr"]`` into, so it is copied here too: else the first step used the old rate."""
+    found = []
+
+    def walk(optimizer) -> None:
+        if hasattr(optimizer, "optimizers"):  # a CombinedOptimizer: (name, optimizer) pairs
+            for _, inner in optimizer.optimizers:
+                walk(inner)
+        elif any(name.endswith(f"embedding_bags.{table}.weight") for name in getattr(optimizer, "params", {})):
+            found.append(optimizer)
+
+    walk(fused_optimizer)
+    if not found:
+        raise ConfigError(f"no fused optimizer holds the table {table!r}")
+    for optimizer in found:
+        if len(optimizer.params) != 1:
+            raise ConfigError(f"the table {table!r} shares its fused optimizer with {sorted(optimizer.params)}")
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        optimizer.zero_grad()  # no gradients yet: only the copy of the rate into the kernel
+
+
 def _torchrec_call(method):
     """Run a Trainer method with TorchRec's known-harmless warnings silenced (recsys/known_warnings.py)."""
     @functools.wraps(method)
@@ -269,6 +294,9 @@ class Trainer:
             lambda params: torch.optim.Adam(params, lr=config.train.dense_lr,
                                             weight_decay=config.train.weight_decay))
         self.optimizer = CombinedOptimizer([self.model.fused_optimizer, self.dense_optimizer])
+        if config.train.attention_lr is not None:
+            set_table_learning_rate(self.model.fused_optimizer, {"dare": "attention", "coupled": "coupled"}[
+                config.sequence.mode], config.train.attention_lr)
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
         self.epoch = 0
         self.step_in_epoch = 0

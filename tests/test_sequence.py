@@ -321,3 +321,42 @@ def test_a_dare_training_step_updates_only_the_rows_of_targets_and_kept_behaviou
     trainer.train_step(batch)
     changed = set((attention_weight() != before).any(dim=1).nonzero().flatten().tolist())
     assert changed and changed <= read
+
+
+@pytest.mark.parametrize("mode,table", [("dare", "attention"), ("coupled", "coupled")])
+def test_attention_lr_sets_the_rate_of_the_attention_table_alone(small_examples, tmp_path, mode, table):
+    """train.attention_lr reaches the fused kernel of the attention (or coupled) table and no other:
+    row-wise Adagrad's first step is lr * g / sqrt(mean(g^2) + eps), so from the same weights and
+    batch, 10x the rate moves that table's rows 10x as far, and the unified table's the same."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    from recsys.train import Trainer
+    from tests.conftest import small_config
+
+    def first_step(attention_lr):
+        config = small_config()
+        config.sequence.mode, config.sequence.top_k, config.data.max_history = mode, 2, 30
+        config.train.attention_lr = attention_lr
+        trainer = Trainer(config.validate(), examples=small_examples, out_dir=tmp_path / str(attention_lr))
+        batch = make_batch(trainer.train_examples, np.arange(200, 232), trainer.batch_features,
+                           trainer.history_length)
+
+        def weights():
+            state = trainer.model.state_dict()
+            return {key: (value.local_shards()[0].tensor if isinstance(value, ShardedTensor) else value).clone()
+                    for key, value in state.items() if key.endswith(f"embedding_bags.{table}.weight")
+                    or key.endswith("embedding_bags.unified.weight")}
+
+        before = weights()
+        trainer.train_step(batch)
+        return {key.split(".")[-2]: value - before[key] for key, value in weights().items()}
+
+    default, faster = first_step(None), first_step(10 * small_config().train.embedding_lr)
+    assert default[table].abs().max() > 0
+    torch.testing.assert_close(faster[table], 10 * default[table], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(faster["unified"], default["unified"], rtol=0, atol=0)
+
+
+def test_attention_lr_is_refused_without_an_attention_table():
+    with pytest.raises(ConfigError, match="train.attention_lr = 0.5: a rate > 0 for the attention table"):
+        load_config(None, {"sequence.mode": "mean", "train.attention_lr": 0.5})
