@@ -42,7 +42,7 @@ import torch
 from common import machine, now, write_json
 
 from features.synthetic import relevant_positions  # noqa: E402
-from recsys.cli import configure_logging  # noqa: E402
+from recsys.logs import configure_logging  # noqa: E402
 from recsys.config import load_config  # noqa: E402
 from recsys.data.batching import HISTORY_ITEMS, iterate_batches  # noqa: E402
 from recsys.data.dataset import load_dataset  # noqa: E402

@@ -25,7 +25,7 @@ from features.publish import publish_item_embeddings  # noqa: E402
 from features.redis_server import local_redis_server  # noqa: E402
 from features.store import open_store  # noqa: E402
 from features.training import examples_from_store  # noqa: E402
-from recsys.cli import configure_logging  # noqa: E402
+from recsys.logs import configure_logging  # noqa: E402
 from features.movielens import movielens_schema, movielens_tables  # noqa: E402
 
 

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from common import machine, now, summarise, write_json
 
-from recsys.cli import configure_logging  # noqa: E402
+from recsys.logs import configure_logging  # noqa: E402
 from recsys.config import load_config  # noqa: E402
 from recsys.continual import ContinualLearner, time_windows  # noqa: E402
 from recsys.data.dataset import load_dataset  # noqa: E402
@@ -509,7 +509,7 @@ def freshness(args) -> None:
     from features.training import examples_from_store
     from features.examples import SplitRule
     from features.schema import DatasetSchema
-    from features.tables import read_tables
+    from features.datasets import read_tables
     from recsys.item_embeddings import publish_model_embeddings
     from recsys.learn import LearnConfig
     from recsys.quickstart import (

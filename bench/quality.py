@@ -24,7 +24,7 @@ import time
 import torch
 from common import cell, machine, now, summarise, write_json
 
-from recsys.cli import configure_logging  # noqa: E402
+from recsys.logs import configure_logging  # noqa: E402
 from recsys.config import load_config  # noqa: E402
 from recsys.data.dataset import load_dataset  # noqa: E402
 from recsys.train import Trainer  # noqa: E402

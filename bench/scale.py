@@ -726,7 +726,7 @@ def stage_seconds_estimate(stage: dict) -> float:
 def stage_examples(args: argparse.Namespace) -> None:
     from features.store import open_store
     from features.training import examples_from_store
-    from recsys.cli import configure_logging
+    from recsys.logs import configure_logging
 
     configure_logging()
     started = time.perf_counter()
@@ -839,7 +839,7 @@ def stage_train(args: argparse.Namespace) -> None:
     """The train and train_memory stages: a config's Trainer, its epoch bounded by --train-seconds."""
     import torch.distributed as dist
 
-    from recsys.cli import configure_logging
+    from recsys.logs import configure_logging
     from recsys.config import load_config
 
     configure_logging()
@@ -850,10 +850,10 @@ def stage_train(args: argparse.Namespace) -> None:
 
 
 def stage_direct(args: argparse.Namespace) -> None:
-    from recsys.cli import configure_logging
+    from recsys.logs import configure_logging
     from features.examples import SplitRule, build_examples
     from features.schema import DatasetSchema
-    from features.tables import read_tables
+    from features.datasets import read_tables
 
     configure_logging()
     started = time.perf_counter()
@@ -869,7 +869,7 @@ def stage_learn(args: argparse.Namespace) -> None:
     changed embeddings published), starting at ``--offsets``: the 1% events count as learned."""
     import torch
 
-    from recsys.cli import configure_logging
+    from recsys.logs import configure_logging
     from recsys.learn import LearnConfig, StreamLearner
 
     configure_logging()

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from common import machine, now, write_json
 
-from recsys.cli import configure_logging  # noqa: E402
+from recsys.logs import configure_logging  # noqa: E402
 from recsys.sequence import ItemSpace, search_space  # noqa: E402
 from recsys.train import init_distributed, sharding_plan  # noqa: E402
 

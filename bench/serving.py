@@ -42,7 +42,7 @@ from features.store import open_store  # noqa: E402
 from recsys.config import load_config, resolve_path  # noqa: E402
 from features.examples import labels_of  # noqa: E402
 from features.schema import DatasetSchema, value_text  # noqa: E402
-from features.tables import read_tables  # noqa: E402
+from features.datasets import read_tables  # noqa: E402
 
 HISTORY = 200  # what the store keeps per user
 USERS = 100  # the users with the most behaviours are the callers

@@ -45,7 +45,7 @@ def measure(variant: str, rows: int, batch_size: int, steps: int, warmup: int) -
     import torch
     from torch import nn
 
-    from recsys.cli import configure_logging
+    from recsys.logs import configure_logging
     from recsys.config import load_config
     from recsys.data.batching import make_batch
     from features.examples import TRAIN

@@ -280,7 +280,7 @@ def schema_events(frame, schema) -> list[UserEvent]:
 def replay_events(schema, after_fraction: float = 0.0, limit: int | None = None) -> list[UserEvent]:
     """A data set's interactions as events in time order; ``after_fraction`` skips the earliest share
     (e.g. 0.8: replay the last 20%, the part a model trained on the rest has not seen)."""
-    from features.tables import read_tables
+    from features.datasets import read_tables
 
     frame = read_tables(schema).interactions.sort_values(schema.timestamp, kind="stable")
     frame = frame.iloc[int(len(frame) * after_fraction):]

@@ -1,6 +1,6 @@
 """A data set's files, as its schema describes them: interactions, and user and item tables.
 
-    tables = read_tables(schema)      # or DatasetTables(schema, interactions, users, items)
+    tables = read_tables(schema)      # features/datasets.py; or DatasetTables(schema, interactions, users, items)
     frame = tables.joined()           # one row per interaction, profiles joined on by id
 
 The interactions keep the schema's column names. ``users`` and ``items`` hold one
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from features.errors import ConfigError
 from features.schema import DataError, DatasetSchema, FeatureGroup
 
 
@@ -100,27 +99,6 @@ def profile_table(schema: DatasetSchema, group: FeatureGroup, key: str, interact
                             "interactions")
         table = table.merge(interactions[[key, category]].drop_duplicates(key, keep="last"), on=key, how="outer")
     return table.reset_index(drop=True)
-
-
-def read_tables(schema: DatasetSchema, generator_overrides: dict | None = None) -> DatasetTables:
-    """Every table of a data set, checked against its schema."""
-    if schema.format == "grouplens":
-        from features.movielens import movielens_tables
-
-        return movielens_tables(schema)
-    if schema.format == "synthetic":
-        from features.synthetic import SyntheticConfig, generate
-
-        params = {**schema.generator, **(generator_overrides or {})}
-        try:
-            config = SyntheticConfig(**params)
-        except TypeError as exc:
-            raise ConfigError(f"schema generator / data.synthetic: {exc}; see features/synthetic.py") from None
-        frame, _ = generate(config)
-        return tables_from_frame(frame, schema)
-    paths = [schema.path] if isinstance(schema.path, str) else list(schema.path)
-    interactions = read_table(paths, "interactions")
-    return tables_from_frame(interactions, schema, where=f"the interactions ({', '.join(paths)})")
 
 
 def tables_from_frame(interactions: pd.DataFrame, schema: DatasetSchema,

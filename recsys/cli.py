@@ -5,19 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 
-
-def configure_logging(verbose: bool = False) -> None:
-    """plexrec's INFO lines; TorchRec's, fbgemm's and torch's chatter only with --verbose."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, force=True,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("plexrec").setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not verbose:
-        for noisy in ("torchrec", "torch.distributed", "torch.fx", "kafka"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
+from recsys.logs import configure_logging
 
 
 # jobs with their own parsers, dispatched before anything imports torch (ingest, replay and score never do)
@@ -213,7 +202,7 @@ def load_features(args: argparse.Namespace) -> None:
     from features.errors import ConfigError
     from recsys.config import load_config, resolve_path
     from features.schema import DataError, DatasetSchema
-    from features.tables import read_tables
+    from features.datasets import read_tables
 
     log = logging.getLogger("plexrec.features")
     try:

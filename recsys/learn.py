@@ -66,6 +66,7 @@ from recsys.export import (
     read_manifest,
     version_directories,
 )
+from recsys.logs import configure_logging
 
 log = logging.getLogger("plexrec.learn")
 
@@ -390,8 +391,6 @@ def add_learn_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from features.store import StoreError
-    from recsys.cli import configure_logging
-
     parser = argparse.ArgumentParser(prog="plexrec learn", description=__doc__.splitlines()[0])
     add_learn_arguments(parser)
     args = parser.parse_args(argv)

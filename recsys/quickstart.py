@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from recsys.config import PROJECT_ROOT
+from recsys.logs import configure_logging
 
 log = logging.getLogger("plexrec.quickstart")
 
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
     from features.errors import ConfigError
     from recsys.config import resolve_path
     from features.schema import DataError, DatasetSchema
-    from features.tables import read_tables
+    from features.datasets import read_tables
     from recsys.item_embeddings import publish_model_embeddings
     from recsys.train import Trainer
     from serving.client import ScoringClient
@@ -447,8 +448,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0 < args.replay_fraction < 1:
         parser.error("--replay-fraction must be between 0 and 1")
-    from recsys.cli import configure_logging
-
     configure_logging()
     args.data_dir = args.data_dir or os.environ.get("PLEXREC_DATA_DIR")
 

@@ -56,6 +56,7 @@ from recsys.export import export_model, model_fingerprint
 from recsys.known_warnings import torchrec_calls
 from recsys.metrics import ranking_metrics
 from recsys.model import Ranker, build_ranker
+from recsys.logs import configure_logging
 
 log = logging.getLogger("plexrec.train")
 
@@ -685,8 +686,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m recsys.train", description=__doc__.splitlines()[0])
     add_train_arguments(parser)
     args = parser.parse_args(argv)
-    from recsys.cli import configure_logging
-
     configure_logging(args.verbose)
     run_training(args)
     dist.destroy_process_group()

@@ -9,7 +9,7 @@ from recsys.config import PROJECT_ROOT, FeatureConfig, RunConfig
 from features.examples import build_examples
 from features.movielens import load_movielens, movielens_schema, movielens_tables
 from features.schema import DatasetSchema
-from features.tables import read_tables
+from features.datasets import read_tables
 
 ML100K = PROJECT_ROOT / "data" / "ml-100k"
 KUAIRAND_SCHEMA = PROJECT_ROOT / "data" / "kuairand-pure" / "schema.yaml"

@@ -8,7 +8,7 @@ from recsys.data.batching import iterate_batches, make_batch
 from features.examples import TEST, TRAIN, VALID, SplitRule, build_examples, take_jagged
 from recsys.data.dataset import load_dataset
 from features.schema import DataError, DatasetSchema
-from features.tables import read_tables
+from features.datasets import read_tables
 from features.ids import string_to_id
 
 

@@ -9,7 +9,8 @@ from features.store import StoreError, open_store, read_store_meta
 from features.training import examples_from_store
 from features.examples import CONTEXT, SplitRule, build_examples
 from features.schema import DataError, DatasetSchema
-from features.tables import read_tables, tables_from_frame
+from features.tables import tables_from_frame
+from features.datasets import read_tables
 
 from .conftest import SYNTHETIC_SCHEMA
 

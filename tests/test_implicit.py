@@ -198,7 +198,7 @@ def test_context_rows_get_no_negatives_and_splits_keep_a_negative_with_its_posit
 def implicit_store(tmp_path_factory):
     from features.load import load_into_store
     from features.store import open_store
-    from features.tables import read_tables
+    from features.datasets import read_tables
 
     schema = DatasetSchema.from_yaml(IMPLICIT_SCHEMA)
     tables = read_tables(schema)
@@ -272,7 +272,7 @@ def test_spark_refuses_an_implicit_schema_by_name(implicit_store, tmp_path):
 
 
 def test_a_model_trained_on_sampled_negatives_ranks_positives_above_them(tmp_path):
-    from features.tables import read_tables
+    from features.datasets import read_tables
     from recsys.train import Trainer
     from tests.conftest import small_config
 

@@ -20,7 +20,7 @@ from features.load import load_into_store
 from features.online import OnlineFeatures
 from features.schema import DatasetSchema
 from features.store import open_store
-from features.tables import read_tables
+from features.datasets import read_tables
 from serving.client import ScoringClient
 from serving.server import ServeConfig, serving_in_background
 

@@ -14,7 +14,8 @@ from recsys.config import FeatureConfig, RunConfig
 from recsys.data.batching import model_inputs
 from features.examples import DERIVED_DENSE, build_examples
 from features.schema import CATEGORY_FEATURE, DatasetSchema, first_value
-from features.tables import DatasetTables, read_tables
+from features.tables import DatasetTables
+from features.datasets import read_tables
 from recsys.model import build_ranker
 from serving.inputs import InputBuilder, model_batch
 from serving.item_vectors import ItemVectorCache

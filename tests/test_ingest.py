@@ -29,7 +29,8 @@ from protos.plexrec.v1.events_pb2 import EventType, UserEvent
 from recsys.config import PROJECT_ROOT
 from features.movielens import movielens_schema, movielens_tables
 from features.schema import DatasetSchema
-from features.tables import DatasetTables, read_tables
+from features.tables import DatasetTables
+from features.datasets import read_tables
 
 RATING, IMPRESSION, CLICK = EventType.EVENT_TYPE_RATING, EventType.EVENT_TYPE_IMPRESSION, EventType.EVENT_TYPE_CLICK
 KUAIRAND_SCHEMA = PROJECT_ROOT / "data" / "kuairand-pure" / "schema.yaml"

@@ -70,3 +70,62 @@ def test_the_check_sees_deferred_and_relative_imports():
     assert sorted(imported_modules(source, "features")) == [
         (1, "os"), (4, "recsys.data"), (5, "serving.client"), (7, "features.store"), (8, "features"),
         (8, "features.online"), (9, "recsys.x")]
+
+
+PACKAGES = ("features", "recsys", "serving")
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Each project module (dotted name) -> the project modules it imports, at any depth of its
+    source: ``from a.b import c`` names a.b, and a.b.c too where c is a module."""
+    paths = {".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): path
+             for package in PACKAGES for path in (ROOT / package).rglob("*.py")}
+    graph = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name] = {module for _, module in imported_modules(path.read_text(), package)
+                       if module in paths and module != name}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    """Not directly, not through others, not by an import deferred into a function."""
+    found = circles(module_graph())
+    assert not found, "import circles:\n" + "\n".join(" <-> ".join(circle) for circle in found)
+
+
+def test_the_circle_check_finds_a_circle_through_three_modules():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert circles(graph) == [["a", "b", "c"]]
+    assert circles({**graph, "c": set()}) == []

@@ -7,7 +7,7 @@ from features.example_sql import EngineSettings
 from features.examples import Examples, SplitRule, build_examples
 from features.schema import DataError, DatasetSchema
 from features.store import stored_schema
-from features.tables import read_tables
+from features.datasets import read_tables
 from features.training import examples_from_store
 from recsys.config import resolve_path
 
