@@ -6,8 +6,8 @@ Memory storage only: topics and offsets vanish when it stops, which is what test
 and the quickstart want. Anything here talks plain Kafka, so the ingester and the
 producer run unchanged against any Kafka cluster (``--bootstrap-servers``).
 
-tansu 0.6.0 serves neither TLS nor usable SASL: ``embedded_broker(users=..., tls=...)`` puts a
-front of ours before it (features/secure_front.py), for tests of the clients' security flags.
+tansu 0.6.0 serves neither TLS nor usable SASL: the tests of the clients' security flags put a
+front of their own before it (tests/support/secure_front.py), on ``tansu(advertised_port=...)``.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from features.secure_front import FrontError, SecureFront, server_tls_context, wait_until_api_versions
 
 log = logging.getLogger("plexrec.broker")
 
@@ -66,45 +65,18 @@ def wait_until_answers(bootstrap: str, timeout_seconds: float) -> None:
 
 
 @contextmanager
-def embedded_broker(port: int | None = None, timeout_seconds: float = 20.0, *,
-                    users: Mapping[str, str] | None = None,
-                    tls: tuple[str | Path, str | Path] | None = None,
-                    tls_client_ca: str | Path | None = None) -> Iterator[str]:
-    """Start tansu on 127.0.0.1 (a free port unless given), yield its bootstrap address, stop it.
-
-    ``users`` ({name: password}): clients must log in with SASL (PLAIN, SCRAM-SHA-256 or
-    SCRAM-SHA-512) as one of them. ``tls`` (certificate chain PEM, private key PEM): the
-    listener speaks TLS; ``tls_client_ca`` also requires a client certificate signed by that
-    CA (mutual TLS). Either puts a ``SecureFront`` on ``port`` before a plaintext tansu on a
-    private port (see the module's docstring for why).
-    """
-    if users is None and tls is None and tls_client_ca is None:
-        with _tansu(port or free_port(), None, timeout_seconds) as bootstrap:
-            yield bootstrap
-        return
-    if tls is None and tls_client_ca is not None:
-        raise BrokerError("tls_client_ca needs tls=(certificate, key) too")
-    if users is not None and (not users or not all(name and password for name, password in users.items())):
-        raise BrokerError("users: give at least one user, each with a non-empty name and password")
-    try:
-        context = server_tls_context(*tls, client_ca=tls_client_ca) if tls else None
-        front = SecureFront(port or free_port(), users, context)
-    except FrontError as exc:
-        raise BrokerError(str(exc)) from None
-    try:
-        upstream_port = free_port()
-        with _tansu(upstream_port, front.port, timeout_seconds):
-            front.start(upstream_port)
-            bootstrap = f"127.0.0.1:{front.port}"
-            log.info("secured front on %s (%s)", bootstrap, front.describe())
-            yield bootstrap
-    finally:
-        front.close()
+def embedded_broker(port: int | None = None, timeout_seconds: float = 20.0) -> Iterator[str]:
+    """Start tansu on 127.0.0.1 (a free port unless given), yield its bootstrap address, stop it."""
+    with tansu(port or free_port(), timeout_seconds=timeout_seconds) as bootstrap:
+        yield bootstrap
 
 
 @contextmanager
-def _tansu(port: int, advertised_port: int | None, timeout_seconds: float) -> Iterator[str]:
-    """tansu on ``port``, telling clients (in metadata) to come back on ``advertised_port``."""
+def tansu(port: int, advertised_port: int | None = None, timeout_seconds: float = 20.0,
+          ready: Callable[[int, float], None] | None = None) -> Iterator[str]:
+    """tansu on ``port``, telling clients (in metadata) to come back on ``advertised_port`` (a front
+    before it); ``ready(port, timeout_seconds)`` waits until it answers (default: a Kafka client's
+    metadata request, which follows the advertised address)."""
     url = f"tcp://127.0.0.1:{port}"
     advertised = f"tcp://127.0.0.1:{advertised_port}" if advertised_port else url
     process = subprocess.Popen(
@@ -114,11 +86,11 @@ def _tansu(port: int, advertised_port: int | None, timeout_seconds: float) -> It
     bootstrap = f"127.0.0.1:{port}"
     try:
         try:
-            if advertised_port:  # a client would follow the metadata to the front: ask without one
-                wait_until_api_versions(port, timeout_seconds)
-            else:
+            if ready is None:
                 wait_until_answers(bootstrap, timeout_seconds)
-        except (BrokerError, FrontError):
+            else:
+                ready(port, timeout_seconds)
+        except Exception:
             if process.poll() is not None:
                 raise BrokerError(f"tansu exited with {process.returncode}: "
                                   f"{process.stderr.read().decode(errors='replace')[-500:]}") from None

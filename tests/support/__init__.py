@@ -1,0 +1,1 @@
+"""Code the tests run beside plexrec that plexrec itself does not ship."""
