@@ -11,9 +11,16 @@ Both come from the modules' own hash and tables, so they are the vectors the mod
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
+from features.event_log import item_profiles
+from features.examples import category_id
+from features.publish import PublishedEmbeddings, publish_item_embeddings
+from features.store import StoreError
+from recsys.export import MANIFEST_FILE, latest_model_dir, load_model
 from recsys.model import Ranker
 from recsys.sequence import REPRESENTATION_FEATURES, TARGET_CATEGORY, TARGET_ITEM
 
@@ -39,12 +46,6 @@ def catalogue_embeddings(model: Ranker, directory) -> tuple[np.ndarray, np.ndarr
     """(item ids, representation, attention) of every item of the store in ``directory`` (its offline
     item profile as it stands: the loaded catalogue with the item attributes the stream carried since,
     each item's newest category; features/event_log.py ``item_profiles``), from ``model``."""
-    from pathlib import Path
-
-    from features.event_log import item_profiles
-    from features.examples import category_id
-    from features.store import StoreError
-
     items_path = Path(directory) / "offline" / "item_profile.parquet"
     if not items_path.exists():
         raise StoreError(f"{items_path} is missing: run `plexrec features load` first")
@@ -54,19 +55,18 @@ def catalogue_embeddings(model: Ranker, directory) -> tuple[np.ndarray, np.ndarr
     return ids, representation, attention
 
 
-def publish_model_embeddings(model_dir, store, directory) -> tuple[int, str]:
+def publish_model_embeddings(model_dir, store, directory, state: PublishedEmbeddings | None = None
+                             ) -> tuple[int, str]:
     """Every catalogue item's embeddings of an exported model (a version directory, or a models/
     root: its newest) into the store's online and offline item_embeddings, where they differ from
-    the published ones (features/publish.py); (rows written, model version)."""
-    from pathlib import Path
-
-    from features.publish import publish_item_embeddings
-    from recsys.export import MANIFEST_FILE, latest_model_dir, load_model
-
+    the published ones (features/publish.py compares; with shared (hashed) rows any item may change,
+    so all are compared); (rows written, model version). ``state``: the published vectors as a
+    long-lived publisher (the learner) keeps them between calls."""
     model_dir = Path(model_dir)
     if not (model_dir / MANIFEST_FILE).exists():
         model_dir = latest_model_dir(model_dir)
     model, manifest = load_model(model_dir)
     ids, representation, attention = catalogue_embeddings(model, directory)
-    rows = publish_item_embeddings(store, ids, representation, attention, manifest["model_version"], directory)
+    rows = publish_item_embeddings(store, ids, representation, attention, manifest["model_version"], directory,
+                                   state=state)
     return rows, manifest["model_version"]

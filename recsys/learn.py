@@ -42,11 +42,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from features.durable import HeldByAnother, hold_exclusive
 from features.event_log import (
@@ -56,8 +59,9 @@ from features.event_log import (
     last_offsets,
     read_event_log,
 )
-from features.publish import PublishedEmbeddings
-from features.store import data_dir, open_store, read_store_meta, stored_schema
+from features.publish import PublishedEmbeddings, prune_item_embeddings
+from features.store import StoreError, data_dir, open_store, read_store_meta, stored_schema
+from features.training import examples_from_store
 from recsys.config import RunConfig
 from recsys.continual import CONTINUAL_DIR, EXPORT_STAGING, ContinualLearner, checkpoint_of
 from recsys.export import (
@@ -66,6 +70,7 @@ from recsys.export import (
     read_manifest,
     version_directories,
 )
+from recsys.item_embeddings import publish_model_embeddings
 from recsys.logs import configure_logging
 
 log = logging.getLogger("plexrec.learn")
@@ -265,8 +270,6 @@ class StreamLearner:
             self.offsets = self._first_offsets()
         rows, reached = events_after(self.directory, self.offsets)
         if len(rows):
-            from features.training import examples_from_store
-
             examples = examples_from_store(self.store, self.directory, compact=False, events=rows)
             learner = self._learner(examples)
             started = time.perf_counter()
@@ -314,10 +317,6 @@ class StreamLearner:
         would fill the disk, and serving lists them all), and so do only their published item
         embeddings' files (features/publish.py: rows still some item's newest are carried over); a
         training run's exports are never removed."""
-        import shutil
-
-        from features.publish import prune_item_embeddings
-
         versions, _ = version_directories(self.models)
         learned = [v for v in versions if "continual" in (read_manifest(v).get("metrics") or {})]
         removed = learned[:-self.config.keep_versions]
@@ -328,16 +327,8 @@ class StreamLearner:
 
     def _publish(self, version: Path) -> int:
         """The catalogue's items whose vectors differ from the store's published ones, tagged with
-        ``version`` (features/publish.py compares; with shared (hashed) rows any item may change, so all
-        are compared); how many were written."""
-        from features.publish import publish_item_embeddings
-        from recsys.export import load_model
-        from recsys.item_embeddings import catalogue_embeddings
-
-        model, manifest = load_model(version)
-        ids, representation, attention = catalogue_embeddings(model, self.directory)
-        return publish_item_embeddings(self.store, ids, representation, attention, manifest["model_version"],
-                                       self.directory, state=self._published)
+        ``version``; how many were written."""
+        return publish_model_embeddings(version, self.store, self.directory, state=self._published)[0]
 
     # --- the loop ---
 
@@ -390,13 +381,10 @@ def add_learn_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from features.store import StoreError
     parser = argparse.ArgumentParser(prog="plexrec learn", description=__doc__.splitlines()[0])
     add_learn_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
-    import torch
-
     torch.set_num_threads(args.torch_threads)
     config = LearnConfig(model_dir=args.model_dir, data_dir=args.data_dir, profile=args.profile,
                          redis_url=args.redis_url, export_seconds=args.export_seconds,
