@@ -23,13 +23,12 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from features.schema import MAX_CONTEXT_ENTRIES, MAX_CONTEXT_TEXT, first_value, value_text
 from protos.plexrec.v1.events_pb2 import EventType, UserEvent
 
 DEFAULT_TOPIC = "user-events"
 DEAD_LETTER_SUFFIX = ".dead-letter"
 MAX_ID_LENGTH = 128
-MAX_CONTEXT_ENTRIES = 32
-MAX_CONTEXT_TEXT = 256
 MAX_ITEM_ATTRIBUTES = 64
 MAX_ATTRIBUTE_TEXT = 4096  # a multi-valued attribute (tags, genres) can be long
 MAX_FUTURE_MS = 24 * 3600 * 1000  # event times more than a day ahead are a client's clock gone wrong
@@ -155,8 +154,6 @@ NOT_CARRIED = object()  # an event without the category attribute leaves item_ca
 def item_category_of(event: UserEvent, schema):
     """item_category as the loader writes it (its first value, as text) if the event carries the
     category attribute; else NOT_CARRIED."""
-    from features.schema import first_value
-
     if not schema.category or schema.category not in event.item_attributes:
         return NOT_CARRIED
     separator = None
@@ -260,8 +257,6 @@ def schema_events(frame, schema) -> list[UserEvent]:
     events with the rating as value (rating schemas) or IMPRESSION events with the 0/1 label (label
     schemas), the context columns as text. The event id names the row, so a replay of the same row
     is a duplicate."""
-    from features.schema import value_text
-
     to_ms = 1000 // schema.units_per_second
     users, items = frame[schema.user].tolist(), frame[schema.item].tolist()
     times = frame[schema.timestamp].tolist()

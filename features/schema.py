@@ -66,6 +66,10 @@ class DataError(ValueError):
 FORMATS = ("table", "grouplens", "synthetic")
 TIMESTAMP_UNITS = {"s": 1, "ms": 1000}  # units per second
 HISTORY_RULES = ("all", "positive")
+# the context of an event (features/events.py) and of a scoring request (serving/server.py): at most
+# this many entries, each key and value at most this long
+MAX_CONTEXT_ENTRIES = 32
+MAX_CONTEXT_TEXT = 256
 # feature names plexrec gives to the id and category columns, and names its views use
 ID_FEATURES = ("user_id", "item_id")
 CATEGORY_FEATURE = "item_category"

@@ -48,7 +48,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from features.events import MAX_CONTEXT_ENTRIES, MAX_CONTEXT_TEXT  # one limit for events and requests
+from features.schema import MAX_CONTEXT_ENTRIES, MAX_CONTEXT_TEXT  # one limit for events and requests
 from features.online import DEFAULT_MAX_CACHED_BYTES, DEFAULT_MAX_CACHED_ITEMS, OnlineFeatures
 from protos.plexrec.v1 import scoring_pb2, scoring_pb2_grpc
 from serving.auth import TokenError, is_loopback, read_token

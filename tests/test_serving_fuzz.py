@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from features.events import MAX_CONTEXT_ENTRIES, MAX_CONTEXT_TEXT
+from features.schema import MAX_CONTEXT_ENTRIES, MAX_CONTEXT_TEXT
 from features.store import open_store
 from protos.plexrec.v1 import scoring_pb2
 from serving.client import ScoringClient
