@@ -512,7 +512,7 @@ def freshness(args) -> None:
     from features.datasets import read_tables
     from recsys.item_embeddings import publish_model_embeddings
     from recsys.learn import LearnConfig
-    from recsys.quickstart import (
+    from plexrec.quickstart import (
         MOVIELENS_SCHEMA,
         request_context,
         run_config_for,

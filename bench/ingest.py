@@ -87,7 +87,7 @@ def log_files(directory: Path) -> list[tuple[float, int]]:
 
 def start_ingesters(count: int, bootstrap: str, topic: str, directory: Path, profile: str,
                     redis_url: str | None) -> list[subprocess.Popen]:
-    command = [sys.executable, "-m", "recsys.cli", "ingest", "--bootstrap-servers", bootstrap, "--topic", topic,
+    command = [sys.executable, "-m", "plexrec.cli", "ingest", "--bootstrap-servers", bootstrap, "--topic", topic,
                "--group", topic, "--data-dir", str(directory), "--profile", profile]
     if redis_url:
         command += ["--redis-url", redis_url]

@@ -511,7 +511,7 @@ def indent(text: str) -> str:
 
 def plexrec() -> list[str]:
     script = Path(sys.executable).parent / "plexrec"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "recsys.cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "plexrec.cli"]
 
 
 # the quickstart's model made small: an epoch over millions of rows on two cores is the data side's

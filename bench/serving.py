@@ -169,7 +169,7 @@ def in_process(model_dir: Path, store, users: list[int], catalogue: np.ndarray, 
 
 
 def train_model(config: str, out: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "recsys.cli", "train", "--config", config,
+    subprocess.run([sys.executable, "-m", "plexrec.cli", "train", "--config", config,
                     "--epochs", "1", "--out-dir", str(out)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return out / "models"
 
@@ -228,7 +228,7 @@ def main() -> None:
         load_into_store(store, tables, tmp / "store", history_length=HISTORY)
         port, metrics_port = free_port(), free_port()
         target, metrics_url = f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
-        server = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--model-dir", str(model_dir),
+        server = subprocess.Popen([sys.executable, "-m", "plexrec.cli", "serve", "--model-dir", str(model_dir),
                                    "--data-dir", str(tmp / "store"), "--port", str(port), "--metrics-port",
                                    str(metrics_port)], cwd=ROOT, stderr=(tmp / "server.log").open("w"))
         try:

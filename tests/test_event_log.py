@@ -223,7 +223,7 @@ def test_compaction_is_idempotent_and_a_kill_anywhere_loses_and_duplicates_nothi
         committed = kill_at == writes - 1
         assert bool(read_manifest(copy)["parts"]) == committed
         if kill_at == writes - 1:  # killed between the commit and deleting the batch files
-            done_cli = subprocess.run([sys.executable, "-m", "recsys.cli", "features", "compact", "--data-dir",
+            done_cli = subprocess.run([sys.executable, "-m", "plexrec.cli", "features", "compact", "--data-dir",
                                        str(copy)], check=False, capture_output=True, text=True, timeout=300,
                                       cwd=PROJECT_ROOT)
             assert done_cli.returncode == 0, done_cli.stderr[-2000:]

@@ -255,7 +255,7 @@ def _plexrec(*args: str):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "recsys.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "plexrec.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_train_from_the_store_and_publish_on_any_schema(kuairand_store, tmp_path):

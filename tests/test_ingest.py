@@ -336,7 +336,7 @@ def test_features_show_prints_what_the_store_holds_for_one_entity(broker, any_st
         "model_version": ["20260101T000000-test"], "event_timestamp": [pd.Timestamp.now(tz="UTC")]}))
 
     def show(*entity):
-        done = subprocess.run([sys.executable, "-m", "recsys.cli", "features", "show", *entity, "--data-dir",
+        done = subprocess.run([sys.executable, "-m", "plexrec.cli", "features", "show", *entity, "--data-dir",
                                str(directory), *flags], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         return json.loads(done.stdout)
@@ -399,7 +399,7 @@ def test_ingester_metrics_count_what_happened(broker, empty_store):
 
 def test_replay_publishes_movielens_in_time_order(broker):
     name = topic()
-    done = subprocess.run([sys.executable, "-m", "recsys.cli", "replay", "--bootstrap-servers", broker,
+    done = subprocess.run([sys.executable, "-m", "plexrec.cli", "replay", "--bootstrap-servers", broker,
                            "--topic", name, "--rate", "0", "--after-fraction", "0.9", "--limit", "300"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -698,7 +698,7 @@ def test_schema_events_name_their_rows_in_the_schemas_terms(kuairand_store):
 
 def test_replay_publishes_any_schemas_rows(broker):
     name = topic()
-    done = subprocess.run([sys.executable, "-m", "recsys.cli", "replay", "--bootstrap-servers", broker,
+    done = subprocess.run([sys.executable, "-m", "plexrec.cli", "replay", "--bootstrap-servers", broker,
                            "--topic", name, "--schema", str(KUAIRAND_SCHEMA), "--rate", "0",
                            "--after-fraction", "0.99", "--limit", "50"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -444,7 +444,7 @@ def small_store(tmp_path):
 
 
 def plexrec(*argv: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "recsys.cli", *argv], capture_output=True, text=True, check=False,
+    return subprocess.run([sys.executable, "-m", "plexrec.cli", *argv], capture_output=True, text=True, check=False,
                           timeout=timeout, env={**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})})
 
 

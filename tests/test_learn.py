@@ -135,7 +135,7 @@ def test_after_sigkill_the_learner_resumes_and_learns_no_event_twice(broker, tra
     events = schema_events(future, ml100k_tables.schema)
     cuts = [int(len(events) * 0.4), int(len(events) * 0.6)]
     waves = [events[:cuts[0]], events[cuts[0]:cuts[1]], events[cuts[1]:]]
-    command = [sys.executable, "-m", "recsys.cli", "learn", "--model-dir", str(models), "--data-dir",
+    command = [sys.executable, "-m", "plexrec.cli", "learn", "--model-dir", str(models), "--data-dir",
                str(store_dir), "--export-events", str(len(waves[0])), "--export-seconds", "100000",
                "--poll-seconds", "0.2"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -240,7 +240,7 @@ def test_a_rollback_holds_for_the_running_learner_and_a_restarted_one(broker, tr
 def test_a_second_learner_on_the_same_run_exits_naming_the_first(trained_on_the_past):
     store, store_dir, models, _ = trained_on_the_past
     config = LearnConfig(model_dir=str(models), data_dir=str(store_dir))
-    command = [sys.executable, "-m", "recsys.cli", "learn", "--model-dir", str(models), "--data-dir",
+    command = [sys.executable, "-m", "plexrec.cli", "learn", "--model-dir", str(models), "--data-dir",
                str(store_dir), "--poll-seconds", "0.2", "--stop-after-idle-seconds", "1"]
     first = StreamLearner(config)
     second = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -36,7 +36,7 @@ def children_of(pid: int) -> list[int]:
 
 def test_quickstart_runs_every_stage_serves_and_stops_everything_on_ctrl_c(tmp_path):
     process = subprocess.Popen(
-        [sys.executable, "-m", "recsys.cli", "quickstart", "--users", "150", "--epochs", "1", "--data-dir",
+        [sys.executable, "-m", "plexrec.cli", "quickstart", "--users", "150", "--epochs", "1", "--data-dir",
          str(tmp_path), "--no-progress", "--serve"],
         stdout=subprocess.PIPE, stderr=(tmp_path / "quickstart.log").open("w"), text=True)
     # stderr goes to a file: an undrained pipe fills up and blocks the quickstart's logging
@@ -55,7 +55,7 @@ def test_quickstart_runs_every_stage_serves_and_stops_everything_on_ctrl_c(tmp_p
     assert len(running) >= 4  # broker, ingester, server, learner
 
     # --serve keeps the server answering
-    score = subprocess.run([sys.executable, "-m", "recsys.cli", "score", "--target", target, "--user", "1",
+    score = subprocess.run([sys.executable, "-m", "plexrec.cli", "score", "--target", target, "--user", "1",
                             "--items", "1,2,3"], capture_output=True, text=True, timeout=60)
     assert score.returncode == 0, score.stderr
 
@@ -104,7 +104,7 @@ def test_quickstart_runs_the_whole_loop_on_kuairand(tmp_path):
     """Another schema through every stage: impressions, clicked-only histories, ms timestamps, the
     user and video tables, `tab` as the request context; the replay is KuaiRand's own later rows."""
     done = subprocess.run(
-        [sys.executable, "-m", "recsys.cli", "quickstart", "--schema", "data/kuairand-pure/schema.yaml",
+        [sys.executable, "-m", "plexrec.cli", "quickstart", "--schema", "data/kuairand-pure/schema.yaml",
          "--users", "2000", "--epochs", "2", "--data-dir", str(tmp_path), "--no-progress"],
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -131,7 +131,7 @@ def test_quickstart_with_a_wrong_schema_fails_at_once_naming_it(tmp_path):
     schema = tmp_path / "schema.yaml"
     schema.write_text("path: events.csv\nuser: u\nitem: i\ntimestamp: t\nlabel: click\ncontext: {categoricals: [a]}\n")
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "recsys.cli", "quickstart", "--schema", str(schema),
+    done = subprocess.run([sys.executable, "-m", "plexrec.cli", "quickstart", "--schema", str(schema),
                            "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "schema context: unknown key(s) ['categoricals']" in done.stderr

@@ -274,13 +274,13 @@ def test_metrics_count_calls_errors_and_stages(server, client):
 
 
 def test_cli_score_prints_the_scores(server, client):
-    done = subprocess.run([sys.executable, "-m", "recsys.cli", "score", "--target", f"127.0.0.1:{server.port}",
+    done = subprocess.run([sys.executable, "-m", "plexrec.cli", "score", "--target", f"127.0.0.1:{server.port}",
                            "--user", str(USER), "--items", "50,181"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     scores, _ = client.score(USER, [50, 181])
     printed = [float(line.split()[1]) for line in done.stdout.splitlines()[1:3]]
     np.testing.assert_allclose(printed, scores, atol=1e-4)
-    bad = subprocess.run([sys.executable, "-m", "recsys.cli", "score", "--target", f"127.0.0.1:{server.port}",
+    bad = subprocess.run([sys.executable, "-m", "plexrec.cli", "score", "--target", f"127.0.0.1:{server.port}",
                           "--user", "-1", "--items", "1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "INVALID_ARGUMENT: user_id" in bad.stderr
 
@@ -428,7 +428,7 @@ def test_an_empty_or_unreadable_token_file_stops_serve_saying_what_to_do(store_d
     empty = tmp_path / "token"
     empty.write_text("\n")
     # the CLI in a process of its own: the old behaviour (authentication off) served forever
-    done = subprocess.run([sys.executable, "-m", "recsys.cli", "serve", "--model-dir", str(model_root),
+    done = subprocess.run([sys.executable, "-m", "plexrec.cli", "serve", "--model-dir", str(model_root),
                            "--data-dir", str(store_dir), "--port", "0", "--token-file", str(empty)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
@@ -475,7 +475,7 @@ def test_score_tls_checks_the_server_against_the_default_roots(store_dir, model_
     cert, key = certificate
     config = ServeConfig(model_dir=str(model_root), port=0, tls_cert=str(cert), tls_key=str(key))
     with serving_in_background(config, open_store("local", store_dir)) as running:
-        command = [sys.executable, "-m", "recsys.cli", "score", "--target", f"localhost:{running.port}",
+        command = [sys.executable, "-m", "plexrec.cli", "score", "--target", f"localhost:{running.port}",
                    "--user", str(USER), "--items", "1,2", "--tls"]
         trusted = subprocess.run(command, capture_output=True, text=True, timeout=60,
                                  env={**os.environ, "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(cert)})
@@ -794,7 +794,7 @@ def test_the_context_is_a_model_input(kuairand_server, kuairand_slice, kuairand_
                                                         {"tab": other}), atol=1e-5)
     np.testing.assert_allclose(without, offline_scores(kuairand_slice, kuairand_model, user, items), atol=1e-5)
     assert [item for item, _ in ranked] == [items[i] for i in np.argsort(-np.array(on_other), kind="stable")[:3]]
-    done = subprocess.run([sys.executable, "-m", "recsys.cli", "score", "--target",
+    done = subprocess.run([sys.executable, "-m", "plexrec.cli", "score", "--target",
                            f"127.0.0.1:{kuairand_server.port}", "--user", str(user), "--items",
                            ",".join(map(str, items[:2])), "--context", f"tab={other}"],
                           capture_output=True, text=True, timeout=60)

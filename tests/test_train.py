@@ -140,7 +140,7 @@ def test_cli_stops_with_the_reason_not_a_traceback(tmp_path):
 
     path = tmp_path / "bad.yaml"
     path.write_text("features:\n  - {name: user_id, probes: 0}\n")
-    done = subprocess.run([sys.executable, "-m", "recsys.cli", "train", "--config", str(path)],
+    done = subprocess.run([sys.executable, "-m", "plexrec.cli", "train", "--config", str(path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "plexrec train: features.user_id.probes = 0: a feature needs at least 1 probe" in done.stderr

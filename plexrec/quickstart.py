@@ -62,7 +62,7 @@ def stopped_process(process: subprocess.Popen, name: str) -> None:
 def start_process(stack: ExitStack, name: str, command: list[str], log_path: Path) -> subprocess.Popen:
     """A plexrec job as a child process, logging to ``log_path``, stopped when ``stack`` closes."""
     log_file = stack.enter_context(log_path.open("w"))  # closed after the process is stopped
-    process = subprocess.Popen([sys.executable, "-m", "recsys.cli", *command], cwd=PROJECT_ROOT,
+    process = subprocess.Popen([sys.executable, "-m", "plexrec.cli", *command], cwd=PROJECT_ROOT,
                                stdout=subprocess.DEVNULL, stderr=log_file,
                                env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
     stack.callback(stopped_process, process, name)

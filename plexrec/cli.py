@@ -12,7 +12,7 @@ from recsys.logs import configure_logging
 # jobs with their own parsers, dispatched before anything imports torch (ingest, replay and score never do)
 STANDALONE_COMMANDS = {"ingest": "features.ingest:main", "replay": "features.events:replay_main",
                        "serve": "serving.server:main", "score": "serving.client:main",
-                       "quickstart": "recsys.quickstart:main", "learn": "recsys.learn:main"}
+                       "quickstart": "plexrec.quickstart:main", "learn": "recsys.learn:main"}
 
 
 def main(argv: list[str] | None = None) -> None:
