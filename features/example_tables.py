@@ -3,9 +3,9 @@
 Every label event (a loaded interaction that is not a ``context`` row, or a streamed one) is an
 example with what was known strictly before its instant:
 
-    counters   the user's and the item's behaviours with an earlier timestamp: one window
-               function per key (``RANGE BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING`` over the
-               integer timestamps), over the behaviours and the examples together
+    counters   the user's and the item's behaviours with an earlier timestamp: one running sum
+               per key over the behaviours and the examples together, ordered by time and, within
+               an instant, examples first (features/example_sql.py ``counted_examples_query``)
     history    the user's behaviours, in (time, load order), of which the example takes those
                before it: the count above is where its history ends in its user's sequence, so
                nothing is copied per example (the Examples layout of features/examples.py)
