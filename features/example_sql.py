@@ -97,6 +97,8 @@ def counted_examples_query(schema, examples_from: str, window_only: bool, sample
     Zipf-popular items its CPU grew 6x from 4M to 16M rows, this running sum's 4.6x.) With ``window_only``
     only the behaviours of the examples' users and items are read. ``sampled``: the examples have
     a ``sample`` column (0, or k + 1 for a sampled negative, which shares its positive's ordinal)."""
+    if schema.history == "all" and not window_only and not sampled:
+        return every_row_a_behaviour_counted_query(schema)
     user_filter = " AND user_id IN (SELECT user_id FROM ex)" if window_only else ""
     item_filter = " AND item_id IN (SELECT item_id FROM ex)" if window_only else ""
     before = "ORDER BY timestamp, is_ex DESC ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW"
@@ -121,6 +123,21 @@ def counted_examples_query(schema, examples_from: str, window_only: bool, sample
     FROM ex
     JOIN (SELECT * FROM user_counts WHERE is_ex = 1) AS u ON u.ordinal = ex.ordinal{key}
     JOIN (SELECT * FROM item_counts WHERE is_ex = 1) AS i ON i.ordinal = ex.ordinal{key.replace("u.", "i.")}
+    """
+
+
+def every_row_a_behaviour_counted_query(schema) -> str:
+    """``counted_examples_query`` of every example of ``rows`` when every row is a behaviour
+    (history ``all``): a row's count per key is how many of the key's rows have an earlier
+    timestamp, its RANK by time less one: one window per key over the rows, no union with the
+    examples and no join back to them (16M rows: 3.3 s against 24.8 s, 4M: 0.8 s against 5.7 s)."""
+    columns = ", ".join(quote(c) for c in interaction_columns(schema))
+    return f"""
+    SELECT {columns}, ordinal, user_interaction_count, item_interaction_count FROM (
+        SELECT *, CAST(RANK() OVER (PARTITION BY user_id ORDER BY timestamp) - 1 AS BIGINT) AS user_interaction_count,
+               CAST(RANK() OVER (PARTITION BY item_id ORDER BY timestamp) - 1 AS BIGINT) AS item_interaction_count
+        FROM rows) AS r
+    WHERE is_example = 1
     """
 
 

@@ -67,6 +67,21 @@ def test_point_in_time_examples_equal_the_direct_loader(loaded_store, ml100k_exa
     assert_same_examples(examples_from_store(store, directory), ml100k_examples, 200)
 
 
+def test_point_in_time_examples_equal_the_direct_loader_when_many_events_share_an_instant(ml100k_tables,
+                                                                                         tmp_path):
+    """ML-100K's times cut to the day (an item rated by several users within one instant, a user's
+    many ratings too): no behaviour of an example's own instant counts, on the user's side or the
+    item's."""
+    interactions = ml100k_tables.interactions
+    interactions = interactions[interactions.user_id <= 200].assign(timestamp=lambda f: f.timestamp // 86400 * 86400)
+    tables = ml100k_tables.with_interactions(interactions)
+    direct = build_examples(tables.joined(), tables.schema)
+    shared = pd.Series(direct.item_id).groupby([direct.item_id, direct.timestamp]).transform("size")
+    assert (shared > 1).sum() > 1000  # many examples share their item's instant with another
+    load_into_store(open_store("local", tmp_path), tables, tmp_path, history_length=50)
+    assert_same_examples(examples_from_store(open_store("local", tmp_path), tmp_path), direct, 50)
+
+
 def test_point_in_time_examples_equal_the_direct_loader_on_kuairand(kuairand_tables, tmp_path):
     """Impressions, ms timestamps, clicked-only histories, user and video tables, a context column."""
     interactions = kuairand_tables.interactions
