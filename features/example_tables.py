@@ -129,13 +129,18 @@ class DuckDBEngine:
             self.connection.execute(f"CREATE VIEW events AS SELECT {columns}, ordinal FROM events_frame")
 
     def with_profiles(self, counted: str) -> str:
-        """The as-of join: each example gets the newest profile rows stamped strictly before it."""
+        """The as-of join: each example gets the newest profile rows stamped strictly before it.
+        A view of one row per key (as a load writes them, and the item profile until the stream
+        carries item attributes) needs no as-of search: a hash join with the same condition finds
+        the same row without sorting both sides (16M rows: the whole build 25 s -> 13 s)."""
         unit = 1_000_000 // self.schema.units_per_second
         joins, columns = [], []
         views = [("user_profile", "user_id", self.schema.users.columns)] if self.has_users else []
         views.append(("item_profile", "item_id", [*self.schema.items.columns, "item_category"]))
         for alias, (view, key, profile_columns) in enumerate(views):
-            joins.append(f"ASOF LEFT JOIN (SELECT *, epoch_us(event_timestamp) AS at_us FROM {view}) AS p{alias} "
+            one_row_per_key = self.scalar(f"SELECT COUNT(*) = COUNT(DISTINCT {key}) FROM {view}")
+            join = "LEFT JOIN" if one_row_per_key else "ASOF LEFT JOIN"
+            joins.append(f"{join} (SELECT *, epoch_us(event_timestamp) AS at_us FROM {view}) AS p{alias} "
                          f"ON c.{key} = p{alias}.{key} AND c.at_us > p{alias}.at_us")
             columns += [f"p{alias}.{quote(column)}" for column in profile_columns]
         return (f"SELECT c.* EXCLUDE (at_us){''.join(', ' + c for c in columns)} "
