@@ -103,14 +103,15 @@ def export_model(model: Ranker, config: RunConfig, vocab_sizes: dict[str, int], 
 
 
 def _claim_version_name(root: Path, fingerprint: str) -> tuple[datetime, str, Path]:
-    """A version name no other export takes: its time, the name and its staging directory. Names are
-    per second and the fingerprint, so two exports of one model within a second (a learner's quick
-    exports, a retrain beside a learner) would share one: the staging directory's mkdir claims a name
-    (one process wins), and a name already published waits for the next second."""
+    """A version name no other export takes: its time, the name and its staging directory. A name is
+    the UTC time to the millisecond and the fingerprint: to the second, a version rolled back
+    (deleted) and the next export within that second had one name, and serving, which follows names,
+    would not have reloaded. Two exports of one model in one millisecond: the staging directory's
+    mkdir claims the name (one process wins), a published name waits for the next millisecond."""
     root.mkdir(parents=True, exist_ok=True)
     while True:
         created = datetime.now(timezone.utc)
-        version = f"{created:%Y%m%dT%H%M%S}-{fingerprint[:8]}"
+        version = f"{created:%Y%m%dT%H%M%S}{created.microsecond // 1000:03d}-{fingerprint[:8]}"
         staging = root / f".{version}.tmp"
         if not (root / version).exists():
             try:
@@ -121,7 +122,7 @@ def _claim_version_name(root: Path, fingerprint: str) -> tuple[datetime, str, Pa
                 if not (root / version).exists():  # not published between the check and the mkdir
                     return created, version, staging
                 staging.rmdir()
-        time.sleep(0.05)
+        time.sleep(0.001)
 
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:
@@ -160,9 +161,10 @@ def load_model(model_dir: str | Path) -> tuple[Ranker, dict[str, Any]]:
     return model.eval(), manifest
 
 
-# export_model names a version <UTC time %Y%m%dT%H%M%S>-<the model fingerprint's first 8 hex
-# digits>: fixed width, so names sort as times
-VERSION_NAME = re.compile(r"\d{8}T\d{6}-[0-9a-f]{8}")
+# export_model names a version <UTC time %Y%m%dT%H%M%S and milliseconds>-<the model fingerprint's
+# first 8 hex digits> (versions before 2026-12-04: to the second); fixed widths, and "-" sorts before a
+# digit, so names sort as times
+VERSION_NAME = re.compile(r"\d{8}T\d{6}(\d{3})?-[0-9a-f]{8}")
 
 
 def version_directories(root: Path) -> tuple[list[Path], list[str]]:
@@ -177,6 +179,6 @@ def latest_model_dir(root: str | Path) -> Path:
     """The newest exported version under ``root`` (versions sort by time; other directories ignored)."""
     versions, _ = version_directories(Path(root))
     if not versions:
-        raise ModelArtifactError(f"{root}: holds no exported model version (YYYYMMDDTHHMMSS-xxxxxxxx); "
+        raise ModelArtifactError(f"{root}: holds no exported model version (YYYYMMDDTHHMMSSmmm-xxxxxxxx); "
                                  "run `plexrec train` first")
     return versions[-1]

@@ -205,7 +205,7 @@ class StreamLearner:
         switched (what it learned since its last export is dropped: another lineage's)."""
         versions = version_directories(self.models)[0]
         if not versions:
-            raise ModelArtifactError(f"{self.models}: holds no exported model version (YYYYMMDDTHHMMSS-xxxxxxxx); "
+            raise ModelArtifactError(f"{self.models}: holds no exported model version (YYYYMMDDTHHMMSSmmm-xxxxxxxx); "
                                      "run `plexrec train` first")
         names = {v.name for v in versions}
         appeared = [v for v in versions if v.name not in self._listed and v.name not in self._own]

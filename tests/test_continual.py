@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -248,8 +249,10 @@ def test_every_version_can_be_continued_from_with_the_weights_it_serves(base_run
 
 def test_exports_of_one_model_within_a_second_take_their_own_names_in_order(base_run, small_examples, tmp_path):
     """Versions of one fingerprint written within one second (a retrain beside a learner, quick
-    exports): each takes its own name, the names sort in the order written, each loads. Names are per
-    second: the second export's rename used to fail (Directory not empty)."""
+    exports): each takes its own name, the names sort in the order written, each loads. (Names were
+    per second: the second export's rename failed, Directory not empty.) A version rolled back and the
+    export after it within that second: two names, or serving, which follows names, would keep the
+    removed one's weights."""
     first = learner_from(base_run, small_examples, tmp_path).export()
     model, manifest = load_model(first)
     config = RunConfig.from_dict(manifest["config"])
@@ -260,6 +263,13 @@ def test_exports_of_one_model_within_a_second_take_their_own_names_in_order(base
     assert len(set(versions)) == 3 and version_directories(first.parent)[0] == [first, *versions]
     for version in versions:
         assert load_model(version)[1]["model_version"] == version.name
+
+    while datetime.now(timezone.utc).microsecond > 200_000:
+        time.sleep(0.01)
+    rolled_back = export_model(model, config, manifest["vocab_sizes"], manifest["dense_features"], {}, first.parent)
+    shutil.rmtree(rolled_back)
+    after = export_model(model, config, manifest["vocab_sizes"], manifest["dense_features"], {}, first.parent)
+    assert after.name != rolled_back.name and after.name > versions[-1].name
 
 
 def test_an_export_is_on_disk_before_its_name_is(base_run, small_examples, windows, tmp_path, monkeypatch):
