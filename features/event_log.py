@@ -82,6 +82,7 @@ import pyarrow.parquet as pq
 
 from features.columns import microseconds, stored_column
 from features.durable import exclusive, write_parquet, write_text
+from features.example_sql import path_list
 
 log = logging.getLogger("plexrec.features")
 
@@ -342,7 +343,7 @@ def _repeated_rows(directory: Path, manifest: dict, batches: list[Path]) -> dict
         connection.execute("SET preserve_insertion_order = false")
         # file_row_number: the row of the file, as pandas reads it (the ingester writes no index)
         connection.execute("CREATE VIEW backlog AS SELECT CAST(event_id AS VARCHAR) AS event_id, filename, "
-                           f"file_row_number FROM read_parquet({_sql_list(batches)}, filename = true, "
+                           f"file_row_number FROM read_parquet({path_list(batches)}, filename = true, "
                            "file_row_number = true)")
         query = """
             WITH repeated_ids AS (SELECT event_id FROM backlog GROUP BY event_id HAVING count(*) > 1)
@@ -353,7 +354,7 @@ def _repeated_rows(directory: Path, manifest: dict, batches: list[Path]) -> dict
             WHERE nth > 1"""
         if logged:
             query += (" UNION SELECT filename, file_row_number FROM backlog WHERE event_id IN "
-                      f"(SELECT CAST(event_id AS VARCHAR) FROM read_parquet({_sql_list(logged)}))")
+                      f"(SELECT CAST(event_id AS VARCHAR) FROM read_parquet({path_list(logged)}))")
         rows = connection.sql(query).to_arrow_table()
         connection.close()
     finally:
@@ -363,10 +364,6 @@ def _repeated_rows(directory: Path, manifest: dict, batches: list[Path]) -> dict
     frame = pd.DataFrame({"file": rows.column("filename").to_numpy(zero_copy_only=False),
                           "row": rows.column("file_row_number").to_numpy()})
     return {file: group.to_numpy(dtype=np.int64) for file, group in frame.groupby("file")["row"]}
-
-
-def _sql_list(paths: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(path).replace("'", "''") + "'" for path in paths) + "]"
 
 
 def _remove_orphans(directory: Path, manifest: dict) -> int:

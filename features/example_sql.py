@@ -48,6 +48,11 @@ def quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def path_list(paths) -> str:
+    """Paths as a SQL list of string literals (read_parquet([...]) in DuckDB)."""
+    return "[" + ", ".join("'" + str(path).replace("'", "''") + "'" for path in paths) + "]"
+
+
 def interaction_columns(schema) -> list[str]:
     """The columns of offline/interactions.parquet (and of stream_interactions.parquet)."""
     return ["user_id", "item_id", "timestamp", schema.rating or schema.label,

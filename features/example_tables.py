@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from features.event_log import stream_item_profile_parts, stream_parts
 from features.example_sql import (EngineSettings, behaviours_query, counted_examples_query, interaction_columns,
-                                   item_profile_query, quote, rows_query)
+                                   item_profile_query, path_list, quote, rows_query)
 from features.negatives import negatives_query
 
 log = logging.getLogger("plexrec.features")
@@ -106,8 +106,8 @@ class DuckDBEngine:
         streamed = stream_parts(offline.parent)
         self.has_stream = bool(streamed)
         if self.has_stream:
-            files = ", ".join(f"'{path}'" for path in streamed)
-            self.connection.execute(f"CREATE VIEW stream AS SELECT {columns}, ordinal FROM read_parquet([{files}])")
+            self.connection.execute(f"CREATE VIEW stream AS SELECT {columns}, ordinal "
+                                    f"FROM read_parquet({path_list(streamed)})")
         self.has_users = (offline / "user_profile.parquet").exists() and bool(schema.users.columns)
         if self.has_users:
             self.connection.execute(f"CREATE VIEW user_profile AS SELECT * FROM read_parquet("
@@ -116,8 +116,8 @@ class DuckDBEngine:
                                 f"'{offline / 'item_profile.parquet'}')")
         profiles = stream_item_profile_parts(offline.parent)  # item attributes the stream carried
         if profiles:
-            files = ", ".join(f"'{path}'" for path in profiles)
-            self.connection.execute(f"CREATE VIEW stream_item_profile AS SELECT * FROM read_parquet([{files}])")
+            self.connection.execute(f"CREATE VIEW stream_item_profile AS SELECT * "
+                                    f"FROM read_parquet({path_list(profiles)})")
         self.connection.execute(f"CREATE VIEW item_profile AS {item_profile_query(schema, bool(profiles))}")
         self.connection.execute("CREATE VIEW latest_item_profile AS SELECT * FROM item_profile "
                                 "QUALIFY ROW_NUMBER() OVER (PARTITION BY item_id ORDER BY event_timestamp DESC) = 1")
