@@ -70,15 +70,16 @@ No torch: Feast imports torch when it can, so the ingester hides it first.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import signal
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+
+from features.folds import (ItemCounterRow, ItemDelta, Received, UserRow, fold_item_attributes, fold_item_counters,
+                            fold_user, next_stamp_us)
 
 log = logging.getLogger("plexrec.ingest")
 
@@ -112,26 +113,8 @@ class IngestStats:
     reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
-class Received(NamedTuple):
-    """A valid event from the event topic, with what the store's schema makes of it."""
-    partition: int
-    offset: int
-    event: Any  # UserEvent
-    label: int
-    behaviour: bool
-
-
-class ItemDelta(NamedTuple):
-    """An event re-keyed by item: where it came from, whether it counts, what it says about the item."""
-    source: str  # the source topic's incarnation (topic_incarnation)
-    partition: int  # of the source event
-    offset: int
-    event: Any  # UserEvent
-    behaviour: bool
-    attributes: dict  # item_profile columns as the store keeps them ({} when the event carries none)
-    category: Any  # item_category text, or features.events.NOT_CARRIED
-
-
+USER_ROW_COLUMNS = [f.name for f in fields(UserRow)]  # the user_history columns the folds read and write
+ITEM_COUNTER_COLUMNS = [f.name for f in fields(ItemCounterRow)]
 ITEM_DELTAS_SUFFIX = ".item-deltas"
 DEFAULT_PARTITIONS = 4
 MAX_REPORTED_CONTEXT_KEYS = 1000  # free-form context keys are logged once each, up to this many
@@ -188,39 +171,6 @@ def topic_incarnation(admin, topic: str) -> str | None:
                     "(its events skipped up to the old offsets)", topic)
         return topic
     return f"{topic}@{topic_id}"
-
-
-def event_key(event_id: str) -> int:
-    """A 63-bit hash of an event id, as the recent-event windows keep it (8 bytes, not the id's
-    length; two ids of one window collide with odds about window^2 / 2^64)."""
-    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "big") >> 1
-
-
-def next_stamp_us(now_us: int, stored_us) -> int:
-    """A row's next stamp: now, or just after the stored one when the clock is behind it (another
-    host's clock, a clock step): Feast's Redis store silently drops a write stamped at or before
-    the row's stamp."""
-    return now_us if stored_us is None else max(now_us, int(stored_us) + 1)
-
-
-def with_label(key: int, label: int) -> int:
-    """An event id's key as a user's window keeps it: its lowest bit replaced by the event's label, so
-    an id re-sent with another label is told from a retry (ids compare by ``key >> 1``: 62 bits)."""
-    return (key & ~1) | (label & 1)
-
-
-def unpack_window(packed: bytes | None) -> list[int]:
-    """A row's recent event-id hashes (``recent_event_ids``: big-endian int64, oldest first)."""
-    import numpy as np
-
-    return np.frombuffer(packed or b"", dtype=">i8").tolist()
-
-
-def remember(window: list[int], keys: list[int], size: int) -> bytes:
-    """The window with ``keys`` added, the oldest beyond ``size`` dropped, packed for the row."""
-    import numpy as np
-
-    return np.asarray((window + keys)[-size:], dtype=">i8").tobytes()
 
 
 def source_position(message, incarnation: str) -> tuple[str, int, int]:
@@ -444,66 +394,33 @@ class Ingester:
         log.warning("dead letter (partition %d offset %d): %s", message.partition, message.offset, reason)
 
     def _apply_to_users(self, events: list[Received]) -> set[tuple[int, int]]:
-        """Every event enters its user's window of recent event ids (with its label); the fresh
-        behaviours enter the history and the count. Returns the (partition, offset) of the events
-        whose id was first delivered with another label: dropped, their item deltas are not sent."""
+        """Fold each user's events into its row (features/folds.py), in one read and one write of the
+        store. Returns the (partition, offset) of the events whose id was first delivered with
+        another label: dropped, their item deltas are not sent."""
         import pandas as pd
 
         by_user: dict[int, list[Received]] = defaultdict(list)
         for received in events:
             by_user[received.event.user_id].append(received)
         now_us = int(self.clock() * 1_000_000)
-        units_per_second = self.schema.units_per_second  # history timestamps in the schema's unit, as loaded
-
         users = list(by_user)
         current = self.store.get_online_features(
-            features=[f"user_history:{c}" for c in ("history_item_ids", "history_timestamps", "interaction_count",
-                                                    "ingest_source", "ingest_offset", "recent_event_ids",
-                                                    "stamp_us")],
+            features=[f"user_history:{c}" for c in (*USER_ROW_COLUMNS, "stamp_us")],
             entity_rows=[{"user_id": u} for u in users]).to_dict()
-        rows, dropped, conflicts = [], set(), []
+        rows, conflicts = [], []
         for i, user in enumerate(users):
-            mark_source = current["ingest_source"][i]
-            mark_offset = current["ingest_offset"][i] if current["ingest_offset"][i] is not None else -1
-            window = unpack_window(current["recent_event_ids"][i])
-            first_labels = {key >> 1: key & 1 for key in window}  # an id's first delivery's label
-            fresh, keys, last = [], [], None
-            for received in sorted(by_user[user], key=lambda r: r.offset):
-                key = event_key(received.event.event_id)
-                first_label = first_labels.get(key >> 1)
-                if first_label is not None and first_label != received.label:
-                    # the id was first delivered with another label: the first delivery wins, online as in
-                    # the offline log (features/event_log.py keeps an id's first logging)
-                    dropped.add((received.partition, received.offset))
-                    conflicts.append((received, first_label))
-                    continue
-                if f"{self.incarnation}/{received.partition}" == mark_source and received.offset <= mark_offset:
-                    self.stats.skipped_duplicates += received.behaviour  # re-delivered: applied before
-                    continue
-                last = received
-                if first_label is not None:  # the same id and label again: a producer's retry, a replay (its
-                    # delta is sent: the item side skips it by its own window)
-                    self.stats.skipped_duplicates += received.behaviour
-                    self.stats.duplicate_event_ids += received.behaviour
-                    continue
-                first_labels[key >> 1] = received.label
-                keys.append(with_label(key, received.label))
-                fresh.append(received)
-            if not fresh:
-                continue
-            behaviours = [r for r in fresh if r.behaviour]
-            self.stats.applied += len(behaviours)
-            merged = list(zip(current["history_timestamps"][i] or [], current["history_item_ids"][i] or []))
-            merged += [(r.event.event_time_ms * units_per_second // 1000, r.event.item_id) for r in behaviours]
-            merged.sort(key=lambda pair: pair[0])  # stable: among equal times, arrival order
-            merged = merged[-self.history_length:]
-            stamp = next_stamp_us(now_us, current["stamp_us"][i])
-            rows.append({"user_id": user, "history_item_ids": [item for _, item in merged],
-                         "history_timestamps": [t for t, _ in merged],
-                         "interaction_count": (current["interaction_count"][i] or 0) + len(behaviours),
-                         "ingest_source": f"{self.incarnation}/{last.partition}",
-                         "ingest_offset": last.offset, "recent_event_ids": remember(window, keys, self.dedupe_window),
-                         "stamp_us": stamp, "event_timestamp": pd.Timestamp(stamp, unit="us", tz="UTC")})
+            stored = {c: current[c][i] for c in USER_ROW_COLUMNS if current[c][i] is not None}
+            fold = fold_user(UserRow(**stored), by_user[user], incarnation=self.incarnation,
+                             history_length=self.history_length, dedupe_window=self.dedupe_window,
+                             units_per_second=self.schema.units_per_second)
+            self.stats.applied += fold.applied
+            self.stats.skipped_duplicates += fold.skipped_duplicates
+            self.stats.duplicate_event_ids += fold.duplicate_event_ids
+            conflicts += fold.conflicts
+            if fold.row is not None:
+                stamp = next_stamp_us(now_us, current["stamp_us"][i])
+                rows.append({"user_id": user, **asdict(fold.row), "stamp_us": stamp,
+                             "event_timestamp": pd.Timestamp(stamp, unit="us", tz="UTC")})
         if rows:
             self.store.write_to_online_store("user_history", pd.DataFrame(rows))
         if conflicts:
@@ -514,21 +431,7 @@ class Ingester:
                         "event id %r of user %d (partition %d offset %d): label %d, first delivered with label %d",
                         len(conflicts), received.event.event_id, received.event.user_id, received.partition,
                         received.offset, received.label, first_label)
-        return dropped
-
-    def _first_sightings(self, candidates: list, stored_window: bytes | None) -> tuple[list, bytes]:
-        """The item deltas (in order) whose event id is neither in the item's recent window nor
-        earlier among them, and the packed window with their ids added."""
-        window = unpack_window(stored_window)
-        seen, fresh, keys = set(window), [], []
-        for candidate in candidates:
-            key = event_key(candidate.event.event_id)
-            if key in seen:
-                continue
-            seen.add(key)
-            fresh.append(candidate)
-            keys.append(key)
-        return fresh, remember(window, keys, self.dedupe_window)
+        return {(received.partition, received.offset) for received, _ in conflicts}
 
     def _send_item_deltas(self, events: list[Received], dropped: set[tuple[int, int]]) -> None:
         """Every behaviour and every event with item attributes, re-delivered ones included (the item
@@ -547,7 +450,8 @@ class Ingester:
                     value=received.event.SerializeToString(), headers=headers))
 
     def _apply_to_items(self, deltas: list[ItemDelta]) -> None:
-        """The behaviours among the deltas, counted once each; this ingester owns these items."""
+        """The behaviours among the deltas, counted once each (features/folds.py); this ingester owns
+        these items."""
         import pandas as pd
 
         by_item: dict[int, list[ItemDelta]] = defaultdict(list)
@@ -559,38 +463,25 @@ class Ingester:
         now_us = int(self.clock() * 1_000_000)
         items = list(by_item)
         current = self.store.get_online_features(
-            features=[f"item_counters:{c}" for c in ("interaction_count", "ingest_topic", "ingest_offsets",
-                                                     "recent_event_ids", "stamp_us")],
+            features=[f"item_counters:{c}" for c in (*ITEM_COUNTER_COLUMNS, "stamp_us")],
             entity_rows=[{"item_id": i} for i in items]).to_dict()
         rows = []
         for i, item in enumerate(items):
-            topic, marks = current["ingest_topic"][i], list(current["ingest_offsets"][i] or [])
-            unseen = []
-            for delta in sorted(by_item[item], key=lambda d: (d.source != topic, d.partition, d.offset)):
-                if delta.source != topic:
-                    # offsets of another incarnation say nothing about this one (it restarts at 0)
-                    topic, marks = delta.source, []
-                marks += [-1] * (delta.partition + 1 - len(marks))
-                if delta.offset > marks[delta.partition]:
-                    marks[delta.partition] = delta.offset
-                    unseen.append(delta)
-            fresh, window = self._first_sightings(unseen, current["recent_event_ids"][i])
-            self.stats.skipped_item_duplicates += len(by_item[item]) - len(fresh)
-            if unseen:  # the watermarks moved, even where every event id was a duplicate
+            stored = {c: current[c][i] for c in ITEM_COUNTER_COLUMNS if current[c][i] is not None}
+            row, skipped = fold_item_counters(ItemCounterRow(**stored), by_item[item],
+                                              dedupe_window=self.dedupe_window)
+            self.stats.skipped_item_duplicates += skipped
+            if row is not None:
                 stamp = next_stamp_us(now_us, current["stamp_us"][i])
-                rows.append({"item_id": item, "interaction_count": (current["interaction_count"][i] or 0) + len(fresh),
-                             "ingest_topic": topic, "ingest_offsets": marks, "recent_event_ids": window,
-                             "stamp_us": stamp, "event_timestamp": pd.Timestamp(stamp, unit="us", tz="UTC")})
+                rows.append({"item_id": item, **asdict(row), "stamp_us": stamp,
+                             "event_timestamp": pd.Timestamp(stamp, unit="us", tz="UTC")})
         if rows:
             self.store.write_to_online_store("item_counters", pd.DataFrame(rows))
 
     def _apply_item_attributes(self, deltas: list[ItemDelta]) -> None:
-        """item_profile rows from the deltas' item attributes, over each row's current values (a delta
-        may carry some columns only), in event-time order; the row is stamped with its latest event's
-        time, so an older event arriving later changes nothing."""
+        """item_profile rows from the deltas' item attributes (features/folds.py); each row is stamped
+        with its latest event's time, so an older event arriving later changes nothing."""
         import pandas as pd
-
-        from features.events import NOT_CARRIED
 
         by_item: dict[int, list[ItemDelta]] = defaultdict(list)
         for delta in deltas:
@@ -604,19 +495,11 @@ class Ingester:
             entity_rows=[{"item_id": i} for i in items]).to_dict(include_event_timestamps=True)
         rows = []
         for i, item in enumerate(items):
-            row = {c: current[c][i] for c in self.item_profile_columns}
-            stored_seconds = current["item_category__ts"][i] or 0  # the row's time (0: no row yet)
-            latest_ms = None
-            for delta in sorted(by_item[item], key=lambda d: d.event.event_time_ms):  # stable: arrival order
-                if delta.event.event_time_ms // 1000 < stored_seconds:
-                    continue  # the row holds a later event's attributes
-                row.update(delta.attributes)
-                if delta.category is not NOT_CARRIED:
-                    row["item_category"] = delta.category
-                latest_ms = delta.event.event_time_ms
-            if latest_ms is not None:
-                rows.append({"item_id": item, **row,
-                             "event_timestamp": pd.Timestamp(latest_ms, unit="ms", tz="UTC")})
+            stored = {c: current[c][i] for c in self.item_profile_columns}
+            folded = fold_item_attributes(stored, current["item_category__ts"][i] or 0, by_item[item])
+            if folded is not None:
+                row, latest_ms = folded
+                rows.append({"item_id": item, **row, "event_timestamp": pd.Timestamp(latest_ms, unit="ms", tz="UTC")})
         if rows:
             frame = pd.DataFrame(rows, dtype=object)  # object: a missing Int64 / Float32 value stays None
             frame["event_timestamp"] = pd.to_datetime(frame["event_timestamp"], utc=True)
