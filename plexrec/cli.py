@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> None:
 
     train = commands.add_parser("train", help="train a ranker, evaluate it, export a versioned model",
                                 description="Train on one process (gloo on CPU). For many processes use "
-                                            "`torchrun --nproc-per-node N -m recsys.train` with the same flags.")
+                                            "`torchrun --nproc-per-node N -m recsys.train_command` with the same flags.")
     if argv and argv[0] == "train":  # its flags live with the trainer, which imports torch: only when training
-        from recsys.train import add_train_arguments
+        from recsys.train_command import add_train_arguments
 
         add_train_arguments(train)
 
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "train":
         from features.errors import ConfigError
         from features.schema import DataError
-        from recsys.train import CheckpointMismatchError, run_training
+        from recsys.checkpoints import CheckpointMismatchError
+        from recsys.train_command import run_training
 
         try:
             run_training(args)

@@ -64,7 +64,9 @@ from recsys.embeddings import FullVocabEmbedding
 from recsys.export import CHECKPOINT_DIR, ModelArtifactError, read_manifest
 from recsys.known_warnings import torchrec_calls
 from recsys.metrics import ranking_metrics
-from recsys.train import CHECKPOINT_META, CheckpointMismatchError, Trainer
+from recsys import checkpoints
+from recsys.checkpoints import CHECKPOINT_META, CheckpointMismatchError
+from recsys.train import Trainer
 
 CONTINUAL_DIR = "continual"  # under the run's out dir: the learner's checkpoints
 CHECKPOINT_NAME = re.compile(r"ckpt-(\d{8})")
@@ -165,10 +167,7 @@ class ContinualLearner:
         checkpoints and ``models/`` versions.
         """
         checkpoint = Path(checkpoint)
-        meta_path = checkpoint / CHECKPOINT_META
-        if not meta_path.is_file():
-            raise CheckpointMismatchError(f"{checkpoint} is not a plexrec checkpoint (no {CHECKPOINT_META})")
-        meta = json.loads(meta_path.read_text())
+        meta = checkpoints.read_meta(checkpoint)
         vocab_sizes = meta.get("vocab_sizes")
         names = [f.name for f in config.features]
         if vocab_sizes is not None and names and sorted(vocab_sizes) != sorted(names):

@@ -1,7 +1,7 @@
 """Training on TorchRec DistributedModelParallel: one process, or many under torchrun.
 
     plexrec train --config configs/ml100k.yaml            # one process (gloo on CPU)
-    torchrun --nproc-per-node 2 -m recsys.train --config configs/ml100k.yaml
+    torchrun --nproc-per-node 2 -m recsys.train_command --config configs/ml100k.yaml   (recsys/train_command.py)
 
 Embedding tables are sharded by TorchRec (the unified table row-wise when there
 are several ranks) and updated by fbgemm's fused row-wise Adagrad inside the
@@ -14,14 +14,12 @@ evaluated on test, exported as a versioned model directory (recsys/export.py).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -31,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -45,7 +42,8 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
-from recsys.config import STOPPING_METRICS, RunConfig, default_features, load_config
+from recsys import checkpoints
+from recsys.config import STOPPING_METRICS, RunConfig, default_features
 from features.errors import ConfigError
 from recsys.data.batching import iterate_batches, model_inputs, num_steps
 from recsys.data.example_stream import ShardedExamples, ShardedPart
@@ -56,16 +54,9 @@ from recsys.export import export_model, model_fingerprint
 from recsys.known_warnings import torchrec_calls
 from recsys.metrics import ranking_metrics
 from recsys.model import Ranker, build_ranker
-from recsys.logs import configure_logging
+from recsys.plots import plot_training
 
 log = logging.getLogger("plexrec.train")
-
-CHECKPOINT_META = "plexrec_checkpoint.json"
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint was written by a model with other shapes or features."""
-
 
 @dataclass
 class DistributedContext:
@@ -435,56 +426,37 @@ class Trainer:
     @_torchrec_call
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         path = Path(path or self.out_dir / "checkpoints" / f"step-{self.global_step:08d}")
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-        dcp.save(state, checkpoint_id=str(path))
+        checkpoints.save_tensors(path, self.model, self.optimizer)
         self._write_checkpoint_meta(path)
         dist.barrier()
         return path
 
     def _write_checkpoint_meta(self, path: Path) -> None:
         if self.ctx.is_main:
-            meta = {"fingerprint": self.fingerprint, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                    "global_step": self.global_step, "world_size": self.ctx.world_size, "epoch_log": self.epoch_log,
-                    "vocab_sizes": self.vocab_sizes}
-            (path / CHECKPOINT_META).write_text(json.dumps(meta, indent=2))
+            checkpoints.write_meta(path, {
+                "fingerprint": self.fingerprint, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step, "world_size": self.ctx.world_size, "epoch_log": self.epoch_log,
+                "vocab_sizes": self.vocab_sizes})
 
     @_torchrec_call
     def load_checkpoint(self, path: str | Path) -> None:
-        path = Path(path)
-        meta_path = path / CHECKPOINT_META
-        if not meta_path.is_file():
-            raise CheckpointMismatchError(f"{path} is not a plexrec checkpoint (no {CHECKPOINT_META})")
-        meta = json.loads(meta_path.read_text())
-        if meta["fingerprint"] != self.fingerprint:
-            raise CheckpointMismatchError(
-                f"checkpoint {path} was written by another model (fingerprint {meta['fingerprint']}, this "
-                f"config gives {self.fingerprint}): features, embedding, tower or vocabularies differ. "
-                "Resume with the config that wrote it, or start without --resume.")
-        # Adam creates its state at the first step; make it now so DCP can load into it in place
-        self.dense_optimizer.init_state()
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-        # a rank that holds no shard of a table has an empty optimizer entry for it
-        state["optimizer"]["state"] = {k: v for k, v in state["optimizer"]["state"].items() if v}
-        dcp.load(state, checkpoint_id=str(path))
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Resume: weights, optimizer states and where the run stood (CheckpointMismatchError for another
+        model's checkpoint)."""
+        meta = checkpoints.read_meta(Path(path), self.fingerprint)
+        self.dense_optimizer.init_state()  # Adam makes its state at the first step; DCP loads in place
+        checkpoints.load_tensors(Path(path), self.model, self.optimizer)
         self.epoch, self.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
         self.global_step, self.epoch_log = meta["global_step"], meta.get("epoch_log", [])
 
     def latest_checkpoint(self) -> Path | None:
-        root = self.out_dir / "checkpoints"
-        found = sorted(p for p in root.glob("step-*") if (p / CHECKPOINT_META).is_file()) if root.is_dir() else []
+        found = checkpoints.run_checkpoints(self.out_dir / "checkpoints")
         return found[-1] if found else None
 
     def _prune_checkpoints(self) -> None:
         """Keep the latest checkpoint (to resume) and the best epoch's (to export)."""
         if self.ctx.is_main:
-            root = self.out_dir / "checkpoints"
             best = self.best_epoch()
-            keep = {p.name for p in sorted(root.glob("step-*"))[-1:]} | ({best["checkpoint"]} if best else set())
-            for old in root.glob("step-*"):
-                if old.name not in keep:
-                    shutil.rmtree(old, ignore_errors=True)
+            checkpoints.prune(self.out_dir / "checkpoints", {best["checkpoint"]} if best else set())
 
     # --- the whole run ---
 
@@ -537,7 +509,7 @@ class Trainer:
                      self.config.train.early_stopping_metric, self.config.train.early_stopping_patience)
         # the latest state stays resumable; the best one is evaluated, reported and exported
         latest = self.latest_checkpoint()
-        if latest is None or json.loads((latest / CHECKPOINT_META).read_text())["global_step"] != self.global_step:
+        if latest is None or checkpoints.read_meta(latest)["global_step"] != self.global_step:
             self.save_checkpoint()
         best_checkpoint = self.out_dir / "checkpoints" / best["checkpoint"] if best else self.latest_checkpoint()
         self.load_model_weights(best_checkpoint)
@@ -592,104 +564,13 @@ class Trainer:
     @_torchrec_call
     def load_model_weights(self, checkpoint: Path) -> None:
         """Only the model's weights from a checkpoint (any sharding), e.g. the best epoch's."""
-        state = {"model": self.model.state_dict()}
-        dcp.load(state, checkpoint_id=str(checkpoint))
-        self.model.load_state_dict(state["model"])
+        checkpoints.load_weights(self.model, checkpoint)
 
     @_torchrec_call
     def export(self, checkpoint: Path, metrics: dict[str, Any], move_checkpoint: bool = False) -> Path:
         """Rebuild the plain model from a checkpoint (any sharding) and export it, the checkpoint inside
         (copied, or moved): a learner continues a version from its own checkpoint (recsys/continual.py)."""
         plain = build_ranker(self.config, self.vocabularies, len(self.dense_names))
-        state = {"model": plain.state_dict()}
-        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
-        plain.load_state_dict(state["model"])
+        checkpoints.load_weights(plain, checkpoint, no_dist=True)
         return export_model(plain, self.config, self.vocab_sizes, self.dense_names, metrics, self.out_dir / "models",
                             schema=self.schema, checkpoint=checkpoint, move_checkpoint=move_checkpoint)
-
-
-def plot_training(history: list[dict[str, Any]], path: Path, best_epoch: int | None = None) -> None:
-    """Train loss and validation AUC / GAUC per epoch, side by side; the kept (best) epoch marked."""
-    if not history:
-        return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
-    left.plot(epochs, [h["valid_logloss"] for h in history], marker="o", label="valid log loss")
-    left.set_xlabel("epoch"), left.set_ylabel("log loss"), left.legend(), left.grid(alpha=0.3)
-    right.plot(epochs, [h["valid_auc"] for h in history], marker="o", label="valid AUC")
-    right.plot(epochs, [h["valid_gauc"] for h in history], marker="o", label="valid GAUC")
-    if best_epoch is not None:
-        for axis in (left, right):
-            axis.axvline(best_epoch, color="grey", linestyle="--", linewidth=0.8, label=f"kept: epoch {best_epoch}")
-    right.set_xlabel("epoch"), right.set_ylabel("AUC"), right.legend(), right.grid(alpha=0.3)
-    fig.suptitle("plexrec training")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``section.key=value`` strings -> typed overrides (values parsed as YAML)."""
-    import yaml
-
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or "." not in key:
-            raise SystemExit(f"--set {pair!r}: use section.key=value, e.g. --set train.epochs=3")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", help="run config YAML (default: the embedded ml100k config)")
-    parser.add_argument("-o", "--out-dir", help="where checkpoints, metrics, plots and models go")
-    parser.add_argument("--epochs", type=int, help="override train.epochs")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override any config value, e.g. --set embedding.kind=hashed (repeatable)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the out dir")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, TorchRec's included")
-
-
-def run_training(args: argparse.Namespace) -> dict[str, Any]:
-    overrides = parse_overrides(args.set)
-    if args.epochs is not None:
-        overrides["train.epochs"] = args.epochs
-    if args.out_dir:
-        overrides["train.out_dir"] = args.out_dir
-    config = load_config(args.config, overrides)
-    trainer = Trainer(config)
-    if args.resume:
-        checkpoint = trainer.latest_checkpoint()
-        if checkpoint is None:
-            raise SystemExit(f"--resume: no checkpoint under {trainer.out_dir / 'checkpoints'}")
-        trainer.load_checkpoint(checkpoint)
-        if trainer.ctx.is_main:
-            log.info("resumed from %s (epoch %d, step %d)", checkpoint, trainer.epoch, trainer.step_in_epoch)
-    elif (trainer.out_dir / "metrics.jsonl").exists() and trainer.ctx.is_main:
-        (trainer.out_dir / "metrics.jsonl").unlink()
-    result = trainer.fit(progress=not args.no_progress)
-    if trainer.ctx.is_main:
-        print(json.dumps({"best_epoch": result["best_epoch"], "epochs": result["epochs"], "test": result["test"],
-                          "model_dir": result.get("model_dir"),
-                          "plot": str(trainer.out_dir / "training.png")}, indent=2))
-    return result
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m recsys.train", description=__doc__.splitlines()[0])
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    configure_logging(args.verbose)
-    run_training(args)
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -23,7 +23,8 @@ from features.training import examples_from_store
 from recsys.continual import ContinualLearner, checkpoint_of
 from recsys.export import WEIGHTS_FILE, latest_model_dir, read_manifest, version_directories
 from recsys.learn import LearnConfig, StreamLearner
-from recsys.train import CHECKPOINT_META, Trainer
+from recsys.checkpoints import CHECKPOINT_META
+from recsys.train import Trainer
 
 from .conftest import small_config
 from .test_event_log import loaded, split_by_time, stream

@@ -10,7 +10,8 @@ from recsys.config import FeatureConfig, load_config
 from recsys.data.batching import make_batch
 from recsys.embeddings import UnifiedEmbedding
 from recsys.export import ModelArtifactError, load_model, read_manifest
-from recsys.train import CheckpointMismatchError, Trainer
+from recsys.checkpoints import CheckpointMismatchError
+from recsys.train import Trainer
 from tests.conftest import small_config
 
 
