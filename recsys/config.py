@@ -106,6 +106,11 @@ class SequenceConfig:
     attention_probes: int = 1  # item-id probes in the attention table
     position_buckets: int = 12  # log2 buckets of "how many behaviours ago"
     coupled_dim: int = 0  # 0: the representation width, probes(item_id) * embedding.dim
+    # tau, the factor of the (scaled dot product) scores in the softmax over the kept behaviours
+    # (dare and coupled; the top-k does not change with it): its initial value, and whether it is
+    # learned (as exp of a dense parameter). recsys/sequence.py says why.
+    logit_scale: float = 1.0
+    learn_logit_scale: bool = False
 
 
 @dataclass
@@ -201,6 +206,11 @@ class RunConfig:
             _positive("sequence.attention_rows", seq.attention_rows)
             _positive("sequence.attention_probes", seq.attention_probes)
             _positive("sequence.position_buckets", seq.position_buckets)
+            if not isinstance(seq.logit_scale, (int, float)) or not 0 < seq.logit_scale < float("inf"):
+                raise ConfigError(f"sequence.logit_scale = {seq.logit_scale!r}: the softmax's initial logit scale, "
+                                  "a number > 0")
+            if not isinstance(seq.learn_logit_scale, bool):
+                raise ConfigError(f"sequence.learn_logit_scale = {seq.learn_logit_scale!r}: true or false")
             if self.data.max_history < 1:
                 raise ConfigError(f"sequence.mode = {seq.mode!r} reads histories, but data.max_history = "
                                   f"{self.data.max_history}; set it to 1 or more")

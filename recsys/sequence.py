@@ -6,12 +6,20 @@ behaviours h_1..h_L (oldest first):
 
     dare     s_i = <A(h_i), A(t)> / sqrt(d_a)       A: a small attention table
              K   = the top-k behaviours by s
-             w   = softmax(s_K)
+             w   = softmax(tau * s_K)                 tau: the logit scale (see below)
              p   = sum_{i in K} w_i R(h_i)          R: the unified table's item rows,
                                                     looked up for the k picked behaviours only
              out = [R(t), p, R(t) * p]              target representation ("TR")
     coupled  the same with A = R = C: one table in both roles (TWIN / DIN style)
     mean     p = mean_i R(h_i),  out = [R(t), p, R(t) * p]
+
+tau = exp(theta), theta one learned scalar per model (``sequence.logit_scale`` its initial
+tau; ``sequence.learn_logit_scale``). The tables start at +-sqrt(1/rows) and the
+row-wise Adagrad rate moves each entry by about the rate per step, so the raw scores stay
+around 1e-4 at first and 0.1-0.6 after an epoch: a softmax over them is nearly uniform
+(normalised entropy 0.98-0.9997, bench/dare_diagnostics.py) and the attention weights
+nothing. tau > 0 leaves the top-k (and the search's cost) as it is; it only sets how
+sharp the softmax over the kept ones is, the same for coupled and DARE.
 
 R(x) is x's item id (and, when it is a feature, its category) in the unified
 table: the same rows whether x is the target or a behaviour.
@@ -55,6 +63,8 @@ TARGET_CATEGORY = "item_category"
 # R(x), the representation of an item: its rows of these features in the unified table.
 # A behaviour reads them through its history key, with the feature's salts.
 REPRESENTATION_FEATURES = {TARGET_ITEM: HISTORY_ITEMS, TARGET_CATEGORY: HISTORY_CATEGORIES}
+# theta = log(tau) is stored divided by this: it learns this many times the dense (Adam) rate
+LOG_SCALE_RATE = 10.0
 
 
 def position_buckets(lengths: torch.Tensor, num_buckets: int) -> torch.Tensor:
@@ -229,8 +239,12 @@ class SharedHistories:
 
 def search_space(space: ItemSpace, top_k: int, target_items: torch.Tensor, target_categories: torch.Tensor | None,
                  history_items: torch.Tensor, history_categories: torch.Tensor | None,
-                 lengths: torch.Tensor, row_group: torch.Tensor | None = None) -> Search:
+                 lengths: torch.Tensor, row_group: torch.Tensor | None = None,
+                 logit_scale: torch.Tensor | float = 1.0) -> Search:
     """The search stage: item vectors, scaled dot products with the target, top-k + softmax.
+
+    The top-k ranks the scaled dot products; the softmax reads them times ``logit_scale`` (> 0: the
+    same kept set).
 
     ``lengths`` are per row, or per group of rows sharing a history (``row_group``: each row's group).
     Every behaviour is scored without autograd; under autograd the targets and the kept behaviours
@@ -260,7 +274,7 @@ def search_space(space: ItemSpace, top_k: int, target_items: torch.Tensor, targe
         picked = picked.view(*valid.shape, space.dim)
     else:
         picked = behaviours[flat_index] * valid.unsqueeze(-1)
-    weights = masked_softmax(torch.einsum("bkd,bd->bk", picked, target) / scale, valid)
+    weights = masked_softmax(torch.einsum("bkd,bd->bk", picked, target) * (logit_scale / scale), valid)
     return Search(index, flat_index, weights, valid, target, behaviours, picked)
 
 
@@ -283,6 +297,19 @@ class SequenceEncoder(nn.Module):
                                    config.attention_probes, config.position_buckets, device)
         width = self.space.dim if config.mode == "coupled" else self.representation_dim
         self.output_dim = 3 * width
+        # tau = exp(theta), the softmax's logit scale. Learned: theta / LOG_SCALE_RATE is a dense
+        # parameter (the tower's Adam, which moves a parameter by about its rate per step whatever
+        # the gradient's size: theta moves LOG_SCALE_RATE x the dense rate). Fixed: a constant and
+        # no parameter, so a model without it loads and serves as before.
+        self.fixed_logit_scale, self.log_logit_scale = config.logit_scale, None
+        if self.space is not None and config.learn_logit_scale:
+            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale) / LOG_SCALE_RATE))
+
+    def logit_scale(self) -> torch.Tensor | float:
+        """tau, the factor of the scores in the softmax over the kept behaviours."""
+        if self.log_logit_scale is None:
+            return self.fixed_logit_scale
+        return (self.log_logit_scale * LOG_SCALE_RATE).exp()
 
     def extra_lookups(self) -> list[tuple[str, str, int]]:
         """(key, feature, probe) lookups this mode adds to the unified table."""
@@ -302,11 +329,12 @@ class SequenceEncoder(nn.Module):
         if shared is not None:
             return search_space(self.space, self.top_k, by_key[TARGET_ITEM].values(), target_category,
                                 shared.items, shared.categories if target_category is not None else None,
-                                shared.lengths, shared.row_group)
+                                shared.lengths, shared.row_group, self.logit_scale())
         history = by_key[HISTORY_ITEMS]
         history_category = by_key[HISTORY_CATEGORIES].values() if HISTORY_CATEGORIES in by_key else None
         return search_space(self.space, self.top_k, by_key[TARGET_ITEM].values(), target_category,
-                            history.values(), history_category, history.lengths().long())
+                            history.values(), history_category, history.lengths().long(),
+                            row_group=None, logit_scale=self.logit_scale())
 
     def unified_ids(self, sparse: KeyedJaggedTensor, search: Search | None,
                     shared: SharedHistories | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -354,9 +382,11 @@ class SequenceEncoder(nn.Module):
 
 def dare_reference(attention_weight: torch.Tensor, unified_weight: torch.Tensor, config: SequenceConfig,
                    representation: list[FeatureConfig], targets: list[tuple[int, int]],
-                   histories: list[list[tuple[int, int]]]) -> torch.Tensor:
+                   histories: list[list[tuple[int, int]]], logit_scale: float | None = None) -> torch.Tensor:
     """DARE example by example with the pure-Python hash: ``targets[b]`` = (item, category),
-    ``histories[b]`` = [(item, category), ...] oldest first. Returns [B, 3 * d_r]."""
+    ``histories[b]`` = [(item, category), ...] oldest first; ``logit_scale``: tau (None: the
+    config's initial one). Returns [B, 3 * d_r]."""
+    tau = config.logit_scale if logit_scale is None else logit_scale
     attention_rows, d_a = attention_weight.shape
     unified_rows = unified_weight.shape[0]
 
@@ -385,7 +415,7 @@ def dare_reference(attention_weight: torch.Tensor, unified_weight: torch.Tensor,
                 bucket = min(int(math.floor(math.log2(later + 1))), config.position_buckets - 1)
                 scores.append(float(attention(item, category, bucket) @ a_target) / math.sqrt(d_a))
             kept = sorted(range(len(history)), key=lambda i: -scores[i])[:config.top_k]
-            weights = torch.softmax(torch.tensor([scores[i] for i in kept]), dim=0)
+            weights = torch.softmax(tau * torch.tensor([scores[i] for i in kept]), dim=0)
             pooled = sum(w * represent(*history[i]) for w, i in zip(weights, kept))
         out.append(torch.cat([target_repr, pooled, target_repr * pooled]))
     return torch.stack(out)
