@@ -29,6 +29,17 @@ bench/results/dare_diagnostics.json (2026-12-04, 1 thread, a shared 2-core machi
         dare-attnlr10 dare-attnlr3 dare-attnlr30 coupled-attnlr10 dare-lr0.5 dare-da96-attnlr10
     --datasets ml100k_implicit --users 400 --seeds 2 --epochs 3 --variants none coupled dare
     --datasets ml100k_implicit --users 400 --seeds 1 --epochs 3 --variants dare-attnlr10 coupled-attnlr10
+
+bench/results/dare_logit_scale.json (2026-12-04, same machine): the softmax's logit scale tau
+(variants <mode>-tau<initial tau>[L: learned]), merged from
+    --datasets synthetic --synthetic-length 200 --seeds 1 --epochs 3 --probe 2000 --variants dare
+        dare-tau1L dare-tau16L coupled-d16 coupled-d16-tau1L coupled   (then dare-tau4L coupled-tau1L)
+    --datasets synthetic --synthetic-length 200 --first-seed 1 --seeds 2 --epochs 3 --probe 2000
+        --variants dare dare-tau1L dare-tau4L dare-tau16L
+    --datasets ml100k_implicit --users 300 --seeds 1 --epochs 3 --variants dare coupled (then dare-tau1L
+        dare-tau4L coupled-tau1L coupled-d16 coupled-d16-tau1L)
+    --datasets ml100k_implicit --users 300 --first-seed 1 --seeds 2 --epochs 3 --variants dare dare-tau1L
+        dare-tau4L
 """
 
 from __future__ import annotations
@@ -74,6 +85,12 @@ VARIANTS = {
     "coupled-nopos": ("coupled", {"sequence.position_buckets": 1}, {}),
     "dare-lr0.01": ("dare", {"train.embedding_lr": 0.01}, {}),
     "coupled-lr0.01": ("coupled", {"train.embedding_lr": 0.01}, {}),
+    # the softmax's logit scale tau (sequence.logit_scale, learned with sequence.learn_logit_scale)
+    **{f"{mode}-tau{tau:g}{'L' if learn else ''}": (mode, {"sequence.logit_scale": float(tau),
+                                                           "sequence.learn_logit_scale": learn}, {})
+       for mode in ("dare", "coupled") for tau in (1, 4, 8, 16, 32, 64) for learn in (True, False)},
+    "coupled-d16": ("coupled", {"sequence.coupled_dim": 16}, {}),
+    "coupled-d16-tau1L": ("coupled", {"sequence.coupled_dim": 16, "sequence.learn_logit_scale": True}, {}),
 }
 RECENT = 50
 
@@ -146,7 +163,8 @@ def search_stats(trainer: Trainer, examples, synthetic: bool) -> tuple[dict, lis
         search = ranker.sequence.search(sparse)
         lengths = sparse.to_dict()[HISTORY_ITEMS].lengths().cpu().numpy()
         weights, valid, index = search.weights.cpu(), search.valid.cpu(), search.index.cpu()
-        scores = torch.einsum("bkd,bd->bk", search.picked, search.target).cpu() / math.sqrt(search.target.shape[1])
+        scores = (torch.einsum("bkd,bd->bk", search.picked, search.target).cpu() / math.sqrt(search.target.shape[1])
+                  * float(ranker.sequence.logit_scale()))  # the softmax's logits
         for row in range(len(batch)):
             ok = valid[row]
             kept = index[row][ok].numpy()
@@ -166,7 +184,7 @@ def search_stats(trainer: Trainer, examples, synthetic: bool) -> tuple[dict, lis
                     recalls.append(float(np.isin(relevant, kept).mean()))
                     chance.append(n / max(int(lengths[row]), 1))
         offset += len(batch)
-    stats = {"entropy": float(np.mean(entropy)), "entropy_normalised": float(np.mean(norm_entropy)),
+    stats = {"logit_scale": float(ranker.sequence.logit_scale()), "entropy": float(np.mean(entropy)), "entropy_normalised": float(np.mean(norm_entropy)),
              "top_weight": float(np.mean(top_weight)), "score_std": float(np.mean(score_std)),
              "recent_share": float(np.mean(recent))}
     if synthetic:
@@ -235,6 +253,7 @@ def run_one(dataset: str, variant: str, seed: int, epochs: int, examples, probe_
 
 
 SUMMARY_KEYS = ["valid_auc", "valid_gauc", "valid_logloss", "train_loss", "attention_change", "representation_change",
+                "logit_scale",
                 "attention_norm", "entropy_normalised", "top_weight", "score_std", "topk_overlap", "recent_share", "recall",
                 "recall_chance", "seconds"]
 
@@ -264,9 +283,12 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["synthetic", "ml100k_implicit"], choices=list(DATASETS))
     parser.add_argument("--variants", nargs="+", default=["coupled", "dare", "dare-attnlr10"], choices=list(VARIANTS))
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--users", type=int, default=400, help="users kept per data set (0: all)")
     parser.add_argument("--max-history", type=int, default=0, help="override data.max_history (0: the config's)")
+    parser.add_argument("--synthetic-length", type=int, default=0,
+                        help="size the synthetic generator to histories of this length (quality_sequence.py)")
     parser.add_argument("--probe", type=int, default=1000, help="valid examples the search statistics read")
     parser.add_argument("--out", default="bench/results/dare_diagnostics.json")
     parser.add_argument("--append", action="store_true", help="add to the runs already in --out")
@@ -290,14 +312,20 @@ def main() -> None:
         if args.max_history:
             DATASETS[dataset] = (path, {**base, "data.max_history": args.max_history})
             base = DATASETS[dataset][1]
-        if dataset == "synthetic" and args.users:
+        if dataset == "synthetic" and args.synthetic_length:
+            from quality_sequence import synthetic_generator
+            base = {**base, **synthetic_generator(args.synthetic_length),
+                    "data.max_history": args.synthetic_length}
+            DATASETS[dataset] = (path, base)
+            examples, _ = load_dataset(load_config(path, base).data)
+        elif dataset == "synthetic" and args.users:
             base = {**base, "data.synthetic.num_users": args.users}
             DATASETS[dataset] = (path, base)
             examples, _ = load_dataset(load_config(path, base).data)
         else:
             examples = subsample_users(load_dataset(load_config(path, base).data)[0], args.users)
         for variant in args.variants:
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 record = run_one(dataset, variant, seed, args.epochs, examples, args.probe)
                 record["max_history"] = load_config(path, base).data.max_history
                 record["users"] = args.users
