@@ -2,7 +2,9 @@
 
     nice .venv/bin/python bench/train_sequence_throughput.py [--before-commit b63192e] [--lengths 200 1000]
 
-The code before is checked out (once) as a git worktree in --before (default /tmp/before).
+The code before is checked out (once) as a git worktree in --before (default /tmp/before);
+``--codes after`` measures this tree alone (no git needed). ``--device cuda`` runs on the GPU (the
+default, cpu, hides any GPU).
 
 For each code tree (before, after), sequence mode (none, mean, coupled, dare) and history length
 L, one process builds the ranker of configs/synthetic_long.yaml (synthetic long histories; L caps
@@ -52,8 +54,10 @@ def measure(code_root: str, mode: str, length: int, args: argparse.Namespace) ->
         trainer = Trainer(config, examples=None, out_dir="/tmp/plexrec-sequence-throughput")
         rng = np.random.default_rng(0)
         examples = trainer.train_examples
+        if trainer.ctx.device.type != args.device:
+            raise RuntimeError(f"the trainer chose {trainer.ctx.device}, not {args.device}")
         batches = [make_batch(examples, rng.choice(len(examples), args.batch_size, replace=False),
-                              trainer.batch_features, trainer.history_length) for _ in range(8)]
+                              trainer.batch_features, trainer.history_length).to(args.device) for _ in range(8)]
         for i in range(args.warmup):
             trainer.train_step(batches[i % len(batches)])
         windows = []  # the median of several timed windows shrugs off a noisy neighbour
@@ -64,7 +68,8 @@ def measure(code_root: str, mode: str, length: int, args: argparse.Namespace) ->
             windows.append(args.steps * args.batch_size / (time.perf_counter() - started))
     mean_history = float(np.mean([int(b.sparse["history_item_id"].lengths().sum()) for b in batches])) \
         / args.batch_size if mode != "none" else 0.0
-    return {"mode": mode, "max_history": length, "mean_history": mean_history, "top_k": args.top_k,
+    return {"mode": mode, "device": args.device, "max_history": length, "mean_history": mean_history,
+            "top_k": args.top_k,
             "batch_size": args.batch_size, "steps_per_window": args.steps,
             "examples_per_s": float(np.median(windows)), "examples_per_s_windows": windows}
 
@@ -72,8 +77,11 @@ def measure(code_root: str, mode: str, length: int, args: argparse.Namespace) ->
 def run_one(code: str, code_root: str, mode: str, length: int, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--one", code_root, mode, str(length), "--top-k", str(args.top_k),
                "--users", str(args.users), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]
-    env = {**os.environ, "PYTHONPATH": code_root, "OMP_NUM_THREADS": "1"}
+               "--warmup", str(args.warmup), "--device", args.device]
+    # the code tree first; a PYTHONPATH already set (packages installed outside the environment) after it
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1",
+           **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}
     out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{code} {mode} L={length} failed:\n{out.stderr[-3000:]}")
@@ -94,6 +102,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--codes", nargs="+", default=["before", "after"], choices=["before", "after"],
+                        help="which code trees to measure (after: this one)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", default="bench/results/train_sequence_throughput.json")
     parser.add_argument("--one", nargs=3, metavar=("CODE_ROOT", "MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -101,19 +112,22 @@ def main() -> None:
         print(json.dumps(measure(args.one[0], args.one[1], int(args.one[2]), args)))
         return
 
-    trees = {"before": str(Path(args.before).resolve()), "after": str(ROOT)}
-    if not Path(trees["before"]).exists():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", trees["before"], args.before_commit],
-                       check=True)
-    if not (Path(trees["before"]) / "recsys").is_dir():
-        raise SystemExit(f"{args.before} holds no recsys/: git worktree add {args.before} <commit>")
-    before_commit = subprocess.run(["git", "-C", trees["before"], "rev-parse", "--short", "HEAD"],
-                                   capture_output=True, text=True).stdout.strip()
+    trees = {code: path for code, path in (("before", str(Path(args.before).resolve())), ("after", str(ROOT)))
+             if code in args.codes}
+    before_commit = None
+    if "before" in trees:
+        if not Path(trees["before"]).exists():
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", trees["before"],
+                            args.before_commit], check=True)
+        if not (Path(trees["before"]) / "recsys").is_dir():
+            raise SystemExit(f"{args.before} holds no recsys/: git worktree add {args.before} <commit>")
+        before_commit = subprocess.run(["git", "-C", trees["before"], "rev-parse", "--short", "HEAD"],
+                                       capture_output=True, text=True).stdout.strip()
     rounds: dict[tuple, list[dict]] = {}
     for round_ in range(args.rounds):
         for length in args.lengths:
             for mode in args.modes:
-                for code in ("before", "after"):  # interleaved, so drift hits both alike
+                for code in trees:  # interleaved, so drift hits both alike
                     r = run_one(code, trees[code], mode, length, args)
                     rounds.setdefault((code, mode, length), []).append(r)
                     print(f"round {round_ + 1} {code:6s} {mode:7s} L {length:>5}: "
@@ -129,15 +143,18 @@ def main() -> None:
 
     ratios = []
     for length in args.lengths:
-        row = {"max_history": length,
-               "after_over_before": {m: speed("after", m, length) / speed("before", m, length) for m in args.modes}}
+        row = {"max_history": length}
+        if len(trees) == 2:
+            row["after_over_before"] = {m: speed("after", m, length) / speed("before", m, length) for m in args.modes}
         if {"dare", "coupled"} <= set(args.modes):
             row["dare_over_coupled"] = {c: speed(c, "dare", length) / speed(c, "coupled", length) for c in trees}
         ratios.append(row)
     import torch
     report = {"benchmark": "train_sequence_throughput",
               "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, 1 thread, torch {torch.__version__}",
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, 1 thread, torch {torch.__version__}"
+                         + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+              "device": args.device,
               "config": "configs/synthetic_long.yaml", "before_commit": before_commit,
               "trainer": "recsys.train.Trainer.train_step: DMP (1 rank), fused EXACT_ROWWISE_ADAGRAD, Adam tower",
               "examples_per_s": f"best of {args.rounds} rounds of the median of {WINDOWS} windows "
@@ -145,16 +162,19 @@ def main() -> None:
               "results": results, "ratios": ratios}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n| L | mode | before examples/s | after examples/s | after / before |")
-    print("|---|---|---|---|---|")
+    print("\n| L | mode | " + " | ".join(f"{c} examples/s" for c in trees)
+          + (" | after / before |" if len(trees) == 2 else " |"))
+    print("|---|---|" + "---|" * (len(trees) + (len(trees) == 2)))
     for length in args.lengths:
         for mode in args.modes:
-            before, after = speed("before", mode, length), speed("after", mode, length)
-            print(f"| {length:,} | {mode} | {before:,.0f} | {after:,.0f} | {after / before:.2f}x |")
+            cells = [f"{speed(c, mode, length):,.0f}" for c in trees]
+            if len(trees) == 2:
+                cells.append(f"{speed('after', mode, length) / speed('before', mode, length):.2f}x")
+            print(f"| {length:,} | {mode} | " + " | ".join(cells) + " |")
     for row in ratios:
         if "dare_over_coupled" in row:
-            print(f"L {row['max_history']:,}: dare / coupled = {row['dare_over_coupled']['before']:.2f} before, "
-                  f"{row['dare_over_coupled']['after']:.2f} after")
+            print(f"L {row['max_history']:,}: dare / coupled = "
+                  + ", ".join(f"{row['dare_over_coupled'][c]:.2f} {c}" for c in trees))
     print(f"\nwrote {args.out}")
 
 

@@ -1,6 +1,6 @@
 """Training throughput: the TorchRec model vs the same model on plain nn.EmbeddingBag.
 
-    .venv/bin/python bench/train_throughput.py [--rows 100000 1000000 10000000] [--batch-size 4096]
+    .venv/bin/python bench/train_throughput.py [--rows 100000 1000000 10000000] [--batch-size 4096] [--device cuda]
 
 Both variants are the ranker of configs/ml100k.yaml on real MovieLens batches,
 with the same hash, the same unified table and the same tower:
@@ -12,14 +12,16 @@ with the same hash, the same unified table and the same tower:
             tests/test_rowwise_adagrad.py
 Both use Adam for the tower, so the ratio measures fbgemm's kernel and TorchRec, not the
 optimizer. Each (variant, table rows) runs in its own process so resident memory is its
-own; examples/s counts forward + backward + update (batches are prebuilt). Results: JSON
-with ratios torchrec/plain per table size.
+own; examples/s counts forward + backward + update (batches are prebuilt, on the device). Results:
+JSON with ratios torchrec/plain per table size. ``--device cuda`` runs both variants on the GPU (the
+default, cpu, hides any GPU, so a CPU run is a CPU run on any machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -40,7 +42,7 @@ def resident_mib() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
-def measure(variant: str, rows: int, batch_size: int, steps: int, warmup: int) -> dict:
+def measure(variant: str, rows: int, batch_size: int, steps: int, warmup: int, device: str = "cpu") -> dict:
     import numpy as np
     import torch
     from torch import nn
@@ -62,13 +64,16 @@ def measure(variant: str, rows: int, batch_size: int, steps: int, warmup: int) -
     train = examples.split_part(TRAIN)
     names = [f.name for f in config.features]
     rng = np.random.default_rng(0)
-    batches = [make_batch(train, rng.choice(len(train), batch_size, replace=False), names) for _ in range(8)]
+    batches = [make_batch(train, rng.choice(len(train), batch_size, replace=False), names).to(device)
+               for _ in range(8)]
     loss_fn = nn.BCEWithLogitsLoss()
     memory_before = resident_mib()
 
     if variant == "torchrec":
         from recsys.train import Trainer
         trainer = Trainer(config, examples=examples, out_dir="/tmp/plexrec-throughput")
+        if trainer.ctx.device.type != device:
+            raise RuntimeError(f"the trainer chose {trainer.ctx.device}, not {device}")
         step = trainer.train_step
     else:
         hashing = UnifiedEmbedding(config.features, rows, config.embedding.dim, device="meta")
@@ -88,7 +93,7 @@ def measure(variant: str, rows: int, batch_size: int, steps: int, warmup: int) -
                 return pooled.view(keys, batch, -1).transpose(0, 1).reshape(batch, -1)
 
         torch.manual_seed(0)
-        model = Ranker(PlainUnifiedEmbedding(), len(examples.dense_names), config.model.mlp)
+        model = Ranker(PlainUnifiedEmbedding(), len(examples.dense_names), config.model.mlp).to(device)
         sparse_opt = RowWiseAdagrad(model.embedding.parameters(), lr=config.train.embedding_lr, eps=TRAINER_EPS)
         dense_params = [p for n, p in model.named_parameters() if not n.startswith("embedding.")]
         dense_opt = torch.optim.Adam(dense_params, lr=config.train.dense_lr)
@@ -108,9 +113,10 @@ def measure(variant: str, rows: int, batch_size: int, steps: int, warmup: int) -
         for i in range(steps):
             step(batches[i % len(batches)])
         windows.append(steps * batch_size / (time.perf_counter() - started))
-    return {"variant": variant, "rows": rows, "batch_size": batch_size, "steps_per_window": steps,
+    return {"variant": variant, "device": device, "rows": rows, "batch_size": batch_size, "steps_per_window": steps,
             "examples_per_s": float(np.median(windows)), "examples_per_s_windows": windows,
-            "model_memory_mib": resident_mib() - memory_before, "resident_mib": resident_mib()}
+            "model_memory_mib": resident_mib() - memory_before, "resident_mib": resident_mib(),
+            **({"gpu_peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20} if device == "cuda" else {})}
 
 
 def main() -> None:
@@ -119,19 +125,25 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", default="bench/results/train_throughput.json")
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "ROWS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one[0], int(args.one[1]), args.batch_size, args.steps, args.warmup)))
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.batch_size, args.steps, args.warmup,
+                                 args.device)))
         return
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}
 
     results = []
     for rows in args.rows:
         for variant in ("torchrec", "plain"):  # interleaved, so drift hits both alike
             out = subprocess.run([sys.executable, __file__, "--one", variant, str(rows), "--batch-size",
-                                  str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)],
-                                 capture_output=True, text=True, check=True, cwd=ROOT)
+                                  str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                  "--device", args.device],
+                                 capture_output=True, text=True, cwd=ROOT, env=env)
+            if out.returncode != 0:
+                raise RuntimeError(f"{variant} rows {rows} failed:\n{out.stderr[-3000:]}")
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = results[-1]
             print(f"{variant:8s} rows {rows:>10,}: {r['examples_per_s']:9,.0f} examples/s, "
@@ -149,7 +161,9 @@ def main() -> None:
               for rows in args.rows]
     import torch
     report = {"benchmark": "train_throughput", "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": f"{platform.machine()}, 1 thread, torch {torch.__version__}",
+              "machine": f"{platform.machine()}, 1 thread, torch {torch.__version__}"
+                         + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+              "device": args.device,
               "optimizers": {"torchrec": "fbgemm fused EXACT_ROWWISE_ADAGRAD (recsys/train.py)",
                              "plain": "bench/rowwise_adagrad.py RowWiseAdagrad, same lr and eps",
                              "tower": "torch.optim.Adam, both"},

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU measurement of docs/scale-and-gpu.md ("Measured on one H200"), on a CUDA machine with no
+# network whose python3 has torch (2.11, CUDA 13) but not fbgemm-gpu or torchrec. Pack first, here:
+#   python3 scripts/gpu_pack.py            # .gpurun/: the tree at HEAD, wheels, fbgemm-gpu cut to fit
+# then, on the machine, from the repo root with .gpurun beside it:
+#   OUT=/some/dir bash .gpurun/tree/bench/gpu_run.sh
+# It installs into /tmp/site, checks fbgemm's CUDA kernels against its CPU ones, then runs the training
+# (configs/ml100k_sequence.yaml) and the training benchmarks with --device cuda, writing JSON to $OUT.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+TREE=$(cd "$(dirname "$0")/.." && pwd)
+PACK=$(dirname "$TREE")
+OUT=${OUT:-/tmp/plexrec-gpu-out}
+SITE=${SITE:-/tmp/site}
+mkdir -p "$OUT"
+step() { echo "== $(date -u +%T) $*"; }
+quiet() { grep --line-buffered -v -E "_fbgemm_torch_compat_table has no entry|cannot determine compatibility with PyTorch|^\s*(.\[3[0-9]m|.\[0m)?\s*$|^WARNING:root:$"; }
+{
+step "setup ($(cat "$TREE/COMMIT" 2>/dev/null || echo '?'))"
+if [ ! -f "$SITE/.plexrec-done" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$PACK"/whl/*.whl || exit 1
+  python3 -c "import tarfile, sys; tarfile.open(sys.argv[1], 'r:xz').extractall(sys.argv[2])" "$PACK/fbgemm_gpu.tar.xz" "$SITE" || exit 1
+  touch "$SITE/.plexrec-done"
+fi
+export PYTHONPATH="$SITE:$TREE"
+cd "$TREE"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,utilization.gpu --format=csv
+python3 -c "import numpy, pandas, pyarrow, torch, torchmetrics, tensordict; print('numpy', numpy.__version__, 'pandas', pandas.__version__, 'pyarrow', pyarrow.__version__, 'torchmetrics', torchmetrics.__version__, 'tensordict', tensordict.__version__, 'cpus', __import__('os').cpu_count())"
+step tbe_check
+timeout 90 python3 bench/tbe_check.py --out "$OUT/tbe_check.json" || { echo "FAILED tbe_check: stopping"; exit 1; }
+step train_run
+timeout 150 python3 bench/train_run.py --device cuda --config configs/ml100k_sequence.yaml --out "$OUT/train_run_gpu.json" || echo "FAILED train_run"
+step train_throughput
+timeout 120 python3 bench/train_throughput.py --device cuda --out "$OUT/train_throughput_gpu.json" || echo "FAILED train_throughput"
+step train_sequence_throughput
+timeout 140 python3 bench/train_sequence_throughput.py --device cuda --codes after --rounds 1 --out "$OUT/train_sequence_throughput_gpu.json" || echo "FAILED train_sequence_throughput"
+step search_speed
+timeout 50 python3 bench/search_speed.py --device cuda --out "$OUT/search_speed_gpu.json" || echo "FAILED search_speed"
+step done
+} 2>&1 | quiet | tee "$OUT/log"
