@@ -6,12 +6,21 @@
 #   OUT=/some/dir bash .gpurun/tree/bench/gpu_run.sh
 # It installs into /tmp/site, checks fbgemm's CUDA kernels against its CPU ones, then runs the training
 # (configs/ml100k_sequence.yaml) and the training benchmarks with --device cuda, writing JSON to $OUT.
+# A dry run of the same steps on a CPU machine: DEVICE=cpu SMALL=1 (tiny sizes; tbe_check then only
+# imports and reports, having no GPU to compare).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 TREE=$(cd "$(dirname "$0")/.." && pwd)
 PACK=$(dirname "$TREE")
 OUT=${OUT:-/tmp/plexrec-gpu-out}
 SITE=${SITE:-/tmp/site}
+DEVICE=${DEVICE:-cuda}
+if [ -n "${SMALL:-}" ]; then
+  TRAIN=(--epochs 1 --profile-steps 2); THROUGHPUT=(--rows 100000 --steps 2 --warmup 1)
+  SEQUENCE=(--lengths 200 --modes dare none --steps 2 --warmup 1 --users 50); SEARCH=(--lengths 200 --repeats 2)
+else
+  TRAIN=(); THROUGHPUT=(); SEQUENCE=(); SEARCH=()
+fi
 mkdir -p "$OUT"
 step() { echo "== $(date -u +%T) $*"; }
 quiet() { grep --line-buffered -v -E "_fbgemm_torch_compat_table has no entry|cannot determine compatibility with PyTorch|^\s*(.\[3[0-9]m|.\[0m)?\s*$|^WARNING:root:$"; }
@@ -24,17 +33,17 @@ if [ ! -f "$SITE/.plexrec-done" ]; then
 fi
 export PYTHONPATH="$SITE:$TREE"
 cd "$TREE"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,utilization.gpu --format=csv
+[ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,utilization.gpu --format=csv
 python3 -c "import numpy, pandas, pyarrow, torch, torchmetrics, tensordict; print('numpy', numpy.__version__, 'pandas', pandas.__version__, 'pyarrow', pyarrow.__version__, 'torchmetrics', torchmetrics.__version__, 'tensordict', tensordict.__version__, 'cpus', __import__('os').cpu_count())"
 step tbe_check
 timeout 90 python3 bench/tbe_check.py --out "$OUT/tbe_check.json" || { echo "FAILED tbe_check: stopping"; exit 1; }
 step train_run
-timeout 150 python3 bench/train_run.py --device cuda --config configs/ml100k_sequence.yaml --out "$OUT/train_run_gpu.json" || echo "FAILED train_run"
+timeout 150 python3 bench/train_run.py --device "$DEVICE" --config configs/ml100k_sequence.yaml ${TRAIN[@]+"${TRAIN[@]}"} --out "$OUT/train_run_$DEVICE.json" || echo "FAILED train_run"
 step train_throughput
-timeout 120 python3 bench/train_throughput.py --device cuda --out "$OUT/train_throughput_gpu.json" || echo "FAILED train_throughput"
+timeout 120 python3 bench/train_throughput.py --device "$DEVICE" ${THROUGHPUT[@]+"${THROUGHPUT[@]}"} --out "$OUT/train_throughput_$DEVICE.json" || echo "FAILED train_throughput"
 step train_sequence_throughput
-timeout 140 python3 bench/train_sequence_throughput.py --device cuda --codes after --rounds 1 --out "$OUT/train_sequence_throughput_gpu.json" || echo "FAILED train_sequence_throughput"
+timeout 140 python3 bench/train_sequence_throughput.py --device "$DEVICE" --codes after --rounds 1 ${SEQUENCE[@]+"${SEQUENCE[@]}"} --out "$OUT/train_sequence_throughput_$DEVICE.json" || echo "FAILED train_sequence_throughput"
 step search_speed
-timeout 50 python3 bench/search_speed.py --device cuda --out "$OUT/search_speed_gpu.json" || echo "FAILED search_speed"
+timeout 50 python3 bench/search_speed.py --device "$DEVICE" ${SEARCH[@]+"${SEARCH[@]}"} --out "$OUT/search_speed_$DEVICE.json" || echo "FAILED search_speed"
 step done
 } 2>&1 | quiet | tee "$OUT/log"

@@ -2,7 +2,7 @@
 
     python3 scripts/gpu_pack.py [--commit HEAD] [--fbgemm 1.6.0] [--torchrec 1.6.1] [--arch 90]
 
-  .gpurun/tree/                 the repo at --commit (git archive): code, configs, MovieLens 100K
+  .gpurun/tree/                 the repo at --commit (git archive): code, configs, MovieLens 100K, synthetic
   .gpurun/whl/                  wheels that machine lacks: torchrec and what it needs beyond the image
   .gpurun/fbgemm_gpu.tar.xz     the CUDA fbgemm-gpu, cut down to fit a 64 MiB transfer
 
@@ -43,7 +43,8 @@ PIP_PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--implementa
                 "--platform", "manylinux2014_x86_64"]
 # torchrec's needs that the device image lacks (tensordict needs pyvers; torchrec pins torchmetrics 1.0.3)
 EXTRA_WHEELS = ["tensordict==0.15.3", "pyvers==0.2.3", "iopath==0.1.9", "torchmetrics==1.0.3"]
-TREE_PATHS = ["recsys", "features", "bench", "configs", "plexrec", "protos", "data/ml-100k", "pyproject.toml"]
+TREE_PATHS = ["recsys", "features", "bench", "configs", "plexrec", "protos", "data/ml-100k", "data/synthetic",
+              "pyproject.toml"]
 OPTIMIZER_SOURCE = re.compile(r"gen_embedding_backward_(\w+?)_(split|ssd|dense)_")
 UNUSED_SOURCE = re.compile(r"_(ssd|dense)_|_vbe_|_gwd_")
 UNUSED_LIBRARIES = {"fbgemm_gpu_tbe_inference.so", "fbgemm_gpu_tbe_training_backward_vbe.so",
@@ -168,7 +169,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     archive = out / "fbgemm_gpu.tar.xz"
     members = sorted(p.name for p in unpacked.iterdir() if p.name != "DONE")
-    subprocess.run(f"tar -C {unpacked} -cf - {' '.join(members)} | xz -T0 -9 > {archive}", shell=True, check=True)
+    if not archive.exists() or archive.stat().st_mtime < (unpacked / "DONE").stat().st_mtime:
+        subprocess.run(f"tar -C {unpacked} -cf - {' '.join(members)} | xz -T0 -9 > {archive}.part && "
+                       f"mv {archive}.part {archive}", shell=True, check=True)
 
     shutil.rmtree(out / "whl", ignore_errors=True)
     (out / "whl").mkdir()
