@@ -143,8 +143,10 @@ class UnifiedEmbedding(_LookupEmbedding):
     def key_rows(self, keys: list[tuple[int, int]], values: torch.Tensor, counts: list[int]) -> torch.Tensor:
         # one hash over every key's values, each value XORed with its key's salt: about ten
         # int64 ops per batch instead of ten per key (DARE has k x probes keys)
-        salts = torch.tensor([self._mixed_salts[(self.features[f], p)] for f, p in keys], dtype=torch.int64)
-        per_value_salts = salts.repeat_interleave(torch.tensor(counts), output_size=len(values))
+        # (on the values' device: a CPU salt against CUDA ids fails the XOR)
+        salts = torch.tensor([self._mixed_salts[(self.features[f], p)] for f, p in keys], dtype=torch.int64,
+                             device=values.device)
+        per_value_salts = salts.repeat_interleave(torch.tensor(counts, device=values.device), output_size=len(values))
         return hashing.hash_rows(values, per_value_salts, self.num_rows)
 
 

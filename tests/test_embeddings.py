@@ -210,3 +210,17 @@ def test_unified_lookup_reads_features_in_any_key_order_beside_other_keys():
     assert rows["user_id__p1"].values().tolist() == [hash_row_reference(v[0], "user_id", 1, 97)
                                                      for v in RAW["user_id"]]
 
+
+
+def test_unified_rows_are_computed_on_the_ids_device():
+    """key_rows made its per-value salts on the CPU, so training on CUDA failed at the first batch
+    ("Expected all tensors to be on the same device", seen on an H200). The meta device stands in for
+    CUDA here: the rows are computed where the ids are, and on the CPU they are unchanged."""
+    embedding = UnifiedEmbedding([FeatureConfig("user_id", 2), FeatureConfig("item_id", 1)], 1000, 8, device="meta")
+    keys, counts = [(0, 0), (0, 1), (1, 0)], [3, 3, 4]
+    ids = torch.arange(10)
+    rows = embedding.key_rows(keys, ids, counts)
+    expected = torch.cat([embedding.rows(f, p, v) for (f, p), v in zip(keys, ids.split(counts))])
+    assert torch.equal(rows, expected)
+    on_meta = embedding.key_rows(keys, ids.to("meta"), counts)
+    assert on_meta.device.type == "meta" and on_meta.shape == rows.shape
