@@ -7,7 +7,7 @@
 # It installs into /tmp/site, checks fbgemm's CUDA kernels against its CPU ones, then runs the training
 # (configs/ml100k_sequence.yaml) and the training benchmarks with --device cuda, writing JSON to $OUT.
 # A dry run of the same steps on a CPU machine: DEVICE=cpu SMALL=1 (tiny sizes; tbe_check then only
-# imports and reports, having no GPU to compare).
+# imports and reports, having no GPU to compare). STEPS="train_run search_speed" runs some steps only.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 TREE=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,6 +15,8 @@ PACK=$(dirname "$TREE")
 OUT=${OUT:-/tmp/plexrec-gpu-out}
 SITE=${SITE:-/tmp/site}
 DEVICE=${DEVICE:-cuda}
+STEPS=${STEPS:-tbe_check train_run train_throughput train_sequence_throughput search_speed}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 if [ -n "${SMALL:-}" ]; then
   TRAIN=(--epochs 1 --profile-steps 2); THROUGHPUT=(--rows 100000 --steps 2 --warmup 1)
   SEQUENCE=(--lengths 200 --modes dare none --steps 2 --warmup 1 --users 50); SEARCH=(--lengths 200 --repeats 2)
@@ -35,15 +37,25 @@ export PYTHONPATH="$SITE:$TREE"
 cd "$TREE"
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,utilization.gpu --format=csv
 python3 -c "import numpy, pandas, pyarrow, torch, torchmetrics, tensordict; print('numpy', numpy.__version__, 'pandas', pandas.__version__, 'pyarrow', pyarrow.__version__, 'torchmetrics', torchmetrics.__version__, 'tensordict', tensordict.__version__, 'cpus', __import__('os').cpu_count())"
-step tbe_check
-timeout 90 python3 bench/tbe_check.py --out "$OUT/tbe_check.json" || { echo "FAILED tbe_check: stopping"; exit 1; }
-step train_run
-timeout 150 python3 bench/train_run.py --device "$DEVICE" --config configs/ml100k_sequence.yaml ${TRAIN[@]+"${TRAIN[@]}"} --out "$OUT/train_run_$DEVICE.json" || echo "FAILED train_run"
-step train_throughput
-timeout 120 python3 bench/train_throughput.py --device "$DEVICE" ${THROUGHPUT[@]+"${THROUGHPUT[@]}"} --out "$OUT/train_throughput_$DEVICE.json" || echo "FAILED train_throughput"
-step train_sequence_throughput
-timeout 140 python3 bench/train_sequence_throughput.py --device "$DEVICE" --codes after --rounds 1 ${SEQUENCE[@]+"${SEQUENCE[@]}"} --out "$OUT/train_sequence_throughput_$DEVICE.json" || echo "FAILED train_sequence_throughput"
-step search_speed
-timeout 50 python3 bench/search_speed.py --device "$DEVICE" ${SEARCH[@]+"${SEARCH[@]}"} --out "$OUT/search_speed_$DEVICE.json" || echo "FAILED search_speed"
+if want tbe_check; then
+  step tbe_check
+  timeout 90 python3 bench/tbe_check.py --out "$OUT/tbe_check.json" || { echo "FAILED tbe_check: stopping"; exit 1; }
+fi
+if want train_run; then
+  step train_run
+  timeout 150 python3 bench/train_run.py --device "$DEVICE" --config configs/ml100k_sequence.yaml ${TRAIN[@]+"${TRAIN[@]}"} --out "$OUT/train_run_$DEVICE.json" || echo "FAILED train_run"
+fi
+if want train_throughput; then
+  step train_throughput
+  timeout 120 python3 bench/train_throughput.py --device "$DEVICE" ${THROUGHPUT[@]+"${THROUGHPUT[@]}"} --out "$OUT/train_throughput_$DEVICE.json" || echo "FAILED train_throughput"
+fi
+if want train_sequence_throughput; then
+  step train_sequence_throughput
+  timeout 140 python3 bench/train_sequence_throughput.py --device "$DEVICE" --codes after --rounds 1 ${SEQUENCE[@]+"${SEQUENCE[@]}"} --out "$OUT/train_sequence_throughput_$DEVICE.json" || echo "FAILED train_sequence_throughput"
+fi
+if want search_speed; then
+  step search_speed
+  timeout 50 python3 bench/search_speed.py --device "$DEVICE" ${SEARCH[@]+"${SEARCH[@]}"} --out "$OUT/search_speed_$DEVICE.json" || echo "FAILED search_speed"
+fi
 step done
 } 2>&1 | quiet | tee "$OUT/log"
