@@ -66,7 +66,7 @@ class DataError(ValueError):
 FORMATS = ("table", "grouplens", "synthetic")
 TIMESTAMP_UNITS = {"s": 1, "ms": 1000}  # units per second
 HISTORY_RULES = ("all", "positive")
-# the context of an event (features/events.py) and of a scoring request (serving/server.py): at most
+# the context of an event (features/events.py) and of a scoring request (serving/requests.py): at most
 # this many entries, each key and value at most this long
 MAX_CONTEXT_ENTRIES = 32
 MAX_CONTEXT_TEXT = 256

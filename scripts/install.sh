@@ -40,6 +40,11 @@ if ! command -v redis-server > /dev/null; then
     echo "plexrec: redis-server is missing; install it (apt-get install redis-server) for the redis profile" >&2
   fi
 fi
+# h2load (Debian's nghttp2-client): the C load generator of bench/serving.py; nothing else needs it.
+if ! command -v h2load > /dev/null && command -v apt-get > /dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -q nghttp2-client > /dev/null 2>&1 \
+    || echo "plexrec: nghttp2-client (h2load) not installed; bench/serving.py skips its h2load cells" >&2
+fi
 # pyspark (the `spark` extra, in `dev`) runs Spark in a JVM: the spark example engine and its tests need Java 17 or 21.
 if ! command -v java > /dev/null; then
   echo "plexrec: java is missing; the spark example engine and its tests need Java 17 or 21 (apt-get install openjdk-17-jre-headless)" >&2

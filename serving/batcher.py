@@ -13,16 +13,24 @@ loop itself (tried) makes no hop, but then the loop stops taking new calls while
 scores: gRPC lets in one call per turn of the loop, so batches stayed at 1-3 calls
 and throughput fell (bench/serving.py, both measured in one session).
 
-The queue is bounded in rows (``max_queued_rows``): past it ``submit`` raises
-``Overloaded`` at once. An unbounded queue only turns overload into latency: every
-call waits behind the backlog until all of them miss their deadlines, while the
-server keeps spending forwards on calls nobody waits for any more.
+Admission is by time. An unbounded queue only turns overload into latency: every call
+waits behind the backlog until all of them miss their deadlines, while the server keeps
+spending forwards on calls nobody waits for any more. A bound in rows (``max_queued_rows``,
+kept as a memory bound) protects the process but not the latency: 16k rows of 1,000-candidate
+calls are 2 s of work. So the batcher measures what a batch costs on the model thread
+(``BatchCost``: seconds = fixed + per row x rows, fitted to the recent batches) and ``submit``
+refuses at once (``Overloaded``) a call that would wait longer than ``max_wait`` seconds
+(``--max-queue-ms``) before its batch starts, or that would be scored after its own deadline.
+A batch takes calls only up to the rows it can score within ``max_wait`` too (at least one
+call), so an admitted call's latency is bounded by about twice the target, not by the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -49,12 +57,60 @@ class Overloaded(Exception):
     """The model queue has no room for a call; the message says how full it is."""
 
 
+class BatchCost:
+    """Seconds a batch of ``rows`` takes on the model thread, ``fixed + per_row * rows``, fitted by
+    exponentially weighted least squares to the batches seen (the newest weigh most: a reloaded
+    model, a warmer cache or a busier machine shift it within tens of batches)."""
+
+    def __init__(self, decay: float = 0.95) -> None:
+        self.decay = decay
+        self.weight = self.rows = self.seconds = self.rows_squared = self.rows_seconds = 0.0
+
+    def observe(self, rows: int, seconds: float) -> None:
+        d = self.decay
+        self.weight = d * self.weight + 1
+        self.rows = d * self.rows + rows
+        self.seconds = d * self.seconds + seconds
+        self.rows_squared = d * self.rows_squared + rows * rows
+        self.rows_seconds = d * self.rows_seconds + rows * seconds
+
+    @property
+    def known(self) -> bool:
+        return self.weight > 0
+
+    def line(self) -> tuple[float, float]:
+        """(fixed seconds per batch, seconds per row)."""
+        spread = self.weight * self.rows_squared - self.rows ** 2
+        if spread > 1e-9 * max(self.weight * self.rows_squared, 1.0):
+            per_row = (self.weight * self.rows_seconds - self.rows * self.seconds) / spread
+            fixed = (self.seconds - per_row * self.rows) / self.weight
+            if per_row >= 0 and fixed >= 0:
+                return fixed, per_row
+        # every batch of one size so far (or a fit off its rails): all of it per row
+        return 0.0, self.seconds / max(self.rows, 1.0)
+
+    def __call__(self, rows: int) -> float:
+        fixed, per_row = self.line()
+        return fixed + per_row * rows
+
+    def rows_within(self, seconds: float) -> float:
+        """The rows one batch can score in ``seconds``."""
+        fixed, per_row = self.line()
+        return math.inf if per_row <= 0 else max(seconds - fixed, 0.0) / per_row
+
+
 class ModelBatcher:
-    def __init__(self, score: ScoreBatch, max_rows: int = 4096, max_queued_rows: int = 16384) -> None:
+    def __init__(self, score: ScoreBatch, max_rows: int = 4096, max_queued_rows: int = 16384,
+                 max_wait: float | None = None) -> None:
+        """``max_wait``: seconds a call may wait for its batch to start (None: no time target; the
+        deadline of ``submit`` still counts)."""
         self.score, self.max_rows, self.max_queued_rows = score, max_rows, max_queued_rows
+        self.max_wait = max_wait
         self.pending: deque[WaitingCall] = deque()
         self.queued_rows = 0  # rows of the calls waiting (not of the batch being scored, nor of abandoned ones)
         self.batches = 0
+        self.cost = BatchCost()
+        self.busy_until: float | None = None  # when the batch being scored should end (time.monotonic)
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._runner: asyncio.Task | None = None
 
@@ -64,10 +120,43 @@ class ModelBatcher:
             raise Overloaded(f"{self.queued_rows} rows wait for the model, a call of {rows} more would pass the "
                              f"queue's {self.max_queued_rows} (--max-queued-rows)")
 
-    def submit(self, model, request, rows: int) -> asyncio.Future:
-        """A future of ``score``'s result for this call; Overloaded at once when the queue has no room.
-        Called on the event loop."""
+    def batch_rows(self) -> float:
+        """The rows one batch takes: ``max_rows``, fewer where a batch that big would outlast ``max_wait``."""
+        if self.max_wait is None or not self.cost.known:
+            return self.max_rows
+        return min(self.max_rows, self.cost.rows_within(self.max_wait))
+
+    def expected_wait(self, rows: int) -> tuple[float, float]:
+        """(seconds until a call of ``rows`` submitted now starts being scored, seconds until it is
+        scored): the rest of the batch in progress, then the rows queued ahead of it, scored in
+        batches of ``batch_rows``; then its own."""
+        if not self.cost.known:
+            return 0.0, 0.0
+        fixed, per_row = self.cost.line()
+        in_progress = max(0.0, self.busy_until - time.monotonic()) if self.busy_until is not None else 0.0
+        ahead = math.ceil(self.queued_rows / max(self.batch_rows(), 1.0))
+        starts = in_progress + ahead * fixed + self.queued_rows * per_row
+        return starts, starts + fixed + rows * per_row
+
+    def check_time(self, rows: int, deadline: float | None) -> None:
+        """Overloaded if a call of ``rows`` would wait past ``max_wait``, or be scored after its
+        ``deadline`` (seconds from now; None: none)."""
+        if self.max_wait is None and deadline is None:
+            return
+        starts, done = self.expected_wait(rows)
+        if self.max_wait is not None and starts > self.max_wait:
+            raise Overloaded(f"a call of {rows} rows would wait about {starts * 1000:.0f} ms for the model "
+                             f"({self.queued_rows} rows queued), past the {self.max_wait * 1000:.0f} ms target "
+                             f"(--max-queue-ms)")
+        if deadline is not None and done > deadline:
+            raise Overloaded(f"a call of {rows} rows would be scored in about {done * 1000:.0f} ms "
+                             f"({self.queued_rows} rows queued), after its deadline ({deadline * 1000:.0f} ms)")
+
+    def submit(self, model, request, rows: int, deadline: float | None = None) -> asyncio.Future:
+        """A future of ``score``'s result for this call; Overloaded at once when the queue has no room,
+        or the call would wait too long (``check_time``). Called on the event loop."""
         self.check_room(rows)
+        self.check_time(rows, deadline)
         loop = asyncio.get_running_loop()
         call = WaitingCall(model, request, rows, loop.create_future())
         self.pending.append(call)
@@ -83,12 +172,12 @@ class ModelBatcher:
         self._model_thread.shutdown(wait=False, cancel_futures=True)
 
     def _take(self) -> list[WaitingCall]:
-        """The next calls to score together: at least one, then up to ``max_rows`` rows. A call
+        """The next calls to score together: at least one, then up to ``batch_rows`` rows. A call
         cancelled while it waited (its deadline passed, its client left) is dropped: scoring it is
         wasted work."""
         taken: list[WaitingCall] = []
-        rows = 0
-        while self.pending and (not taken or rows + self.pending[0].rows <= self.max_rows):
+        rows, bound = 0, self.batch_rows()
+        while self.pending and (not taken or rows + self.pending[0].rows <= bound):
             call = self.pending.popleft()
             self._uncount(call)
             if not call.future.cancelled():
@@ -111,12 +200,18 @@ class ModelBatcher:
                     by_model.setdefault(id(call.model), []).append(call)
                 for calls in by_model.values():
                     self.batches += 1
+                    rows = sum(call.rows for call in calls)
+                    started = time.monotonic()
+                    self.busy_until = started + (self.cost(rows) if self.cost.known else 0.0)
                     try:
                         results = await loop.run_in_executor(self._model_thread, self.score, calls[0].model,
                                                              [call.request for call in calls])
                     except Exception as exc:  # noqa: BLE001 - every waiting call must hear about it
                         log.exception("scoring a batch of %d calls failed", len(calls))
                         results = [exc] * len(calls)
+                    else:  # a failed batch (a store outage, say) says nothing of what scoring costs
+                        self.cost.observe(rows, time.monotonic() - started)
+                    self.busy_until = None
                     for call, result in zip(calls, results):
                         if call.future.done():  # cancelled while its batch was scored
                             continue

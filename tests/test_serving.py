@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -64,7 +66,9 @@ def model_root(small_examples, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(store_dir, model_root):
-    config = ServeConfig(model_dir=str(model_root), port=0, metrics_port=0)
+    # no time target: these tests check answers, and a loaded machine must not shed their calls (shedding:
+    # the flood tests and tests/test_batcher.py)
+    config = ServeConfig(model_dir=str(model_root), port=0, metrics_port=0, max_queue_ms=None)
     with serving_in_background(config, open_store("local", store_dir)) as running:
         yield running
 
@@ -158,22 +162,32 @@ def test_concurrent_calls_share_forwards_and_get_their_own_scores(server):
 
     def call(user: int) -> None:  # (an exception in a thread would go unseen: failures are collected)
         with ScoringClient(f"127.0.0.1:{server.port}") as scoring:
-            for _ in range(5):
+            done = refused = 0
+            while done < 5 and refused < 200:
                 try:
                     scores, _ = scoring.score(user, items)
                 except grpc.RpcError as exc:
-                    failures.append((user, exc.code(), exc.details()))
+                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # shed (--max-queue-ms): back off
+                        refused += 1
+                        time.sleep(0.01)
+                    else:
+                        failures.append((user, exc.code(), exc.details()))
+                        done += 1
                     continue
+                done += 1
                 if not np.allclose(scores, expected[user], atol=1e-5):
                     failures.append((user, "wrong scores"))
+            if done < 5:
+                failures.append((user, "refused 200 times"))
 
-    def impatient() -> None:  # calls whose deadline passes mid-flight: they must not fail the others
+    def impatient() -> None:  # calls whose deadline passes mid-flight (or would: refused at once), which
+        # must not fail the others
         with ScoringClient(f"127.0.0.1:{server.port}", timeout=0.01) as scoring:
             for _ in range(10):
                 try:
                     scoring.score(USER, list(range(1, 1001)))
                 except grpc.RpcError as exc:
-                    if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    if exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED):
                         failures.append(("impatient", exc.code(), exc.details()))
 
     threads = [threading.Thread(target=call, args=(u,)) for u in users] + \
@@ -298,7 +312,8 @@ def with_version(source: Path, root: Path, version: str) -> Path:
 def test_new_versions_swap_in_under_load_and_broken_ones_are_refused(store_dir, model_root, tmp_path, caplog):
     root = tmp_path / "models"
     first = with_version(next(model_root.iterdir()), root, "20200101T000000-00000001")
-    config = ServeConfig(model_dir=str(root), port=0, reload_seconds=0.2)
+    # no time target: every call must be answered (shedding under load: the flood tests)
+    config = ServeConfig(model_dir=str(root), port=0, reload_seconds=0.2, max_queue_ms=None)
     failures, versions, stop = [], [], threading.Event()
     with serving_in_background(config, open_store("local", store_dir)) as running:
         def load() -> None:
@@ -439,6 +454,73 @@ def test_an_empty_or_unreadable_token_file_stops_serve_saying_what_to_do(store_d
             serve(["--model-dir", str(model_root), "--data-dir", str(store_dir), "--port", "0",
                    "--token-file", str(unreadable)])
         assert str(stopped.value.code).startswith(f"plexrec serve: cannot read --token-file {unreadable} ({why}): ")
+
+
+def test_serve_with_processes_spreads_connections_over_workers_on_one_port(store_dir, model_root, tmp_path):
+    """`plexrec serve --processes 2`: two workers answer on one port (each its own metrics port), 16
+    clients of their own connection each are scored by both, another server cannot take the port,
+    a killed worker is started again, and SIGTERM stops them all."""
+    import signal
+    import urllib.request
+
+    from features.broker import free_port
+
+    port, metrics = free_port(), free_port()
+    while metrics + 1 == port:
+        metrics = free_port()
+    command = [sys.executable, "-m", "plexrec.cli", "serve", "--model-dir", str(model_root), "--data-dir",
+               str(store_dir), "--port", str(port), "--metrics-port", str(metrics), "--processes", "2"]
+    log_path = tmp_path / "serve.log"
+    parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log_path.open("w"))
+
+    def calls_by_worker() -> list[float]:
+        counts = []
+        for worker_port in (metrics, metrics + 1):
+            text = urllib.request.urlopen(f"http://127.0.0.1:{worker_port}/metrics", timeout=10).read().decode()
+            counts.append(sum(float(line.split()[-1]) for line in text.splitlines()
+                              if line.startswith("plexrec_calls_total")))
+        return counts
+
+    def score_on_fresh_connections(n: int) -> None:
+        for _ in range(n):
+            with ScoringClient(f"127.0.0.1:{port}", timeout=30) as client:
+                assert len(client.score(USER, [1, 2, 3])[0]) == 3
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                calls_by_worker()
+                break
+            except OSError:
+                assert parent.poll() is None and time.monotonic() < deadline, "the workers did not come up"
+                time.sleep(0.5)
+        score_on_fresh_connections(16)
+        counts = calls_by_worker()
+        assert sum(counts) == 16 and min(counts) >= 1, counts  # all 16 on one worker: odds 2**-15
+        squatter = subprocess.run([sys.executable, "-m", "plexrec.cli", "serve", "--model-dir", str(model_root),
+                                   "--data-dir", str(store_dir), "--port", str(port)],
+                                  capture_output=True, text=True, timeout=120)
+        assert squatter.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in squatter.stderr
+        worker = int(re.search(r"worker 1 started \(pid (\d+)\)", log_path.read_text()).group(1))
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while True:  # worker 1 again, on its metrics port, counting from 0
+            try:
+                if calls_by_worker()[1] == 0:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "worker 1 was not started again"
+            time.sleep(0.5)
+        score_on_fresh_connections(16)
+        assert calls_by_worker()[1] >= 1
+    finally:
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=60) == 0, log_path.read_text()
+    assert "worker 1 (pid" in log_path.read_text() and "exited (-9); starting it again" in log_path.read_text()
+    with pytest.raises(OSError):
+        calls_by_worker()  # the workers are gone too
 
 
 def test_a_token_variable_that_is_set_must_hold_a_usable_token():
@@ -588,7 +670,8 @@ def test_calls_that_score_alone_score_together_past_the_item_cache(store_dir, mo
     online = OnlineFeatures(open_store("local", store_dir))
     histories = set().union(*(online.user(user).history_item_ids[-200:] for user in users))
     assert len(histories) > 250  # the histories alone overflow the cache too
-    config = ServeConfig(model_dir=str(model_root), port=0, item_cache_entries=250, max_candidates=100)
+    config = ServeConfig(model_dir=str(model_root), port=0, item_cache_entries=250, max_candidates=100,
+                         max_queue_ms=None)  # every call answered: it is the batch that is tested
     with serving_in_background(config, open_store("local", store_dir)) as running:
         with ScoringClient(f"127.0.0.1:{running.port}") as scoring:
             alone = {user: scoring.score(user, items[user])[0] for user in users}
@@ -679,21 +762,26 @@ def test_the_model_queue_refuses_calls_past_its_row_bound_and_batches_what_waits
 
 @pytest.mark.parametrize("limit,refusal", [
     ("concurrency", "Concurrent RPC limit exceeded!"),  # gRPC's own words
-    ("queue", "server overloaded: "),
+    ("queue", "server overloaded: 1000 rows wait for the model"),
+    ("time", "server overloaded: a call of 500 rows would wait about "),
 ])
-def test_a_flood_is_shed_and_admitted_calls_meet_their_deadline(store_dir, model_root, limit, refusal):
-    """200 calls of 500 candidates at once, against 4 calls in the server at once or a model queue of
-    1,000 rows: some are refused RESOURCE_EXHAUSTED by that limit, the others succeed, every call ends
-    well within its deadline, none fails INTERNAL or UNKNOWN, and the server is SERVING after."""
+def test_a_flood_is_shed_and_admitted_calls_meet_their_deadline(store_dir, model_root, limit, refusal, caplog):
+    """200 calls of 500 candidates at once, against 4 calls in the server at once, a model queue of
+    1,000 rows, or a 25 ms wait for the model (each limit alone): some are refused RESOURCE_EXHAUSTED
+    by that limit, the others succeed, every call ends well within its deadline, none fails INTERNAL
+    or UNKNOWN, and the server is SERVING after. The shed calls are logged in summary lines, not one
+    line each."""
     from collections import Counter
 
     from protos.plexrec.v1 import scoring_pb2
 
-    limits = {"concurrency": {"max_concurrent_calls": 4, "max_queued_rows": 1_000_000},
-              "queue": {"max_concurrent_calls": None, "max_queued_rows": 1000}}[limit]
+    limits = {"concurrency": {"max_concurrent_calls": 4, "max_queued_rows": 1_000_000, "max_queue_ms": None},
+              "queue": {"max_concurrent_calls": None, "max_queued_rows": 1000, "max_queue_ms": None},
+              "time": {"max_concurrent_calls": None, "max_queued_rows": 1_000_000, "max_queue_ms": 25}}[limit]
     config = ServeConfig(model_dir=str(model_root), port=0, max_batch_rows=1000, **limits)
     items, deadline = list(range(1, 501)), 5.0
-    with serving_in_background(config, open_store("local", store_dir)) as running:
+    with caplog.at_level(logging.WARNING, logger="plexrec.serving"), \
+            serving_in_background(config, open_store("local", store_dir)) as running:
         with ScoringClient(f"127.0.0.1:{running.port}") as scoring:
             scoring.score(USER, items)  # the items in the cache: the flood measures the server, not the store
             request = scoring_pb2.ScoreRequest(user_id=USER, item_ids=items)
@@ -715,6 +803,13 @@ def test_a_flood_is_shed_and_admitted_calls_meet_their_deadline(store_dir, model
             assert took < deadline / 2  # nobody waited for the deadline: refused at once, or scored
             assert scoring.serving()
             assert len(scoring.score(USER, items)[0]) == 500
+    ours = [json.loads(r.getMessage()) for r in caplog.records if r.name == "plexrec.serving"]
+    summaries = [line for line in ours if line["event"] == "calls_shed"]
+    assert not [line for line in ours if line["event"] == "call_failed"]
+    if limit != "concurrency":  # gRPC refuses those before the service sees them
+        assert 1 <= len(summaries) <= 3, summaries
+        assert sum(line["counts"].get("RESOURCE_EXHAUSTED", 0) for line in summaries) == \
+            codes[grpc.StatusCode.RESOURCE_EXHAUSTED]
 
 
 # --- another schema: KuaiRand-Pure (impressions, a 30-column user table, the request context `tab`) ---
