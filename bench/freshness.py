@@ -500,10 +500,9 @@ def freshness(args) -> None:
     """Event -> served model freshness through the real stack (see the module's doc)."""
     from contextlib import ExitStack
 
-    from features.broker import embedded_broker, free_port
+    from features.broker import embedded_broker
     from features.event_log import log_dir, positions, read_event_log
     from features.events import EventProducer, schema_events
-    from features.ingest import ensure_topics
     from features.load import load_into_store
     from features.store import open_store
     from features.training import examples_from_store
@@ -512,15 +511,8 @@ def freshness(args) -> None:
     from features.datasets import read_tables
     from recsys.item_embeddings import publish_model_embeddings
     from recsys.learn import LearnConfig
-    from plexrec.quickstart import (
-        MOVIELENS_SCHEMA,
-        request_context,
-        run_config_for,
-        split_by_time,
-        start_process,
-        wait_for,
-    )
-    from serving.client import ScoringClient
+    from plexrec.local_stack import start_services, wait_for
+    from plexrec.quickstart import MOVIELENS_SCHEMA, request_context, run_config_for, split_by_time
     from serving.server import ServeConfig
 
     started = time.perf_counter()
@@ -572,23 +564,11 @@ def freshness(args) -> None:
     phases, timeline = [], {}
     with ExitStack() as stack:
         bootstrap = stack.enter_context(embedded_broker())
-        ensure_topics({"bootstrap_servers": bootstrap}, FRESHNESS_TOPIC)
-        port = free_port()
-        children = {
-            "ingester": start_process(stack, "plexrec ingest", [
-                "ingest", "--bootstrap-servers", bootstrap, "--topic", FRESHNESS_TOPIC, "--group", "plexrec-freshness",
-                "--data-dir", str(store_dir)], work / "logs" / "ingest.log"),
-            "server": start_process(stack, "plexrec serve", [
-                "serve", "--model-dir", str(run_dir / "models"), "--data-dir", str(store_dir), "--port", str(port),
-                *serve_flags], work / "logs" / "serve.log"),
-            "learner": start_process(stack, "plexrec learn", [
-                "learn", "--model-dir", str(run_dir / "models"), "--data-dir", str(store_dir), *learn_flags],
-                work / "logs" / "learn.log"),
-        }
+        services = start_services(stack, bootstrap=bootstrap, topic=FRESHNESS_TOPIC, group="plexrec-freshness",
+                                  store_dir=store_dir, models=run_dir / "models", logs=work / "logs",
+                                  serve_flags=serve_flags, learn_flags=learn_flags)
         stack.callback(watch.stop.set)  # the threads stop before the processes do
-        target = f"127.0.0.1:{port}"
-        client = stack.enter_context(ScoringClient(target, timeout=30))
-        wait_for(client.serving, "the scoring server", 180, children)
+        children, target = services.children, services.target
         wait_for(lambda: "starting from the served version" in (work / "logs" / "learn.log").read_text()
                  or "resuming from" in (work / "logs" / "learn.log").read_text(), "plexrec learn to start", 180,
                  children)

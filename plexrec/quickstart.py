@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from plexrec.local_stack import start_services, wait_for
 from recsys.config import PROJECT_ROOT
 from recsys.logs import configure_logging
 
@@ -50,37 +51,6 @@ GENERIC_CONFIG = PROJECT_ROOT / "configs" / "quickstart.yaml"
 TOPIC = "user-events"
 TOP = 10
 LEARN_EXPORT_SECONDS = 2
-
-
-def stopped_process(process: subprocess.Popen, name: str) -> None:
-    from features.broker import stop_process
-
-    stop_process(process, timeout_seconds=20)
-    log.info("stopped %s", name)
-
-
-def start_process(stack: ExitStack, name: str, command: list[str], log_path: Path) -> subprocess.Popen:
-    """A plexrec job as a child process, logging to ``log_path``, stopped when ``stack`` closes."""
-    log_file = stack.enter_context(log_path.open("w"))  # closed after the process is stopped
-    process = subprocess.Popen([sys.executable, "-m", "plexrec.cli", *command], cwd=PROJECT_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=log_file,
-                               env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
-    stack.callback(stopped_process, process, name)
-    log.info("started %s (pid %d, log %s)", name, process.pid, log_path)
-    return process
-
-
-def wait_for(condition, what: str, timeout: float, processes: dict[str, subprocess.Popen]) -> float:
-    """Poll ``condition`` until true; seconds it took. Fails naming a child that died meanwhile."""
-    started = time.monotonic()
-    while not condition():
-        for name, process in processes.items():
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode} while waiting for {what}; see its log")
-        if time.monotonic() - started > timeout:
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
-    return time.monotonic() - started
 
 
 def split_by_time(frame: pd.DataFrame, replay_fraction: float, timestamp: str = "timestamp"
@@ -110,8 +80,7 @@ def run_config_for(schema_path: Path, config_path: str | None, overrides: dict):
 
 
 def run(args: argparse.Namespace) -> dict:
-    from features.broker import embedded_broker, free_port
-    from features.ingest import ensure_topics
+    from features.broker import embedded_broker
     from features.load import load_into_store
     from features.store import open_store
     from features.errors import ConfigError
@@ -120,7 +89,6 @@ def run(args: argparse.Namespace) -> dict:
     from features.datasets import read_tables
     from recsys.item_embeddings import publish_model_embeddings
     from recsys.train import Trainer
-    from serving.client import ScoringClient
 
     home = Path(args.data_dir or ".plexrec").resolve() / "quickstart"
     schema_path = resolve_path(args.schema)
@@ -166,25 +134,12 @@ def run(args: argparse.Namespace) -> dict:
         published, version = publish_model_embeddings(result["model_dir"], store, store_dir)
         report["published_embeddings"] = {"items": published, "model_version": version}
 
-        # the topics exist before anything produces, with their partition counts, on any broker
-        ensure_topics({"bootstrap_servers": bootstrap}, TOPIC)
-        port, metrics_port = free_port(), free_port()
-        children = {
-            "ingester": start_process(stack, "the ingester", [
-                "ingest", "--bootstrap-servers", bootstrap, "--topic", TOPIC, "--group", "plexrec-quickstart",
-                "--data-dir", str(store_dir)], home / "logs" / "ingest.log"),
-            "server": start_process(stack, "the scoring server", [
-                "serve", "--model-dir", str(home / "run" / "models"), "--data-dir", str(store_dir),
-                "--port", str(port), "--metrics-port", str(metrics_port), "--reload-seconds", "1"],
-                home / "logs" / "serve.log"),
+        services = start_services(
+            stack, bootstrap=bootstrap, topic=TOPIC, group="plexrec-quickstart", store_dir=store_dir,
+            models=home / "run" / "models", logs=home / "logs", metrics=True, serve_flags=["--reload-seconds", "1"],
             # exports more often than its default (30 s): the demo's stream lasts seconds
-            "learner": start_process(stack, "the learner", [
-                "learn", "--model-dir", str(home / "run" / "models"), "--data-dir", str(store_dir),
-                "--export-seconds", str(LEARN_EXPORT_SECONDS), "--poll-seconds", "0.5"], home / "logs" / "learn.log"),
-        }
-        target = f"127.0.0.1:{port}"
-        client = stack.enter_context(ScoringClient(target, timeout=30))
-        wait_for(client.serving, "the scoring server", 180, children)
+            learn_flags=["--export-seconds", str(LEARN_EXPORT_SECONDS), "--poll-seconds", "0.5"])
+        client, children, target = services.client, services.children, services.target
 
         demo = _demo(tables, past, future, client, children, bootstrap, store, args, report, trainer)
         report["seconds"] = round(time.monotonic() - started, 1)
@@ -192,7 +147,7 @@ def run(args: argparse.Namespace) -> dict:
         print_summary(report, demo, home, tables.title_of())
         if args.serve:
             items = ",".join(str(i) for i in list(demo["before"])[:3])
-            print(f"\nserving on {target} (metrics http://127.0.0.1:{metrics_port}/metrics), ingesting {TOPIC} "
+            print(f"\nserving on {target} (metrics http://127.0.0.1:{services.metrics_port}/metrics), ingesting {TOPIC} "
                   f"from {bootstrap}. Try:\n  .venv/bin/plexrec score --target {target} --user {demo['user']} "
                   f"--items {items} --rank 3\n  .venv/bin/plexrec replay --schema {schema_path} "
                   f"--bootstrap-servers {bootstrap} --limit 100\nCtrl-C stops everything.", flush=True)

@@ -63,8 +63,8 @@ def test_quickstart_runs_every_stage_serves_and_stops_everything_on_ctrl_c(tmp_p
     process.wait(timeout=60)
     log = (tmp_path / "quickstart.log").read_text()
     assert process.returncode == 0, log[-3000:]
-    assert "stopped the scoring server" in log and "stopped the ingester" in log and "broker" in log
-    assert "stopped the learner" in log
+    assert "stopped plexrec serve" in log and "stopped plexrec ingest" in log and "broker" in log
+    assert "stopped plexrec learn" in log
     time.sleep(0.5)
     assert not [pid for pid in running if Path(f"/proc/{pid}").exists()
                 and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
