@@ -17,8 +17,12 @@ declares any, set from a random interaction). In one run, side by side:
 - the bare grpc.aio round trip (the server's health check) and every latency over it;
 - the model alone in process on the same requests (the fast path's inputs + forward, and the
   eager path: training's pandas rows and the TorchRec Ranker);
-- overload (1 process): an open loop at ``--overload`` times the calls/s the closed loop reached,
-  deadline 1 s: the admitted calls' p50/p99 against the unloaded (concurrency 1) p99;
+- overload (1 process): h2load offers ``--overload`` times the OK calls/s it got from 1 process
+  (16 connections x 4 streams) while a Python probe sends 20 calls/s (deadline 1 s): the probe's
+  admitted calls' p50/p99 against the unloaded (concurrency 1) p99, on a server with the time
+  target ``--max-queue-ms`` (50) and on one without it (the deadline and the row bound alone).
+  The other cells run without a time target: they measure capacity, not shedding (a client that
+  retries a refused call at once turns shedding into a refusal storm that starves the scoring);
 - with h2load (Debian's nghttp2-client; `scripts/install.sh` installs it), a C load generator
   that costs far less CPU per call than the server: calls/s of the bare health check and of
   Score with 100 candidates, per process count (16 connections x 4-8 streams).
@@ -319,15 +323,17 @@ def wait_until_serving(target: str, process: subprocess.Popen, timeout: float = 
     raise SystemExit("plexrec serve did not become healthy")
 
 
-def start_server(model_dir: Path, store_dir: Path, processes: int, log_path: Path) -> tuple:
-    """`plexrec serve --processes N` in a process of its own: (the process, target, metrics URLs)."""
+def start_server(model_dir: Path, store_dir: Path, processes: int, log_path: Path,
+                 max_queue_ms: float | None = None) -> tuple:
+    """`plexrec serve --processes N [--max-queue-ms T]` in a process of its own (without T: no time
+    target, the deadline and the row bound alone): (the process, target, metrics URLs)."""
     port, metrics_port = free_port(), free_port()
     while port in range(metrics_port, metrics_port + processes):
         metrics_port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "plexrec.cli", "serve", "--model-dir", str(model_dir),
                                "--data-dir", str(store_dir), "--port", str(port), "--metrics-port",
-                               str(metrics_port), "--processes", str(processes)], cwd=ROOT,
-                              stderr=log_path.open("w"))
+                               str(metrics_port), "--processes", str(processes),
+                               "--max-queue-ms", str(max_queue_ms or 0)], cwd=ROOT, stderr=log_path.open("w"))
     return server, port, [f"http://127.0.0.1:{metrics_port + i}/metrics" for i in range(processes)]
 
 
@@ -396,6 +402,9 @@ def main() -> None:
     parser.add_argument("--overload", type=float, default=4.0,
                         help="open-loop cells at this multiple of the calls/s the server managed (1 process); "
                              "0: none")
+    parser.add_argument("--max-queue-ms", type=float, default=50.0,
+                        help="the time target of the overload cells' server (beside one without); the other "
+                             "cells are served without one, so that they measure capacity, not shedding")
     parser.add_argument("--out", default="bench/results/serving.json")
     args = parser.parse_args()
     schema = DatasetSchema.from_yaml(resolve_path(load_config(resolve_path(args.config)).data.schema))
@@ -481,13 +490,26 @@ def main() -> None:
                               f"{p99:7.2f} ms  {row['calls_per_s']:7.1f} calls/s ({refused} refused)  server: fetch "
                               f"{stages['feature_fetch']:.2f} / inputs {stages['model_inputs']:.2f} / forward "
                               f"{stages['forward']:.2f} ms per batch of {calls_per_batch:.1f} calls", flush=True)
-                    if args.overload and processes == 1 and bare_h2load is not None:
-                        overload.append(overload_cell(port, target, metrics_urls, users, catalogue, contexts,
-                                                      candidates, bodies[candidates], args, tmp, bare_p50, results,
-                                                      generator[-1]["score"][candidates]["ok_per_s"]))
             finally:
                 server.terminate()
                 server.wait(timeout=60)
+        if args.overload and generator:
+            # one process, with the time target (the default's) and without (the deadline and the row bound)
+            for max_queue_ms in (args.max_queue_ms, None):
+                server, port, metrics_urls = start_server(model_dir, tmp / "store", 1, tmp / "server.log",
+                                                          max_queue_ms)
+                target = f"127.0.0.1:{port}"
+                try:
+                    wait_until_serving(target, server)
+                    asyncio.run(closed_loop(target, users, catalogue, contexts, 1000, 4, 3.0, seed=99, connections=4))
+                    for candidates, body in bodies.items():
+                        cell = overload_cell(port, target, metrics_urls, users, catalogue, contexts, candidates, body,
+                                             args, tmp, bare[1]["p50_ms"], results,
+                                             generator[0]["score"][candidates]["ok_per_s"])
+                        overload.append({"max_queue_ms": max_queue_ms, **cell})
+                finally:
+                    server.terminate()
+                    server.wait(timeout=60)
     write_json(args.out, {"benchmark": "serving", "measured_at": now(), "machine": machine(),
                           "schema": schema.name, "config": args.config, "history_length": HISTORY,
                           "seconds_per_cell": args.seconds, "goals": GOALS, "bare_round_trip": bare,
@@ -503,12 +525,12 @@ def main() -> None:
               f"{r['p50_over_bare_round_trip']:.1f}x | {r['p99_over_bare_round_trip']:.1f}x | "
               f"{r['fetch_over_in_process']:.1f}x, {r['inputs_over_in_process']:.1f}x, {r['forward_over_in_process']:.1f}x |")
     if overload:
-        print("\n| candidates | h2load offers (x its OK calls/s) | answered OK | refused | probe admitted | probe p50 "
-              "| probe p99 | unloaded p99 | p99 / unloaded p99 |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n| --max-queue-ms | candidates | h2load offers (x capacity) | answered OK | refused | probe admitted "
+              "| probe p50 | probe p99 | unloaded p99 | p99 / unloaded p99 |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for o in overload:
             flood, probe = o["flood"], o["probe"]
-            print(f"| {o['candidates']:,} | {o['offered_per_s']:.0f}/s ({o['overload']:g}x) | "
+            print(f"| {o['max_queue_ms'] or 'none'} | {o['candidates']:,} | {o['offered_per_s']:.0f}/s ({o['overload']:g}x) | "
                   f"{flood.get('ok_per_s', 0):.0f}/s | {flood.get('failed')} | {probe['admitted']}/{probe['sent']} | "
                   f"{probe['p50_ms'] or 0:.1f} ms | {probe['p99_ms'] or 0:.1f} ms | {o['unloaded_p99_ms']:.1f} ms | "
                   f"{o['p99_over_unloaded_p99'] or 0:.2f}x |")
@@ -526,7 +548,7 @@ def main() -> None:
             row = next((g for g in generator if g["processes"] == goal["processes"]), None)
             value = row["score"][100]["ok_per_s"] if row and 100 in row["score"] else None
         elif goal["metric"] == "p99_over_unloaded_p99":
-            row = next((o for o in overload if o["candidates"] == goal["candidates"]), None)
+            row = next((o for o in overload if o["candidates"] == goal["candidates"] and o["max_queue_ms"]), None)
             value = row["p99_over_unloaded_p99"] if row else None
         else:
             row = next((r for r in results if r["processes"] == 1 and r["candidates"] == goal["candidates"]
