@@ -81,8 +81,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from features.columns import microseconds, stored_column
+from features import durable
 from features.durable import exclusive, write_parquet, write_text
 from features.example_sql import path_list
+from features.events import InvalidEvent, NOT_CARRIED, item_category_of, make_event, stored_item_attributes
+from features.log_stamp import file_fingerprints, store_fingerprint
+from features.store import StoreError, data_dir, read_store_meta, stored_schema
 
 log = logging.getLogger("plexrec.features")
 
@@ -237,9 +241,6 @@ def compact_event_log(directory: str | Path) -> Compaction:
 
 
 def _append(directory: Path, report: Compaction) -> None:
-    from features.log_stamp import file_fingerprints, store_fingerprint
-    from features.store import StoreError
-
     events = log_dir(directory)
     manifest = read_manifest(directory)
     report.orphans_removed = _remove_orphans(directory, manifest)
@@ -279,8 +280,6 @@ def _append_group(directory: Path, batches: list[Path], repeated: dict[str, np.n
                   report: Compaction) -> dict:
     """Commit the new events of ``batches`` (their rows but ``repeated``'s) as the next part; the
     manifest after it."""
-    from features.store import read_store_meta, stored_schema
-
     events = log_dir(directory)
     frames = [pd.read_parquet(batch) for batch in batches]
     read = sum(len(frame) for frame in frames)
@@ -497,8 +496,6 @@ def events_after(directory: str | Path, offsets: dict[str, int]) -> tuple[pd.Dat
     follows the stream (recsys/learn.py) takes next; call compact_event_log first. Reads the
     positions of the parts that may hold new events (not those whose highest offset per position,
     in the manifest, is taken), then the rows of the new events only."""
-    from features.store import read_store_meta, stored_schema
-
     directory = Path(directory)
     manifest = read_manifest(directory)
     ahead = {key: part for key, part in manifest["parts"].items() if "offsets" not in part  # unknown: read it
@@ -564,9 +561,6 @@ def stream_item_profile_rows(directory: Path, new: pd.DataFrame, manifest: dict)
     """The item-profile rows of the item attributes ``new`` events carry (module doc, step 3), in
     the loaded item_profile's column types; None when none carries any. Reads the previous rows of
     the items they touch only (the loaded profile's, and the committed streamed ones')."""
-    from features.events import InvalidEvent, NOT_CARRIED, item_category_of, make_event, stored_item_attributes
-    from features.store import read_store_meta, stored_schema
-
     if "item_attributes" not in new or not len(new):
         return None
     carrying = new[new["item_attributes"].fillna("{}").astype(str) != "{}"]
@@ -658,12 +652,10 @@ def _as_loaded_profile(directory: Path, rows: pd.DataFrame, types: dict[str, str
 
 
 def _write_table(table: pa.Table, path: Path) -> None:
-    from features.durable import durably_replace
-
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(path.name + ".tmp")
     pq.write_table(table, staging)
-    durably_replace(staging, path)
+    durable.durably_replace(staging, path)  # looked up at each call: tests stand in for it
 
 
 def event_times(logged: pd.DataFrame, schema) -> np.ndarray:
@@ -689,8 +681,6 @@ def compaction_lock(directory: str | Path):
 
 def main(directory: str | Path | None = None) -> Compaction:
     """`plexrec features compact`: append the store's new logged events to the log and the training rows."""
-    from features.store import data_dir, read_store_meta
-
     directory = data_dir(directory)
     read_store_meta(directory)  # StoreError, saying what to do, where no store was loaded
     report = compact_event_log(directory)

@@ -23,7 +23,11 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from features.schema import MAX_CONTEXT_ENTRIES, MAX_CONTEXT_TEXT, first_value, value_text
+from features.datasets import read_tables
+from features.errors import ConfigError
+from features.kafka_options import KafkaOptionsError, add_kafka_arguments, kafka_options, unreachable
+from features.schema import DataError, DatasetSchema, MAX_CONTEXT_ENTRIES, MAX_CONTEXT_TEXT, first_value, value_text
+from features.store import PROJECT_ROOT
 from protos.plexrec.v1.events_pb2 import EventType, UserEvent
 
 DEFAULT_TOPIC = "user-events"
@@ -275,8 +279,6 @@ def schema_events(frame, schema) -> list[UserEvent]:
 def replay_events(schema, after_fraction: float = 0.0, limit: int | None = None) -> list[UserEvent]:
     """A data set's interactions as events in time order; ``after_fraction`` skips the earliest share
     (e.g. 0.8: replay the last 20%, the part a model trained on the rest has not seen)."""
-    from features.datasets import read_tables
-
     frame = read_tables(schema).interactions.sort_values(schema.timestamp, kind="stable")
     frame = frame.iloc[int(len(frame) * after_fraction):]
     if limit is not None:
@@ -289,11 +291,6 @@ def replay_main(argv: list[str] | None = None) -> None:
     import argparse
     import logging
     import sys
-
-    from features.kafka_options import KafkaOptionsError, add_kafka_arguments, kafka_options, unreachable
-    from features.store import PROJECT_ROOT
-    from features.errors import ConfigError
-    from features.schema import DataError, DatasetSchema
 
     parser = argparse.ArgumentParser(prog="plexrec replay", description=replay_main.__doc__.split(":", 1)[1])
     add_kafka_arguments(parser, creates_topics=False)  # the topic is the ingester's, or the broker's default

@@ -43,10 +43,14 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from features.errors import ConfigError
 from features.event_log import stream_item_profile_parts, stream_parts
 from features.example_sql import (EngineSettings, behaviours_query, counted_examples_query, interaction_columns,
                                    item_profile_query, path_list, quote, rows_query)
-from features.negatives import negatives_query
+from features.example_tables_spark import SparkEngine
+from features.examples import (_raw_ids, _row_features, append_negatives, build_examples, category_id,
+                               feature_row_schema, split_parts)
+from features.negatives import ImplicitRule, negatives_query
 
 log = logging.getLogger("plexrec.features")
 
@@ -190,11 +194,7 @@ def build_example_tables(offline: Path, schema, out: Path, *, shards: int = 1, s
     time cuts are computed here over every example."""
     started = time.perf_counter()
     if engine == "spark":
-        from features.example_tables_spark import SparkEngine
-
         if schema.implicit:
-            from features.errors import ConfigError
-
             raise ConfigError(f"schema {schema.name}: implicit feedback (sampled negatives) is built by DuckDB only; "
                               "set data.example_engine: duckdb (the Spark engine does not sample negatives yet)")
 
@@ -266,8 +266,6 @@ def shard_split(tables: ExampleTables, split):
 def shard_split_counts(tables: ExampleTables, shard: int, schema, split) -> tuple[dict[int, int], int | None]:
     """(examples per split part, newest timestamp) of one shard, from the columns the split reads
     (what read_shard would assign, without building the examples)."""
-    from features.examples import feature_row_schema, split_parts
-
     examples_path, _ = tables.shard_paths(shard)
     if not examples_path.exists():
         return {}, None
@@ -293,9 +291,6 @@ def shard_split_counts(tables: ExampleTables, shard: int, schema, split) -> tupl
 def read_shard(tables: ExampleTables, shard: int, schema, split, history_length: int):
     """One shard's Examples: its examples' features, labels and split, and its users' behaviour
     sequences, each history at most ``history_length`` long (the store's)."""
-    from features.examples import category_id, feature_row_schema
-    from features.examples import build_examples
-
     examples_path, behaviours_path = tables.shard_paths(shard)
     if not examples_path.exists():
         return None
@@ -335,9 +330,6 @@ def read_shard(tables: ExampleTables, shard: int, schema, split, history_length:
 def _with_negative_rows(examples, rows: pd.DataFrame, negatives: pd.DataFrame, schema):
     """A shard's Examples with its sampled negatives (rows with ``sample`` = k + 1 and their
     positive's ordinal), each after its positive, as the direct loader places them."""
-    from features.examples import _raw_ids, _row_features, append_negatives, feature_row_schema
-    from features.negatives import ImplicitRule
-
     rows_schema = feature_row_schema(schema)
     parent = pd.Index(rows["ordinal"].to_numpy(np.int64)).get_indexer(negatives["ordinal"].to_numpy(np.int64))
     user_raw, _ = _raw_ids(negatives["user_id"])

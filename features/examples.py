@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from features.ids import cell_values, value_to_id
+from features.negatives import ImplicitRule, catalogue, sample_negatives
 from features.schema import CATEGORY_FEATURE, DataError, DatasetSchema, FeatureGroup
 from features.tables import check_columns
 
@@ -351,8 +352,6 @@ def _with_sampled_negatives(examples: Examples, frame: pd.DataFrame, schema: Dat
                             behaviour: np.ndarray) -> Examples:
     """The direct loader's sampled negatives (features/negatives.py): each a copy of its positive's
     row (user, instant, user and context columns) with the drawn item's columns."""
-    from features.negatives import ImplicitRule, catalogue, sample_negatives
-
     rule = ImplicitRule.of(schema.implicit)
     positive = np.flatnonzero((examples.label == 1) & (examples.split != CONTEXT))
     items, times = catalogue(examples.user_id[behaviour], examples.item_id[behaviour],

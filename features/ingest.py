@@ -78,8 +78,16 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from features.durable import durably_replace
+from features.errors import ConfigError
+from features.events import (DEAD_LETTER_SUFFIX, InvalidEvent, check_against_schema, decode_event, is_behaviour,
+                             item_category_of, stored_item_attributes, unknown_context_keys)
 from features.folds import (ItemCounterRow, ItemDelta, Received, UserRow, fold_item_attributes, fold_item_counters,
                             fold_user, next_stamp_us)
+from features.ingest_metrics import IngestMetrics
+from features.kafka_options import (KafkaOptionsError, add_kafka_arguments, kafka_options, replication_factor,
+                                    unreachable)
+from features.store import STORE_LAYOUT, StoreError, data_dir, open_store, read_store_meta, stored_schema
 
 log = logging.getLogger("plexrec.ingest")
 
@@ -176,8 +184,6 @@ def topic_incarnation(admin, topic: str) -> str | None:
 def source_position(message, incarnation: str) -> tuple[str, int, int]:
     """The (topic incarnation, partition, offset) of the event an item delta was re-keyed from.
     Deltas sent before the source_topic header existed came from the current incarnation."""
-    from features.events import InvalidEvent
-
     headers = dict(message.headers or [])
     try:
         source = headers["source_topic"].decode() if "source_topic" in headers else incarnation
@@ -213,9 +219,6 @@ class Ingester:
         """``history_length``: None or the store's (IngestError otherwise). ``kafka``: more kafka-python connection options
         (security; features/kafka_options.py). ``clock``: seconds since the epoch, for the rows'
         stamps. Raises StoreError without a loaded store (store.json)."""
-        from features.events import DEAD_LETTER_SUFFIX
-        from features.store import STORE_LAYOUT, StoreError, read_store_meta, stored_schema
-
         # the store decides what an event means: its schema (labels, history rule, timestamp unit,
         # item attributes) and its column types; read before connecting, so a bad start fails fast
         meta = read_store_meta(directory)
@@ -256,7 +259,6 @@ class Ingester:
         # one request in flight: a partition's deltas reach the broker in the order they were sent,
         # which the item watermarks rely on
         self.producer = KafkaProducer(**self.kafka, acks="all", linger_ms=5, max_in_flight_requests_per_connection=1)
-        from features.ingest_metrics import IngestMetrics
 
         self.stats, self.metrics = IngestStats(), IngestMetrics()
         self.commit_seconds: list[float] = []  # since the metrics last followed the stats
@@ -270,8 +272,6 @@ class Ingester:
     def run_once(self) -> int:
         """Poll, apply and commit one batch; returns how many messages it held."""
         from kafka.errors import CommitFailedError
-
-        from features.events import InvalidEvent
 
         polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=self.max_batch)
         messages = [m for records in polled.values() for m in records]
@@ -359,8 +359,6 @@ class Ingester:
 
     def _received(self, message) -> Received:
         """A message of the event topic, judged against the store's schema (InvalidEvent if it does not fit)."""
-        from features.events import check_against_schema, decode_event, is_behaviour, unknown_context_keys
-
         event = decode_event(message.key, message.value)
         label = check_against_schema(event, self.schema, self.types)
         behaviour = is_behaviour(label, self.schema)
@@ -373,8 +371,6 @@ class Ingester:
         return Received(message.partition, message.offset, event, label, behaviour)
 
     def _item_delta(self, message) -> ItemDelta:
-        from features.events import decode_event, item_category_of, stored_item_attributes
-
         source, partition, offset = source_position(message, self.incarnation)
         event = decode_event(None, message.value)
         # checked when the event arrived; converted again here, where the row is written (InvalidEvent
@@ -512,8 +508,6 @@ class Ingester:
 
         import pandas as pd
 
-        from features.durable import durably_replace
-
         frame = pd.DataFrame({
             "event_id": [r.event.event_id for r in events],
             "user_id": [r.event.user_id for r in events],
@@ -572,10 +566,6 @@ class Ingester:
 
 def main(argv: list[str] | None = None) -> None:
     without_torch()
-    from features.kafka_options import (KafkaOptionsError, add_kafka_arguments, kafka_options, replication_factor,
-                                        unreachable)
-    from features.store import StoreError, data_dir, open_store
-    from features.errors import ConfigError
 
     parser = argparse.ArgumentParser(prog="plexrec ingest", description=__doc__.splitlines()[0])
     add_kafka_arguments(parser)

@@ -33,10 +33,14 @@ import pandas as pd
 
 from features.columns import feast_type, microseconds, stored_column
 from features.durable import write_parquet, write_text
-from features.event_log import compaction_lock
+from features.event_log import (PROFILE_ORDER, compact_event_log, compaction_lock, stream_item_profile_parts,
+                                stream_parts)
 from features.schema import DataError, DatasetSchema, first_value
 from features.tables import DatasetTables
 from features.known_warnings import feast_calls
+from features.examples import labels_of  # the label rule, as training applies it
+from features.log_stamp import foreign_log_files
+from features.store import STORE_LAYOUT, apply_definitions, read_store_meta
 
 log = logging.getLogger("plexrec.features")
 
@@ -130,9 +134,6 @@ def with_stream(frame: pd.DataFrame, stream: pd.DataFrame | None, schema: Datase
 def committed_stream(directory: Path, schema: DatasetSchema) -> pd.DataFrame | None:
     """The interaction rows streamed into the store in ``directory`` (compacted first), when it holds
     ``schema``'s data set; None for a new store or another data set's."""
-    from features.event_log import compact_event_log, stream_parts
-    from features.store import read_store_meta
-
     if not (directory / STORE_META).is_file() or read_store_meta(directory).get("schema_fingerprint") != \
             schema.fingerprint():
         return None
@@ -176,8 +177,6 @@ def behaviour_views(frame: pd.DataFrame, schema: DatasetSchema,
     joins these views (features/example_tables.py computes every example's state from the events),
     so no per-behaviour snapshot is kept: that was O(behaviours x history length) on disk and
     quadratic per user in Feast's point-in-time join."""
-    from features.examples import labels_of  # the label rule, as training applies it
-
     unit = schema.timestamp_unit
     label = labels_of(frame, schema)
     behaviours = frame[label == 1] if schema.history == "positive" else frame
@@ -200,8 +199,6 @@ def behaviour_views(frame: pd.DataFrame, schema: DatasetSchema,
 
 
 def store_meta(schema: DatasetSchema, types: dict[str, str], history_length: int) -> dict:
-    from features.store import STORE_LAYOUT
-
     return {"schema": schema.to_dict(), "schema_fingerprint": schema.fingerprint(), "layout": STORE_LAYOUT,
             "history_length": history_length, "types": types,
             "loaded_at": datetime.now(timezone.utc).isoformat()}
@@ -210,8 +207,6 @@ def store_meta(schema: DatasetSchema, types: dict[str, str], history_length: int
 def archive_foreign_stream(directory: Path) -> Path | None:
     """Move the event log and its training rows away when they were streamed into a store of another
     schema (features/log_stamp.py): they would become the new data set's examples. Where they went."""
-    from features.log_stamp import foreign_log_files
-
     foreign = foreign_log_files(directory, unstamped_foreign=False)
     if not foreign:
         return None
@@ -227,8 +222,6 @@ def archive_foreign_stream(directory: Path) -> Path | None:
 
 def load_into_store(store, tables: DatasetTables, directory: Path, history_length: int) -> dict[str, int]:
     """Write the offline tables and store.json, apply the definitions, materialise the online store."""
-    from features.store import apply_definitions
-
     if tables.interactions.empty:
         raise DataError("the interactions are empty: nothing to load")
     types = column_types(tables.schema, tables)
@@ -264,8 +257,6 @@ def restore_streamed_item_profiles(store, directory: Path) -> int:
     """Online, every item whose attributes the stream changed gets its newest streamed profile row
     back after a reload's materialize (which writes the loaded rows: SQLite takes them whatever their
     stamp), so the online profile stays the offline one's newest (features/event_log.py). How many."""
-    from features.event_log import PROFILE_ORDER, stream_item_profile_parts
-
     parts = stream_item_profile_parts(directory)
     if not parts:
         return 0

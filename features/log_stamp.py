@@ -21,19 +21,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from features.schema import DatasetSchema
+from features.store import read_store_meta
+
 STAMP_COLUMN = "schema_fingerprint"
 
 
 def store_fingerprint(directory: str | Path) -> str:
     """The schema fingerprint of the store loaded in ``directory`` (store.json)."""
-    from features.store import read_store_meta
-
     meta = read_store_meta(directory)
     fingerprint = meta.get("schema_fingerprint")
     if fingerprint:
         return str(fingerprint)
-    from features.schema import DatasetSchema  # store.json of a plexrec that did not record it
-
+    # store.json of a plexrec that did not record it
     return DatasetSchema.from_dict(meta["schema"], where="store.json schema").fingerprint()
 
 

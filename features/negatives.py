@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from features.example_sql import label_expression, quote
+
 P = 2_147_483_647  # 2^31 - 1, a prime
 MULTIPLIER, INCREMENT = 48_271, 11
 SAMPLERS = ("popularity", "uniform")
@@ -215,8 +217,6 @@ def negatives_query(schema, examples_from: str, columns: list[str]) -> str:
     ``ordinal``, and ``sample`` = k + 1. Reads the ``rows`` view (every loaded and streamed row:
     the catalogue of behaviours, and what each user had met and when)."""
     rule = ImplicitRule.of(schema.implicit)
-    from features.example_sql import label_expression, quote
-
     label_column = quote(schema.rating or schema.label)
     if rule.sampler == "popularity":
         entries = "SELECT item_id, user_id, timestamp AS plexrec_at FROM rows WHERE is_behaviour = 1"

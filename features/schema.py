@@ -57,6 +57,7 @@ from typing import Any
 import yaml
 
 from features.errors import ConfigError
+from features.negatives import ImplicitRule, SAMPLERS
 
 
 class DataError(ValueError):
@@ -329,8 +330,6 @@ def _group(raw: Any, name: str) -> FeatureGroup:
 
 def _implicit(raw: Any) -> dict[str, Any]:
     """The ``implicit`` setting, every key filled in (so the contract names the whole rule)."""
-    from features.negatives import SAMPLERS, ImplicitRule
-
     if not isinstance(raw, dict):
         raise ConfigError("schema implicit: expected a mapping {negatives, sampler, seed, rounds}")
     known = {f.name for f in dataclasses.fields(ImplicitRule)}

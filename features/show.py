@@ -15,13 +15,13 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
+from features.schema import DatasetSchema
+
 PROFILE_VIEW = {"user": "user_profile", "item": "item_profile"}
 
 
 def entity_state(store, meta: dict, kind: str, entity_id: int) -> dict[str, Any]:
     """The JSON-ready state of the user or item ``entity_id`` (kind "user" or "item")."""
-    from features.schema import DatasetSchema
-
     schema = DatasetSchema.from_dict(meta["schema"], where="store.json schema")
     key = f"{kind}_id"
     state: dict[str, Any] = {key: entity_id, "schema": schema.name}

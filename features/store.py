@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from features.schema import DatasetSchema
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = PROJECT_ROOT / ".plexrec"
 PROFILES = ("local", "redis")
@@ -50,8 +52,6 @@ def read_store_meta(directory: str | Path | None = None) -> dict:
 
 def stored_schema(directory: str | Path | None = None):
     """The schema the store in ``directory`` was loaded with."""
-    from features.schema import DatasetSchema
-
     return DatasetSchema.from_dict(read_store_meta(directory)["schema"], where="store.json schema")
 
 
