@@ -14,14 +14,15 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from features.broker import free_port, stop_process
+from features.ingest import ensure_topics
 from recsys.config import PROJECT_ROOT
+from serving.client import ScoringClient
 
 log = logging.getLogger("plexrec.stack")
 
 
 def stopped_process(process: subprocess.Popen, name: str) -> None:
-    from features.broker import stop_process
-
     stop_process(process, timeout_seconds=20)
     log.info("stopped %s", name)
 
@@ -63,10 +64,6 @@ def start_services(stack: ExitStack, *, bootstrap: str, topic: str, group: str, 
                    metrics: bool = False) -> LocalServices:
     """Create ``topic`` (and its companions) with their partition counts before anything produces,
     start the three jobs, and wait until the server answers."""
-    from features.broker import free_port
-    from features.ingest import ensure_topics
-    from serving.client import ScoringClient
-
     ensure_topics({"bootstrap_servers": bootstrap}, topic)
     port = free_port()
     metrics_port = free_port() if metrics else None

@@ -38,10 +38,27 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
+from features.broker import embedded_broker
+from features.datasets import read_tables
+from features.errors import ConfigError
+from features.event_log import last_offsets, read_event_log
+from features.events import EventProducer, schema_events
+from features.examples import build_examples, labels_of
+from features.load import load_into_store
+from features.online import OnlineFeatures
+from features.schema import DataError, DatasetSchema, value_text
+from features.store import open_store, read_store_meta
 from plexrec.local_stack import start_services, wait_for
-from recsys.config import PROJECT_ROOT
+from recsys.config import PROJECT_ROOT, load_config, resolve_path
+from recsys.data.batching import iterate_batches, model_inputs
+from recsys.export import load_model, read_manifest
+from recsys.item_embeddings import publish_model_embeddings
+from recsys.learn import learned_offsets
 from recsys.logs import configure_logging
+from recsys.metrics import auc
+from recsys.train import Trainer
 
 log = logging.getLogger("plexrec.quickstart")
 
@@ -64,15 +81,11 @@ def split_by_time(frame: pd.DataFrame, replay_fraction: float, timestamp: str = 
 
 def behaviour_mask(frame: pd.DataFrame, schema) -> np.ndarray:
     """Rows that enter histories and counters under the schema's rule."""
-    from features.examples import labels_of
-
     return np.ones(len(frame), dtype=bool) if schema.history == "all" else labels_of(frame, schema) == 1
 
 
 def run_config_for(schema_path: Path, config_path: str | None, overrides: dict):
     """The run config: --config, or the shipped one for the schema, pointed at the schema."""
-    from recsys.config import load_config
-
     if config_path is None:
         same = schema_path.resolve() == MOVIELENS_SCHEMA.resolve()
         config_path = MOVIELENS_CONFIG if same else GENERIC_CONFIG
@@ -80,16 +93,6 @@ def run_config_for(schema_path: Path, config_path: str | None, overrides: dict):
 
 
 def run(args: argparse.Namespace) -> dict:
-    from features.broker import embedded_broker
-    from features.load import load_into_store
-    from features.store import open_store
-    from features.errors import ConfigError
-    from recsys.config import resolve_path
-    from features.schema import DataError, DatasetSchema
-    from features.datasets import read_tables
-    from recsys.item_embeddings import publish_model_embeddings
-    from recsys.train import Trainer
-
     home = Path(args.data_dir or ".plexrec").resolve() / "quickstart"
     schema_path = resolve_path(args.schema)
     try:  # a wrong schema fails here, before any process starts
@@ -157,8 +160,6 @@ def run(args: argparse.Namespace) -> dict:
 
 def request_context(rows: pd.DataFrame, schema) -> dict[str, str]:
     """The context a caller would send for these rows: each context column's most common value."""
-    from features.schema import value_text
-
     context = {}
     for column in schema.context.columns:
         values = rows[column].dropna()
@@ -171,11 +172,6 @@ def _demo(tables, past, future, client, children, bootstrap, store, args, report
     """Rank for the user with the most new behaviours; replay the first half of the future until the
     served model has learned it, compare it with the frozen model on the second half; replay that,
     rank again."""
-    from features.event_log import read_event_log
-    from features.events import EventProducer, schema_events
-    from features.online import OnlineFeatures
-    from features.store import read_store_meta
-
     schema = tables.schema
     user_column, item_column = schema.user, schema.item
     past_behaviours = past[behaviour_mask(past, schema)]
@@ -251,10 +247,6 @@ def _demo(tables, past, future, client, children, bootstrap, store, args, report
 def _serves_a_model_of_every_logged_event(client, directory: Path, at_least: int) -> bool:
     """Whether the event log holds ``at_least`` events and the model the server answers with learned up
     to the last of each position (its manifest's offsets, recsys/learn.py)."""
-    from features.event_log import last_offsets, read_event_log
-    from recsys.export import read_manifest
-    from recsys.learn import learned_offsets
-
     logged = read_event_log(directory)
     if len(logged) < at_least:
         return False
@@ -267,13 +259,6 @@ def _next_window_auc(tables, past, future, trainer, home: Path, version: str) ->
     """AUC on the second half of the replay (not streamed yet) of the model trained before the replay
     and of the served one, which has learned the first half; each event with the features of its time
     (the direct loader over the whole data)."""
-    import torch
-
-    from recsys.data.batching import iterate_batches, model_inputs
-    from features.examples import build_examples
-    from recsys.export import load_model
-    from recsys.metrics import auc
-
     schema = tables.schema
     frame = pd.concat([past, future], ignore_index=True)
     examples = build_examples(tables.with_interactions(frame).joined(), schema)

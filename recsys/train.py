@@ -45,10 +45,14 @@ from tqdm import tqdm
 from recsys import checkpoints
 from recsys.config import STOPPING_METRICS, RunConfig, default_features
 from features.errors import ConfigError
+from features.event_log import compact_event_log
+from features.example_sql import EngineSettings
+from features.example_tables import ExampleTables, build_example_tables
+from features.store import data_dir, read_store_meta, stored_schema
 from recsys.data.batching import iterate_batches, model_inputs, num_steps
 from recsys.data.example_stream import ShardedExamples, ShardedPart
-from features.examples import TEST, TRAIN, VALID, Examples
-from recsys.data.dataset import load_dataset
+from features.examples import Examples, SplitRule, TEST, TRAIN, VALID
+from recsys.data.dataset import check_store_schema, load_dataset
 from recsys.embeddings import UNIFIED_TABLE
 from recsys.export import export_model, model_fingerprint
 from recsys.known_warnings import torchrec_calls
@@ -106,12 +110,6 @@ def training_examples(config: RunConfig, ctx: DistributedContext, out_dir: Path)
     data = config.data
     if data.source != "feast" or data.shard_examples <= 0:
         return load_dataset(data)[0]
-    from features.event_log import compact_event_log
-    from features.example_sql import EngineSettings
-    from features.example_tables import ExampleTables, build_example_tables
-    from features.store import data_dir, read_store_meta, stored_schema
-    from features.examples import SplitRule
-    from recsys.data.dataset import check_store_schema
 
     directory = data_dir(data.store_dir)
     schema = stored_schema(directory)

@@ -47,10 +47,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from features.online import DEFAULT_MAX_CACHED_BYTES, DEFAULT_MAX_CACHED_ITEMS, OnlineFeatures
+from features.store import StoreError, data_dir, open_store
+from recsys.export import ModelArtifactError
 from serving.auth import TokenError, is_loopback, read_token
 from serving.config import ServeConfig
 from serving.metrics import ServingMetrics
 from serving.model import ModelWatcher
+from serving.processes import run_processes
 from serving.service import SERVICE_NAME, ScoringService, add_scoring_service
 from serving.token_interceptor import BearerTokenInterceptor
 
@@ -197,9 +200,6 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import sys
 
-    from features.store import StoreError, data_dir, open_store
-    from recsys.export import ModelArtifactError
-
     parser = argparse.ArgumentParser(prog="plexrec serve", description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", required=True,
                         help="an exported model directory, or a root of versions (the newest is served and "
@@ -277,7 +277,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.processes == 1:
         serve(config)
         return
-    from serving.processes import run_processes
 
     try:
         config.check()  # once here: a bad flag fails before any worker starts

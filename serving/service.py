@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 
 from features.online import OnlineFeatures
+from features.store import StoreError
 from protos.plexrec.v1 import scoring_pb2, scoring_pb2_grpc
 from serving.batcher import ModelBatcher, Overloaded
 from serving.config import ServeConfig
@@ -239,6 +240,4 @@ def cache_sized_groups(model, users: list, candidates: list, live: list[int]) ->
 
 
 def _store_down(exc: Exception) -> bool:
-    from features.store import StoreError
-
     return isinstance(exc, StoreError)
