@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
                                 description="Train on one process (gloo on CPU). For many processes use "
                                             "`torchrun --nproc-per-node N -m recsys.train_command` with the same flags.")
     if argv and argv[0] == "train":  # its flags live with the trainer, which imports torch: only when training
-        from recsys.train_command import add_train_arguments
+        from recsys.train_command import add_train_arguments  # deferred: imports torch
 
         add_train_arguments(train)
 
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         sys.exit(2)
     if args.command == "train":
+        # deferred: recsys.train_command and recsys.checkpoints import torch, which only training loads
         from features.errors import ConfigError
         from features.schema import DataError
         from recsys.checkpoints import CheckpointMismatchError
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         except (ConfigError, DataError, CheckpointMismatchError) as exc:
             sys.exit(f"plexrec train: {exc}")
     elif args.command == "broker":
-        from features.broker import BrokerError, run_forever
+        from features.broker import BrokerError, run_forever  # deferred: lazy dispatch, as below
 
         try:
             run_forever(args.port)
@@ -133,6 +134,7 @@ def write_examples(args: argparse.Namespace) -> None:
     """`plexrec features examples`: the store's point-in-time examples as Parquet shards."""
     from pathlib import Path
 
+    # deferred: lazy dispatch, a command loads only its own modules (these are torch-free)
     from features.event_log import compact_event_log
     from features.example_sql import EngineSettings
     from features.example_tables import build_example_tables
@@ -154,6 +156,7 @@ def write_examples(args: argparse.Namespace) -> None:
 
 def compact_features(args: argparse.Namespace) -> None:
     """`plexrec features compact`: the event log compacted, the offline views extended with it."""
+    # deferred: lazy dispatch, a command loads only its own modules (these are torch-free)
     from features.event_log import main as compact
     from features.store import StoreError
     from features.schema import DataError
@@ -168,6 +171,7 @@ def show_features(args: argparse.Namespace) -> None:
     """`plexrec features show`: one entity's online state, as JSON on stdout."""
     import json
 
+    # deferred: lazy dispatch, a command loads only its own modules (these are torch-free)
     from features.show import entity_state
     from features.store import StoreError, data_dir, open_store, read_store_meta
 
@@ -183,6 +187,7 @@ def show_features(args: argparse.Namespace) -> None:
 
 def publish_features(args: argparse.Namespace) -> None:
     """`plexrec features publish`: every known item's embeddings, tagged with the model version."""
+    # deferred: recsys.export and recsys.item_embeddings import torch, which no other command may load
     from features.store import StoreError, data_dir, open_store
     from recsys.export import ModelArtifactError
     from recsys.item_embeddings import publish_model_embeddings
@@ -198,6 +203,7 @@ def load_features(args: argparse.Namespace) -> None:
     """`plexrec features load`: a data set into the store, offline and online."""
     import time
 
+    # deferred: lazy dispatch, a command loads only its own modules (these are torch-free)
     from features.load import load_into_store
     from features.store import StoreError, data_dir, open_store
     from features.errors import ConfigError
