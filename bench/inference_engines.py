@@ -138,6 +138,7 @@ class OneCall(nn.Module):
         self.cross, self.tower, self.head = fast.cross, fast.tower, fast.head
         self.k = fast.top_k
         self.scale = math.sqrt(fast.space.dim)
+        self.logit_scale = fast.logit_scale  # tau of the softmax over the kept behaviours
 
     def forward(self, user_part: torch.Tensor, item_columns: torch.Tensor, item_dense: torch.Tensor,
                 item_attention: torch.Tensor, item_representation: torch.Tensor,
@@ -152,7 +153,7 @@ class OneCall(nn.Module):
         # counts as int64 (eager counts bools as int64 too): ONNX's CumSum and ReduceSum take no bool
         room = self.k - above.long().sum(dim=1, keepdim=True)
         chosen = above | (tied & (tied.long().cumsum(dim=1) <= room))
-        mixing = torch.softmax(scores.masked_fill(~chosen, float("-inf")), dim=1)
+        mixing = torch.softmax(scores.masked_fill(~chosen, float("-inf")) * self.logit_scale, dim=1)
         pooled = mixing @ history_representation
         target = item_representation
         x = torch.cat([user_part.expand(item_columns.shape[0], -1), item_columns, item_dense,

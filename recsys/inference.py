@@ -47,11 +47,11 @@ FEW_VALUES = 64  # up to this many (value, probe) pairs, a side is embedded with
 Jagged = tuple[torch.Tensor, torch.Tensor]
 
 
-def top_k_mixing(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """[n, L]: each row's softmax over its k largest scores (ties: the earlier behaviour first), 0
-    elsewhere. These are recsys.sequence.padded_top_k_softmax's weights put back at their
-    behaviours' positions (a test holds the two equal): a weighted sum of the k picks is then
-    one matmul, and the kept set needs no sort, only its threshold."""
+def top_k_mixing(scores: torch.Tensor, k: int, logit_scale: float = 1.0) -> torch.Tensor:
+    """[n, L]: each row's softmax over its k largest scores times ``logit_scale`` (tau; ties: the
+    earlier behaviour first), 0 elsewhere. These are recsys.sequence.padded_top_k_softmax's weights put
+    back at their behaviours' positions (a test holds the two equal): a weighted sum of the k picks is
+    then one matmul, and the kept set needs no sort, only its threshold."""
     if scores.shape[1] > k:
         # the k-th largest score, counting equal scores apart, as topk(k).values.min() gives it: numpy's
         # introselect is 3-4x faster than torch.topk on [candidates, L] on CPU (bench/inference_engines.py)
@@ -63,7 +63,7 @@ def top_k_mixing(scores: torch.Tensor, k: int) -> torch.Tensor:
             room = k - above.sum(dim=1, keepdim=True)  # how many of the tied scores make the cut
             chosen = above | (tied & (tied.cumsum(dim=1) <= room))
         scores = scores.masked_fill(~chosen, float("-inf"))
-    return torch.softmax(scores, dim=1)
+    return torch.softmax(scores * logit_scale, dim=1)  # the kept set is chosen on the unscaled scores
 
 
 @dataclass
@@ -218,6 +218,8 @@ class InferenceRanker(nn.Module):
             self.representation_columns = torch.tensor([item_position[int(c)] for c in ranker.target_columns])
             self.representation_features = [name for name, _ in sequence.representation]
         self.space = sequence.space if sequence is not None else None
+        tau = sequence.logit_scale() if self.space is not None else 1.0  # the softmax's, fixed or learned
+        self.logit_scale = float(tau.detach()) if isinstance(tau, torch.Tensor) else float(tau)
         if self.space is not None:
             space = self.space
             self.attention_weight = next(iter(space.ebc.embedding_bags.values())).weight.detach()
@@ -365,7 +367,7 @@ class InferenceRanker(nn.Module):
                 # A(h_i) = A_item(h_i) + P[bucket_i], added in the order the training path adds them
                 behaviours = history.attention[group, :length] + self._positions(length)
                 scores = target_attention[begin:end] @ behaviours.t() / math.sqrt(self.space.dim)
-                mixing = top_k_mixing(scores, self.top_k)
+                mixing = top_k_mixing(scores, self.top_k, self.logit_scale)
                 values = behaviours if self.mode == "coupled" else history.representation[group, :length]
                 pooled.append(mixing @ values)
         pooled = torch.cat(pooled) if pooled else target.new_zeros(0, target.shape[1])

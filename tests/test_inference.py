@@ -4,6 +4,8 @@ shipped schema, sequence mode and embedding kind, and the same raw ids and dense
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -65,7 +67,8 @@ def online_rows(tables: DatasetTables, users: int, rng) -> tuple[list[UserFeatur
     return online, items
 
 
-def random_ranker(tables: DatasetTables, mode: str, kind: str = "unified", max_history: int = 40):
+def random_ranker(tables: DatasetTables, mode: str, kind: str = "unified", max_history: int = 40,
+                  learn_logit_scale: bool = False):
     """A ranker of every feature of the schema, randomly initialised (the paths must agree for any
     weights), scaled up so that its scores spread."""
     schema = tables.schema
@@ -75,6 +78,7 @@ def random_ranker(tables: DatasetTables, mode: str, kind: str = "unified", max_h
     config.features = [FeatureConfig(n, 2 if n in ("user_id", "item_id") else 1) for n in names]
     config.embedding.kind, config.embedding.num_rows, config.embedding.dim = kind, 3000, 8
     config.sequence.mode, config.sequence.top_k, config.data.max_history = mode, 6, max_history
+    config.sequence.learn_logit_scale = learn_logit_scale
     config.model.mlp, config.model.cross_layers = [16, 8], 1
     config.validate()
     vocabularies = {n: torch.from_numpy(np.unique(examples.feature_values[n])) for n in names}
@@ -133,6 +137,21 @@ def test_the_inference_path_scores_as_the_exported_model(schema_fixture, mode, r
     fast, eager, _, _, _ = both_paths(tables, model, config, dense_names, users, items)
     np.testing.assert_allclose(fast, eager, rtol=0, atol=1e-5)
     assert np.ptp(eager) > 0.05  # scores spread: a wrong column or row would show
+
+
+@pytest.mark.parametrize("mode", ["coupled", "dare"])
+def test_the_inference_path_reads_a_learned_logit_scale(mode, ml100k_slice, rng):
+    """A learned tau (here 4: the softmax over the kept behaviours sharper than at 1) is served as trained."""
+    from recsys.sequence import LOG_SCALE_RATE
+
+    model, config, dense_names = random_ranker(ml100k_slice, mode, learn_logit_scale=True)
+    encoder = model.sequence
+    with torch.no_grad():
+        encoder.log_logit_scale.fill_(math.log(4.0) / LOG_SCALE_RATE)
+    assert float(encoder.logit_scale()) == pytest.approx(4.0)
+    users, items = online_rows(ml100k_slice, 12, rng)
+    fast, eager, _, _, _ = both_paths(ml100k_slice, model, config, dense_names, users, items)
+    np.testing.assert_allclose(fast, eager, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["hashed", "full"])
