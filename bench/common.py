@@ -50,3 +50,14 @@ def summarise(runs: list[dict], group_keys: list[str], metrics: list[str]) -> li
 def cell(row: dict, metric: str) -> str:
     value = row.get(metric)
     return f"{value['mean']:.4f} ± {value['std']:.4f}" if value else "—"
+
+
+def subsample_users(examples, users: int, seed: int = 0):
+    """The examples of ``users`` users drawn at random (all of them when 0 or more than there are)."""
+    import numpy as np
+
+    ids = np.unique(examples.user_id)
+    if not users or users >= len(ids):
+        return examples
+    keep = np.random.default_rng(seed).choice(ids, users, replace=False)
+    return examples.subset(np.flatnonzero(np.isin(examples.user_id, keep)))

@@ -50,7 +50,7 @@ import time
 
 import numpy as np
 import torch
-from common import machine, now, write_json
+from common import machine, now, subsample_users, write_json
 
 from features.synthetic import relevant_positions  # noqa: E402
 from recsys.logs import configure_logging  # noqa: E402
@@ -93,15 +93,6 @@ VARIANTS = {
     "coupled-d16-tau1L": ("coupled", {"sequence.coupled_dim": 16, "sequence.learn_logit_scale": True}, {}),
 }
 RECENT = 50
-
-
-def subsample_users(examples, users: int, seed: int = 0):
-    """The examples of ``users`` users drawn at random (all of them when 0 or more than there are)."""
-    ids = np.unique(examples.user_id)
-    if not users or users >= len(ids):
-        return examples
-    keep = np.random.default_rng(seed).choice(ids, users, replace=False)
-    return examples.subset(np.flatnonzero(np.isin(examples.user_id, keep)))
 
 
 def table_weights(trainer: Trainer) -> dict[str, torch.Tensor]:

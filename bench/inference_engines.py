@@ -36,7 +36,6 @@ a markdown table.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import tempfile

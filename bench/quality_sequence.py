@@ -36,7 +36,7 @@ import time
 import numpy as np
 import torch
 import yaml
-from common import cell, machine, now, summarise, write_json
+from common import cell, machine, now, subsample_users, summarise, write_json
 
 from recsys.logs import configure_logging  # noqa: E402
 from recsys.config import load_config  # noqa: E402
@@ -72,15 +72,6 @@ def synthetic_generator(length: int) -> dict:
             "data.synthetic.relevant_min": 1 if relevant_max < 10 else 3,
             "data.synthetic.relevant_max": relevant_max, "data.synthetic.recent_window": recent,
             "data.synthetic.num_users": users}
-
-
-def subsample_users(examples, users: int, seed: int = 0):
-    """The examples of ``users`` users drawn at random (all of them when 0 or more than there are)."""
-    ids = np.unique(examples.user_id)
-    if not users or users >= len(ids):
-        return examples
-    keep = np.random.default_rng(seed).choice(ids, users, replace=False)
-    return examples.subset(np.flatnonzero(np.isin(examples.user_id, keep)))
 
 
 def equal_parameters(mode: str, config) -> dict:
