@@ -74,7 +74,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
                  metrics: ServingMetrics) -> None:
         self.watcher, self.online, self.config, self.metrics = watcher, online, config, metrics
         self.shed: dict[str, int] = {}  # calls shed since the last calls_shed log line, by code
-        self.shed_logged, self.last_shed = -SHED_LOG_SECONDS, ""
+        self.shed_logged, self.last_shed = time.monotonic() - SHED_LOG_SECONDS, ""  # the first is logged at once
         self.batcher = ModelBatcher(self.score_batch, config.max_batch_rows, config.max_queued_rows,
                                     None if config.max_queue_ms is None else config.max_queue_ms / 1000)
 
@@ -103,7 +103,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
         """The calls shed since the last such line, if any (also when the server stops)."""
         now = time.monotonic()
         if self.shed:
-            log.warning(json.dumps({"event": "calls_shed", "seconds": round(min(now - self.shed_logged, 1e6), 1),
+            log.warning(json.dumps({"event": "calls_shed", "seconds": round(now - self.shed_logged, 1),
                                     "counts": self.shed, "last": self.last_shed}))
         self.shed, self.shed_logged = {}, now
 
