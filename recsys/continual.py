@@ -44,7 +44,6 @@ together, as the Trainer's are.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -292,12 +291,11 @@ class ContinualLearner:
 
     def _write_state(self, checkpoint: Path) -> None:
         """The learner's progress (its stream position included) into a checkpoint's meta."""
-        meta_path = checkpoint / CHECKPOINT_META
-        meta = json.loads(meta_path.read_text())
+        meta = checkpoints.read_meta(checkpoint)
         meta["continual"] = {"progress": dataclasses.asdict(self.progress),
                              "base_checkpoint": str(self.base_checkpoint) if self.base_checkpoint else None,
                              "base_version": self.base_version}
-        meta_path.write_text(json.dumps(meta, indent=2))
+        checkpoints.write_meta(checkpoint, meta)
 
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.trainer.out_dir)
