@@ -53,6 +53,7 @@ from recsys.config import load_config, resolve_path  # noqa: E402
 from features.examples import labels_of  # noqa: E402
 from features.schema import DatasetSchema, value_text  # noqa: E402
 from features.datasets import read_tables  # noqa: E402
+from serving.config import ServeConfig  # noqa: E402
 
 HISTORY = 200  # what the store keeps per user
 USERS = 100  # the users with the most behaviours are the callers
@@ -344,7 +345,7 @@ def call_counts(urls: list[str]) -> dict[str, float]:
         for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
             if line.startswith('plexrec_calls_total{method="Score"}'):
                 counts["calls"] += float(line.split()[-1])
-            elif line.startswith('plexrec_errors_total{code="') or line.startswith('plexrec_errors_total{method="Score"'):
+            elif line.startswith('plexrec_errors_total{method="Score"'):  # labels in declared order: method, code
                 code = line.split('code="')[1].split('"')[0]
                 counts[code] = counts.get(code, 0.0) + float(line.split()[-1])
     return counts
@@ -402,7 +403,7 @@ def main() -> None:
     parser.add_argument("--overload", type=float, default=4.0,
                         help="open-loop cells at this multiple of the calls/s the server managed (1 process); "
                              "0: none")
-    parser.add_argument("--max-queue-ms", type=float, default=50.0,
+    parser.add_argument("--max-queue-ms", type=float, default=ServeConfig.max_queue_ms,
                         help="the time target of the overload cells' server (beside one without); the other "
                              "cells are served without one, so that they measure capacity, not shedding")
     parser.add_argument("--out", default="bench/results/serving.json")

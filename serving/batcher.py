@@ -57,6 +57,12 @@ class Overloaded(Exception):
     """The model queue has no room for a call; the message says how full it is."""
 
 
+class WouldMissDeadline(Overloaded):
+    """A call would be scored after its deadline: refused at once rather than scored for nobody (the
+    server answers DEADLINE_EXCEEDED, which the caller would see anyway, not "overloaded": an idle
+    server refuses a deadline shorter than one call's cost too)."""
+
+
 class BatchCost:
     """Seconds a batch of ``rows`` takes on the model thread, ``fixed + per_row * rows``, fitted by
     exponentially weighted least squares to the batches seen (the newest weigh most: a reloaded
@@ -149,7 +155,7 @@ class ModelBatcher:
                              f"({self.queued_rows} rows queued), past the {self.max_wait * 1000:.0f} ms target "
                              f"(--max-queue-ms)")
         if deadline is not None and done > deadline:
-            raise Overloaded(f"a call of {rows} rows would be scored in about {done * 1000:.0f} ms "
+            raise WouldMissDeadline(f"a call of {rows} rows would be scored in about {done * 1000:.0f} ms "
                              f"({self.queued_rows} rows queued), after its deadline ({deadline * 1000:.0f} ms)")
 
     def submit(self, model, request, rows: int, deadline: float | None = None) -> asyncio.Future:

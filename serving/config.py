@@ -21,7 +21,7 @@ class ServeConfig:
     max_queued_rows: int = 16384
     max_concurrent_calls: int | None = 256
     # admission by time (serving/batcher.py): a call that would wait longer than this for the model, or be
-    # scored after its deadline, is refused RESOURCE_EXHAUSTED at once (None: the deadline alone)
+    # scored after its deadline, is refused at once: RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED (None: the deadline alone)
     max_queue_ms: float | None = 50.0
     reload_seconds: float = 5.0
     item_cache_seconds: float = 60.0

@@ -28,8 +28,9 @@ broken one is refused with a log line and the old one keeps serving.
 Load is shed, not queued without end: at most ``--max-concurrent-calls`` calls are
 in the server at once (gRPC refuses the others with ``RESOURCE_EXHAUSTED``); a call that
 would wait for the model longer than ``--max-queue-ms`` (by the measured cost of what is
-queued ahead of it), or be scored after its deadline, is refused ``RESOURCE_EXHAUSTED`` at
-once, and so is one past ``--max-queued-rows`` candidate rows waiting (serving/batcher.py).
+queued ahead of it) is refused ``RESOURCE_EXHAUSTED`` at once, and so is one past
+``--max-queued-rows`` candidate rows waiting; one that would be scored after its deadline is
+answered ``DEADLINE_EXCEEDED`` at once (serving/batcher.py).
 A request that is not a valid message of its type (random bytes, bad UTF-8) is ``INVALID_ARGUMENT``, like any bad field.
 """
 
@@ -43,6 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -216,10 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-queued-rows", type=int, default=16384,
                         help="candidate rows that may wait for the model; a call past it is refused "
                              "RESOURCE_EXHAUSTED at once (at least --max-candidates)")
-    parser.add_argument("--max-queue-ms", type=float, default=50.0,
+    parser.add_argument("--max-queue-ms", type=float, default=ServeConfig.max_queue_ms,
                         help="a call that would wait longer than this for the model (measured cost of the calls "
-                             "queued ahead of it), or be scored after its deadline, is refused RESOURCE_EXHAUSTED "
-                             "at once (0: the deadline alone)")
+                             "queued ahead of it) is refused RESOURCE_EXHAUSTED at once; one that would be scored "
+                             "after its deadline, DEADLINE_EXCEEDED (0: the deadline alone)")
     parser.add_argument("--max-concurrent-calls", type=int, default=256,
                         help="calls in the server at once, health checks included; gRPC refuses the rest "
                              "RESOURCE_EXHAUSTED (0: no limit)")
@@ -264,11 +266,10 @@ def main(argv: list[str] | None = None) -> None:
                          tls_cert=args.tls_cert, tls_key=args.tls_key, token=token)
 
     def serve(config: ServeConfig, worker: int | None = None) -> None:
-        import torch  # the workers of --processes are forked before torch has run anything (its thread pools start at its first op)
-
+        # per worker: the workers of --processes are forked before torch has run anything (its thread
+        # pools start at its first op)
         torch.set_num_threads(args.torch_threads)
         try:
-            config.check()
             store = open_store(args.profile, data_dir(args.data_dir), args.redis_url)
             asyncio.run(serve_forever(config, store))
         except (StoreError, ModelArtifactError, ValueError, OSError) as exc:

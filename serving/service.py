@@ -22,7 +22,7 @@ import numpy as np
 from features.online import OnlineFeatures
 from features.store import StoreError
 from protos.plexrec.v1 import scoring_pb2, scoring_pb2_grpc
-from serving.batcher import ModelBatcher, Overloaded
+from serving.batcher import ModelBatcher, Overloaded, WouldMissDeadline
 from serving.config import ServeConfig
 from serving.inputs import InvalidContext, request_context
 from serving.metrics import ServingMetrics
@@ -122,6 +122,8 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
         except DeadlineExpired:
             await self._fail(method, request, context, grpc.StatusCode.DEADLINE_EXCEEDED,
                              "the deadline passed before the scores were ready")
+        except WouldMissDeadline as exc:
+            await self._fail(method, request, context, grpc.StatusCode.DEADLINE_EXCEEDED, f"refused at once: {exc}")
         except Overloaded as exc:
             await self._fail(method, request, context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"server overloaded: {exc}; retry with backoff")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from serving.batcher import BatchCost, ModelBatcher, Overloaded
+from serving.batcher import BatchCost, ModelBatcher, Overloaded, WouldMissDeadline
 
 FIXED, PER_ROW = 0.001, 0.00001  # 1 ms a batch, 10 us a row
 
@@ -50,7 +50,7 @@ def test_calls_that_would_wait_past_the_target_or_their_deadline_are_refused_at_
         for rows in (100, 1000):
             batcher.cost.observe(rows, FIXED + PER_ROW * rows)
         assert batcher.batch_rows() == pytest.approx(900)
-        with pytest.raises(Overloaded, match=r"scored in about 4 ms .*after its deadline \(3 ms\)"):
+        with pytest.raises(WouldMissDeadline, match=r"scored in about 4 ms .*after its deadline \(3 ms\)"):
             batcher.submit("model", ("late", 300), 300, deadline=0.003)  # 1 ms + 300 x 10 us
         admitted, refused = [], []
         for n in range(8):
