@@ -23,6 +23,15 @@ refuses at once (``Overloaded``) a call that would wait longer than ``max_wait``
 (``--max-queue-ms``) before its batch starts, or that would be scored after its own deadline.
 A batch takes calls only up to the rows it can score within ``max_wait`` too (at least one
 call), so an admitted call's latency is bounded by about twice the target, not by the queue.
+
+A lone call is scored on the loop itself. When one call waits and the model thread is idle, nothing
+overlaps the hop anyway, and the hop is not free: handing the batch over and the answer back, each
+thread waking and taking the GIL from the other, made every stage cost 1.5-1.8x its in-process time
+at concurrency 1 (p50 6.0 -> 3.8-4.7 ms on the same server, bench/serving.py). Only a short batch
+(fitted cost at most ``INLINE_MAX_SECONDS``) whose last batches neither failed nor overran goes
+inline: the loop stops answering anything while it scores, so a cold cache or a slow or unreachable
+store (whose reads retry with pauses) must not run there. Two or more calls waiting go to the
+thread as before, so that under load the loop keeps receiving while the model works.
 """
 
 from __future__ import annotations
@@ -38,6 +47,9 @@ from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("plexrec.serving.batcher")
+
+INLINE_MAX_SECONDS = 0.020  # the longest the event loop may stop for a lone call's batch (fitted cost)
+INLINE_PAUSE_SECONDS = 5.0  # after a batch that failed or overran, lone calls go to the thread for this long
 
 # score(model, requests) -> one result per request, in order: a value, or an exception that fails that
 # call alone; raising fails every call of the batch. Runs on the model thread.
@@ -117,6 +129,8 @@ class ModelBatcher:
         self.batches = 0
         self.cost = BatchCost()
         self.busy_until: float | None = None  # when the batch being scored should end (time.monotonic)
+        self.inline_after = 0.0  # no batch on the loop before this time (time.monotonic)
+        self.inline_batches = 0  # batches scored on the loop itself
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._runner: asyncio.Task | None = None
 
@@ -174,6 +188,12 @@ class ModelBatcher:
             self._runner = loop.create_task(self._run())
         return call.future
 
+    def scores_inline(self, calls: int, rows: int) -> bool:
+        """Whether the next batch (``calls`` calls, ``rows`` rows) is scored on the event loop: a lone
+        call with nobody else waiting, of a known short cost, while no recent batch failed or overran."""
+        return (calls == 1 and not self.pending and self.cost.known and self.cost(rows) <= INLINE_MAX_SECONDS
+                and time.monotonic() >= self.inline_after)
+
     def close(self) -> None:
         self._model_thread.shutdown(wait=False, cancel_futures=True)
 
@@ -207,16 +227,26 @@ class ModelBatcher:
                 for calls in by_model.values():
                     self.batches += 1
                     rows = sum(call.rows for call in calls)
+                    inline = self.scores_inline(len(calls), rows)
                     started = time.monotonic()
                     self.busy_until = started + (self.cost(rows) if self.cost.known else 0.0)
+                    requests = [call.request for call in calls]
                     try:
-                        results = await loop.run_in_executor(self._model_thread, self.score, calls[0].model,
-                                                             [call.request for call in calls])
+                        if inline:
+                            self.inline_batches += 1
+                            results = self.score(calls[0].model, requests)
+                        else:
+                            results = await loop.run_in_executor(self._model_thread, self.score, calls[0].model,
+                                                                 requests)
                     except Exception as exc:  # noqa: BLE001 - every waiting call must hear about it
                         log.exception("scoring a batch of %d calls failed", len(calls))
                         results = [exc] * len(calls)
+                        self.inline_after = time.monotonic() + INLINE_PAUSE_SECONDS
                     else:  # a failed batch (a store outage, say) says nothing of what scoring costs
-                        self.cost.observe(rows, time.monotonic() - started)
+                        elapsed = time.monotonic() - started
+                        if elapsed > INLINE_MAX_SECONDS or any(isinstance(r, BaseException) for r in results):
+                            self.inline_after = time.monotonic() + INLINE_PAUSE_SECONDS
+                        self.cost.observe(rows, elapsed)
                     self.busy_until = None
                     for call, result in zip(calls, results):
                         if call.future.done():  # cancelled while its batch was scored

@@ -4,11 +4,12 @@ target or its deadline is refused at once. (The row bound, batching and cancella
 tests/test_serving.py::test_the_model_queue_refuses_calls_past_its_row_bound_and_batches_what_waits.)"""
 
 import asyncio
+import threading
 import time
 
 import pytest
 
-from serving.batcher import BatchCost, ModelBatcher, Overloaded, WouldMissDeadline
+from serving.batcher import INLINE_MAX_SECONDS, BatchCost, ModelBatcher, Overloaded, WouldMissDeadline
 
 FIXED, PER_ROW = 0.001, 0.00001  # 1 ms a batch, 10 us a row
 
@@ -80,3 +81,38 @@ def test_without_a_measured_batch_nothing_is_refused_for_time():
         batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_a_lone_short_call_is_scored_on_the_loop_and_the_rest_on_the_model_thread():
+    """A call alone, of a known short cost, is scored on the event loop's own thread (no hand-over);
+    calls waiting together go to the model thread, so the loop keeps receiving while they are
+    scored; so does a lone call of unknown or long cost, and, for INLINE_PAUSE_SECONDS, every call
+    after a batch that failed (a slow or unreachable store must not stop the loop)."""
+    threads: list[tuple[str, bool]] = []
+    failing = set()
+
+    def score(model, requests):
+        threads.append(("+".join(requests), threading.current_thread() is threading.main_thread()))
+        return [RuntimeError("store down") if r in failing else r for r in requests]
+
+    async def scenario():
+        batcher = ModelBatcher(score, max_rows=4000, max_queued_rows=100_000, max_wait=0.010)
+        assert await batcher.submit("model", "unknown-cost", 10) == "unknown-cost"  # cost not known: thread
+        batcher.cost = BatchCost()
+        for rows in (100, 1000):
+            batcher.cost.observe(rows, FIXED + PER_ROW * rows)
+        assert await batcher.submit("model", "lone", 10) == "lone"
+        together = [batcher.submit("model", name, 10) for name in ("a", "b", "c")]
+        assert await asyncio.gather(*together) == ["a", "b", "c"]
+        long_rows = int((INLINE_MAX_SECONDS - FIXED) / PER_ROW) + 100  # fitted cost past the bound
+        assert await batcher.submit("model", "long", long_rows) == "long"
+        failing.add("fails")
+        with pytest.raises(RuntimeError, match="store down"):
+            await batcher.submit("model", "fails", 10)
+        assert await batcher.submit("model", "after-failure", 10) == "after-failure"
+        assert batcher.inline_batches == 2  # "lone" and "fails"
+        batcher.close()
+
+    asyncio.run(scenario())
+    assert threads == [("unknown-cost", False), ("lone", True), ("a+b+c", False), ("long", False),
+                       ("fails", True), ("after-failure", False)]
