@@ -43,8 +43,9 @@ from recsys.sequence import TARGET_ITEM
 
 FEW_VALUES = 64  # up to this many (value, probe) pairs, a side is embedded with Python-int hashing
 
-# Jagged raw ids of one feature for n entities: (values [m] int64, lengths [n] int64).
-Jagged = tuple[torch.Tensor, torch.Tensor]
+# Jagged raw ids of one feature for n entities: (values [m] int64, lengths [n] int64), as tensors or,
+# for a side of a few values (one user's), as lists of Python ints (no tensor made only to be read back).
+Jagged = tuple[torch.Tensor | list[int], torch.Tensor | list[int]]
 
 
 def top_k_mixing(scores: torch.Tensor, k: int, logit_scale: float = 1.0) -> torch.Tensor:
@@ -55,14 +56,17 @@ def top_k_mixing(scores: torch.Tensor, k: int, logit_scale: float = 1.0) -> torc
     if scores.shape[1] > k:
         # the k-th largest score, counting equal scores apart, as topk(k).values.min() gives it: numpy's
         # introselect is 3-4x faster than torch.topk on [candidates, L] on CPU (bench/inference_engines.py)
-        length = scores.shape[1]
-        threshold = torch.from_numpy(np.partition(scores.numpy(), length - k, axis=1)[:, length - k:length - k + 1])
-        chosen = scores >= threshold
-        if not bool((chosen.sum(dim=1) == k).all()):  # ties across the k-th place: the earlier ones make it
-            above, tied = scores > threshold, scores == threshold
-            room = k - above.sum(dim=1, keepdim=True)  # how many of the tied scores make the cut
-            chosen = above | (tied & (tied.cumsum(dim=1) <= room))
-        scores = scores.masked_fill(~chosen, float("-inf"))
+        # The mask is made in numpy too: on these few-thousand-element arrays a numpy op costs a third
+        # of a torch op's dispatch
+        values = scores.numpy()
+        length = values.shape[1]
+        threshold = np.partition(values, length - k, axis=1)[:, length - k:length - k + 1]
+        chosen = values >= threshold
+        if not (chosen.sum(axis=1) == k).all():  # ties across the k-th place: the earlier ones make it
+            above, tied = values > threshold, values == threshold
+            room = k - above.sum(axis=1, keepdims=True)  # how many of the tied scores make the cut
+            chosen = above | (tied & (tied.cumsum(axis=1) <= room))
+        scores = scores.masked_fill(torch.from_numpy(~chosen), float("-inf"))
     return torch.softmax(scores * logit_scale, dim=1)  # the kept set is chosen on the unscaled scores
 
 
@@ -244,6 +248,7 @@ class InferenceRanker(nn.Module):
 
     def _embed_many(self, lookups: list[FeatureTable], ids: dict[str, Jagged], n: int) -> torch.Tensor:
         # key-major, as the collection's KJT: feature f's bags of probe 0 for all n entities, then probe 1, ...
+        ids = {name: tuple(torch.as_tensor(part, dtype=torch.int64) for part in jagged) for name, jagged in ids.items()}
         hashed = [lookup for lookup in lookups if lookup.vocabulary is None]
         rows_of: dict[str, torch.Tensor] = {}
         if hashed:
@@ -282,7 +287,7 @@ class InferenceRanker(nn.Module):
         dozen ops took 10x longer than hashing a dozen values in Python (measured)."""
         by_table: dict[int, tuple[list[int], list[int]]] = {}
         for lookup in lookups:
-            values, lengths = (t.tolist() for t in ids[lookup.name])
+            values, lengths = (part.tolist() if isinstance(part, torch.Tensor) else part for part in ids[lookup.name])
             indices, bag_lengths = by_table.setdefault(lookup.table, ([], []))
             for key in range(lookup.keys):
                 indices.extend(lookup.python_row(v, key) for v in values)
@@ -331,9 +336,10 @@ class InferenceRanker(nn.Module):
         """Logits [B] of B rows: row b is candidate b (its item columns, dense values, attention and
         representation vectors) of the call ``row_group[b]`` (whose user part and history it reads).
         A call's rows are consecutive, calls in order (as serving builds a batch)."""
-        parts = [user_part[row_group], item_columns, item_dense]
+        one_call = len(user_part) == 1  # the common batch: its row_group is all zeros
+        parts = [user_part.expand(len(row_group), -1) if one_call else user_part[row_group], item_columns, item_dense]
         if self.mode != "none":
-            calls = torch.bincount(row_group, minlength=len(user_part)).tolist()
+            calls = [len(row_group)] if one_call else torch.bincount(row_group, minlength=len(user_part)).tolist()
             parts.append(self._sequence(calls, history, item_attention, item_representation))
         x = torch.cat(parts, dim=1)  # in built order: the cross and first tower layers were permuted to read it
         return self.head(self.tower(self.cross(x))).squeeze(-1)

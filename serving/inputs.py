@@ -229,12 +229,15 @@ class InputBuilder:
         self.item_vectors = ItemVectorCache(self._item_rows, widths, max_cached_items)
 
     @staticmethod
-    def _ids(readers, entities: list) -> dict[str, Jagged]:
+    def _ids(readers, entities: list, as_lists: bool = False) -> dict[str, Jagged]:
+        """Each feature's raw ids of ``entities``; ``as_lists``: as Python lists (the user side: a few
+        values, which the ranker hashes as Python ints), else as tensors."""
         ids = {}
         for name, read, separator, multi in readers:
             cells = [cell_ids(read(entity), separator, multi) for entity in entities]
-            lengths = torch.tensor([len(c) for c in cells], dtype=torch.int64)
-            ids[name] = (torch.tensor([v for c in cells for v in c], dtype=torch.int64), lengths)
+            values, lengths = [v for c in cells for v in c], [len(c) for c in cells]
+            ids[name] = (values, lengths) if as_lists else (torch.tensor(values, dtype=torch.int64),
+                                                            torch.tensor(lengths, dtype=torch.int64))
         return ids
 
     @staticmethod
@@ -259,13 +262,13 @@ class InputBuilder:
     def batch(self, requests: list[tuple[UserFeatures, list[ItemFeatures]]],
               history_items: dict[int, ItemFeatures]) -> ScoringInputs:
         users = [user for user, _ in requests]
-        user_part = self.ranker.user_part(self._ids(self.user_readers, users), self._dense(self.user_dense, users))
+        user_part = self.ranker.user_part(self._ids(self.user_readers, users, as_lists=True),
+                                          self._dense(self.user_dense, users))
         candidates = [item for _, items in requests for item in items]
         cache = self.item_vectors
         slots = cache.slots(candidates)
         item_part = cache.parts[0][slots]
-        row_group = torch.repeat_interleave(torch.arange(len(requests)),
-                                            torch.tensor([len(items) for _, items in requests]))
+        row_group = torch.from_numpy(np.repeat(np.arange(len(requests)), [len(items) for _, items in requests]))
         history = attention = representation = None
         if self.ranker.mode != "none":
             attention, representation = self._sequence_vectors(slots)
@@ -280,8 +283,11 @@ class InputBuilder:
         longest = int(lengths.max()) if len(lengths) else 0
         behaviours = [history_items.get(i) or ItemFeatures(item_id=i) for h in histories for i in h]
         flat = self.item_vectors.slots(behaviours) if behaviours else torch.zeros(0, dtype=torch.int64)
-        padded = torch.zeros(len(histories), longest, dtype=torch.int64)
-        padded[torch.arange(longest) < lengths.unsqueeze(1)] = flat
+        if len(histories) == 1:  # one call: its history is the padded block
+            padded = flat.view(1, -1)
+        else:
+            padded = torch.zeros(len(histories), longest, dtype=torch.int64)
+            padded[torch.arange(longest) < lengths.unsqueeze(1)] = flat
         return History(*self._sequence_vectors(padded), lengths)
 
     def _sequence_vectors(self, slots: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -279,7 +279,8 @@ def test_top_k_mixing_puts_the_training_paths_top_k_softmax_weights_in_place():
 
 @pytest.mark.parametrize("kind", ["unified", "hashed", "full"])
 def test_a_few_values_embed_as_many_do(kind, ml100k_slice, rng):
-    """The Python-int path for a few values (one user) gives the tensor path's columns."""
+    """The Python-int path for a few values (one user) gives the tensor path's columns, from ids
+    given as tensors or as lists (what InputBuilder gives the user side)."""
     model, config, dense_names = random_ranker(ml100k_slice, "none", kind)
     users, items = online_rows(ml100k_slice, 6, rng)
     builder = InputBuilder(ml100k_slice.schema, inference_ranker(model, ml100k_slice.schema, dense_names), 0)
@@ -290,3 +291,7 @@ def test_a_few_values_embed_as_many_do(kind, ml100k_slice, rng):
         few = ranker._embed_few(lookups, ids, len(entities))
         many = ranker._embed_many(lookups, ids, len(entities))
         torch.testing.assert_close(few, many, rtol=0, atol=1e-6)
+        as_lists = builder._ids(readers, entities, as_lists=True)
+        assert all(isinstance(part, list) for jagged in as_lists.values() for part in jagged)
+        for embed in (ranker._embed_few, ranker._embed_many):
+            torch.testing.assert_close(embed(lookups, as_lists, len(entities)), many, rtol=0, atol=0)
