@@ -27,7 +27,8 @@ call), so an admitted call's latency is bounded by about twice the target, not b
 A lone call is scored on the loop itself. When one call waits and the model thread is idle, nothing
 overlaps the hop anyway, and the hop is not free: handing the batch over and the answer back, each
 thread waking and taking the GIL from the other, made every stage cost 1.5-1.8x its in-process time
-at concurrency 1 (p50 6.0 -> 3.8-4.7 ms on the same server, bench/serving.py). Only a short batch
+at concurrency 1; scoring it on the loop took the p50 from 6.1 to 4.9 ms (100 candidates) and
+14.4 to 10.8 ms (1,000) in an A/B of the two servers (docs/benchmarks.md "Serving"). Only a short batch
 (fitted cost at most ``INLINE_MAX_SECONDS``) whose last batches neither failed nor overran goes
 inline: the loop stops answering anything while it scores, so a cold cache or a slow or unreachable
 store (whose reads retry with pauses) must not run there. Two or more calls waiting go to the
@@ -52,7 +53,7 @@ INLINE_MAX_SECONDS = 0.020  # the longest the event loop may stop for a lone cal
 INLINE_PAUSE_SECONDS = 5.0  # after a batch that failed or overran, lone calls go to the thread for this long
 
 # score(model, requests) -> one result per request, in order: a value, or an exception that fails that
-# call alone; raising fails every call of the batch. Runs on the model thread.
+# call alone; raising fails every call of the batch. Runs on the model thread (a lone call: on the loop).
 ScoreBatch = Callable[[Any, list[Any]], list[Any]]
 
 

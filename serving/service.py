@@ -1,4 +1,5 @@
-"""The Scoring service: what one call does, and what one batch of calls does on the model thread.
+"""The Scoring service: what one call does, and what one batch of calls does on the model thread
+(a lone call's batch: on the event loop, serving/batcher.py).
 
 Per call: validate the request (serving/requests.py), parse its context, submit it to the batcher
 (serving/batcher.py), answer the scores or a status. Per batch: one online-store read of every
@@ -52,7 +53,7 @@ def add_scoring_service(service: scoring_pb2_grpc.ScoringServicer, server) -> No
 
 @dataclass
 class ScoringCall:
-    """One admitted call as the batcher hands it to ``ScoringService.score_batch`` (on the model thread)."""
+    """One admitted call as the batcher hands it to ``ScoringService.score_batch``."""
 
     request: Any  # ScoreRequest or RankRequest
     context: dict[str, Any]  # its parsed context features
