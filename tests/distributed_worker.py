@@ -24,6 +24,9 @@ STEPS = 12
 def config_for(sequence_mode: str):
     config = small_config()
     config.sequence.mode, config.sequence.top_k, config.data.max_history = sequence_mode, 8, 50
+    # as the shipped sequence configs: DARE's softmax temperature is a learned dense scalar, which DDP
+    # must all-reduce with the tower's gradients
+    config.sequence.learn_logit_scale = sequence_mode != "none"
     return config.validate()
 
 
