@@ -364,6 +364,12 @@ def summed_stages(urls: list[str]) -> dict[str, tuple[float, float]]:
             for stage in per_worker[0]}
 
 
+def unloaded_cell(results: list[dict], candidates: int) -> dict:
+    """The closed-loop cell of one process at its lowest concurrency for calls of ``candidates``."""
+    return next(r for r in results if r["processes"] == 1 and r["candidates"] == candidates
+                and r["concurrency"] == min(x["concurrency"] for x in results if x["candidates"] == candidates))
+
+
 def overload_cell(port: int, target: str, metrics_urls: list[str], users, catalogue, contexts, candidates: int,
                   body: bytes, args, work: Path, bare_p50: float, results: list[dict], capacity: float) -> dict:
     """h2load sends ``--overload`` times ``capacity`` (the OK calls/s h2load got as fast as answered)
@@ -372,8 +378,7 @@ def overload_cell(port: int, target: str, metrics_urls: list[str], users, catalo
     concurrency-1 cell). The probe is the measure; h2load, cheap per call, makes the overload."""
     import threading
 
-    unloaded = next(r for r in results if r["processes"] == 1 and r["candidates"] == candidates
-                    and r["concurrency"] == min(x["concurrency"] for x in results if x["candidates"] == candidates))
+    unloaded = unloaded_cell(results, candidates)
     rate = args.overload * capacity
     background: dict = {}
     flood = threading.Thread(target=lambda: background.update(h2load_cell(
@@ -509,11 +514,8 @@ def main() -> None:
             # deadline and the row bound alone), and with a target of the unloaded p50 of the call's size (an
             # admitted call waits up to the target, then for the batch in progress and its own scoring: a
             # target of about one call's latency is what keeps it within 2x of unloaded)
-            unloaded_p50 = {c: next(r["p50_ms"] for r in results if r["processes"] == 1 and r["candidates"] == c
-                                    and r["concurrency"] == min(x["concurrency"] for x in results))
-                            for c in bodies}
             setups = [("flag", args.max_queue_ms, list(bodies)), ("none", None, list(bodies))]
-            setups += [("unloaded_p50", round(unloaded_p50[c], 1), [c]) for c in bodies]
+            setups += [("unloaded_p50", round(unloaded_cell(results, c)["p50_ms"], 1), [c]) for c in bodies]
             for kind, max_queue_ms, sizes in setups:
                 server, port, metrics_urls = start_server(model_dir, tmp / "store", 1, tmp / "server.log",
                                                           max_queue_ms)

@@ -215,14 +215,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-candidates", type=int, default=1000)
     parser.add_argument("--max-batch-rows", type=int, default=4096,
                         help="concurrent calls share one forward of up to this many rows")
-    parser.add_argument("--max-queued-rows", type=int, default=16384,
+    parser.add_argument("--max-queued-rows", type=int, default=ServeConfig.max_queued_rows,
                         help="candidate rows that may wait for the model; a call past it is refused "
                              "RESOURCE_EXHAUSTED at once (at least --max-candidates)")
     parser.add_argument("--max-queue-ms", type=float, default=ServeConfig.max_queue_ms,
                         help="a call that would wait longer than this for the model (measured cost of the calls "
                              "queued ahead of it) is refused RESOURCE_EXHAUSTED at once; one that would be scored "
                              "after its deadline, DEADLINE_EXCEEDED (0: the deadline alone)")
-    parser.add_argument("--max-concurrent-calls", type=int, default=256,
+    parser.add_argument("--max-concurrent-calls", type=int, default=ServeConfig.max_concurrent_calls,
                         help="calls in the server at once, health checks included; gRPC refuses the rest "
                              "RESOURCE_EXHAUSTED (0: no limit)")
     parser.add_argument("--item-cache-entries", type=int, default=DEFAULT_MAX_CACHED_ITEMS,
