@@ -196,7 +196,8 @@ def h2load_cell(port: int, method: str, body: bytes, seconds: float, clients: in
     connections with ``streams`` calls in flight each, the gRPC-framed ``body`` every time. None
     without h2load. h2load counts HTTP answers: a gRPC error is one too, so the caller checks the
     server's error counters (``metrics_urls``: calls answered OK per second, and the refusals).
-    ``rate``: calls per second in all (h2load's --rps per connection), else as fast as answered."""
+    ``rate``: calls per second in all (h2load's --rps per connection), else as fast as answered.
+    Also p50/p99 ms of the calls answered (h2load's per-request log)."""
     import re
     import shutil
 
@@ -206,17 +207,25 @@ def h2load_cell(port: int, method: str, body: bytes, seconds: float, clients: in
     framed.write_bytes(b"\x00" + len(body).to_bytes(4, "big") + body)
     before = call_counts(metrics_urls) if metrics_urls else None
     paced = [f"--rps={max(rate / clients, 0.1):.2f}"] if rate else []
+    log = work / "h2load_requests.tsv"
+    log.unlink(missing_ok=True)  # h2load appends to it
     done = subprocess.run(["h2load", "-D", str(int(seconds)), "-c", str(clients), "-m", str(streams), *paced,
                            "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(framed),
-                           f"http://127.0.0.1:{port}{method}"], capture_output=True, text=True, timeout=seconds + 60)
+                           "--log-file", str(log), f"http://127.0.0.1:{port}{method}"],
+                          capture_output=True, text=True, timeout=seconds + 60)
     after = call_counts(metrics_urls) if metrics_urls else None
     finished = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", done.stdout)
     succeeded = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", done.stdout)
     request_time = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", done.stdout)
     if not finished:
         raise SystemExit(f"h2load failed:\n{done.stdout}\n{done.stderr}")
+    # columns: start (us since the epoch), HTTP status, microseconds until the end of the answer
+    answered = [int(fields[2]) / 1000 for line in log.read_text().splitlines()
+                if len(fields := line.split("\t")) >= 3 and fields[1] == "200"] if log.exists() else []
     cell = {"calls_per_s": float(finished.group(1)), "answered": int(succeeded.group(1)) if succeeded else None,
             "request_time_min_max_mean": list(request_time.groups()) if request_time else None,
+            "p50_ms": float(np.percentile(answered, 50)) if answered else None,
+            "p99_ms": float(np.percentile(answered, 99)) if answered else None,
             "clients": clients, "streams_per_client": streams, "rate": rate}
     if before is not None:
         failed = {code: after[code] - before.get(code, 0.0) for code in after if code != "calls"
@@ -474,6 +483,20 @@ def main() -> None:
                               f"{cell['score'][candidates]['ok_per_s']:,.0f} calls/s answered OK "
                               f"(failed: {cell['score'][candidates]['failed']}); bare health check "
                               f"{bare_h2load['calls_per_s']:,.0f} calls/s", flush=True)
+                    # latency with a generator that leaves the server its core: concurrency c as c connections
+                    # with one call in flight each (the Python client's cells below share the 2 cores with it)
+                    bare_c1 = h2load_cell(port, "/grpc.health.v1.Health/Check",
+                                          health_pb2.HealthCheckRequest().SerializeToString(), args.seconds, 1, 1, tmp)
+                    cell["bare_c1_p50_ms"], cell["latency"] = bare_c1["p50_ms"], []
+                    for candidates, body in bodies.items():
+                        for concurrency in map(int, args.concurrency.split(",")):
+                            timed = h2load_cell(port, "/plexrec.v1.Scoring/Score", body, args.seconds, concurrency,
+                                                1, tmp, metrics_urls=metrics_urls)
+                            cell["latency"].append({"candidates": candidates, "concurrency": concurrency, **timed})
+                            print(f"{processes} process(es) under h2load: {candidates} candidates x{concurrency}: p50 "
+                                  f"{timed['p50_ms']:.2f} ms  p99 {timed['p99_ms']:.2f} ms  {timed['ok_per_s']:,.0f} "
+                                  f"calls/s OK (failed: {timed['failed']}); bare health check p50 "
+                                  f"{cell['bare_c1_p50_ms']:.2f} ms", flush=True)
                     generator.append(cell)
                 for candidates in map(int, args.candidates.split(",")):
                     fast = alone[candidates]["inputs"] + alone[candidates]["forward"]
@@ -563,7 +586,15 @@ def main() -> None:
             print(f"| {g['processes']} | {g['bare']['calls_per_s']:,.0f} | " + " | ".join(
                 f"{cell['ok_per_s']:,.0f} ({cell['ok_per_s'] / g['bare']['calls_per_s']:.2f} of bare)"
                 for cell in g["score"].values()) + " |")
-    print("\ngoals (issue 24, this machine):")
+        print("\n| processes | candidates | concurrency (h2load connections) | p50 | p99 | calls/s OK | failed "
+              "| p50 / bare h2load p50 |")
+        print("|---|---|---|---|---|---|---|---|")
+        for g in generator:
+            for t in g["latency"]:
+                print(f"| {g['processes']} | {t['candidates']:,} | {t['concurrency']} | {t['p50_ms']:.1f} ms | "
+                      f"{t['p99_ms']:.1f} ms | {t['ok_per_s']:,.0f} | {t['failed'] or 0} | "
+                      f"{t['p50_ms'] / g['bare_c1_p50_ms']:.1f}x |")
+    print("\ngoals (issue 24, this machine; latency goals with both load generators):")
     for goal in GOALS:
         if goal["metric"] == "h2load_calls_per_s":
             row = next((g for g in generator if g["processes"] == goal["processes"]), None)
@@ -579,10 +610,19 @@ def main() -> None:
             row = next((r for r in results if r["processes"] == 1 and r["candidates"] == goal["candidates"]
                         and r["concurrency"] == goal["concurrency"]), None)
             value = row[goal["metric"]] if row else None
-        if value is not None:
-            met = value <= goal["at_most"] if "at_most" in goal else value >= goal["at_least"]
-            bound = f"<= {goal['at_most']}" if "at_most" in goal else f">= {goal['at_least']}"
-            print(f"  {goal}: {value:.2f} (goal {bound}): {'met' if met else 'NOT met'}")
+            timed = next((t for g in generator if g["processes"] == 1 for t in g["latency"]
+                          if t["candidates"] == goal["candidates"] and t["concurrency"] == goal["concurrency"]), None)
+            if timed is not None:
+                report_goal({**goal, "client": "h2load"}, timed[goal["metric"]])
+            goal = {**goal, "client": "python grpc.aio"}
+        report_goal(goal, value)
+
+
+def report_goal(goal: dict, value: float | None) -> None:
+    if value is not None:
+        met = value <= goal["at_most"] if "at_most" in goal else value >= goal["at_least"]
+        bound = f"<= {goal['at_most']}" if "at_most" in goal else f">= {goal['at_least']}"
+        print(f"  {goal}: {value:.2f} (goal {bound}): {'met' if met else 'NOT met'}")
 
 
 if __name__ == "__main__":
