@@ -264,6 +264,46 @@ def test_item_vectors_are_bounded_and_evict_the_least_recently_used():
         cache.slots([items[i] for i in range(5)])
 
 
+def test_item_vectors_under_random_lookups_read_each_items_own_features():
+    """2,000 random lookups (up to 8 of 40 items, an item's features sometimes read again as a new object)
+    through a cache of 16: every row read holds the vectors of the very object looked up, an item looked up
+    again with the same object is not recomputed while it was used in the last 2 lookups (16 rows hold
+    them), and the cache never passes its bound."""
+    import random
+
+    rng = random.Random(0)
+    cache, computed = counting_cache(16)
+    objects = {i: ItemFeatures(item_id=i, interaction_count=0) for i in range(40)}
+    recent: list[set[int]] = [set(), set()]  # ids of the last two lookups, with the objects then current
+    for step in range(1, 2001):
+        if rng.random() < 0.1:
+            changed = rng.randrange(40)
+            objects[changed] = ItemFeatures(item_id=changed, interaction_count=step)
+            for ids in recent:
+                ids.discard(changed)
+        ids = rng.sample(range(40), rng.randrange(1, 9))
+        lookup = [objects[i] for i in ids] + [objects[ids[0]]]  # one repeated
+        computed.clear()
+        rows = cache.slots(lookup)
+        assert cache.parts[0][rows].tolist() == [[i.item_id, i.interaction_count] for i in lookup]
+        assert not set(computed) & (recent[0] | recent[1])
+        assert len(computed) == len(set(computed)) and len(cache) <= 16
+        recent = [recent[1], set(ids)]
+    assert cache.replaced > 100
+
+
+def test_an_item_read_twice_in_one_lookup_has_one_row():
+    """A cached and a newer object of one item in the same lookup (the store read it again mid-batch):
+    one row for both, the newer object's vectors, computed once."""
+    cache, computed = counting_cache(10)
+    old, new = ItemFeatures(item_id=7, interaction_count=1), ItemFeatures(item_id=7, interaction_count=2)
+    cache.slots([old])
+    computed.clear()
+    rows = cache.slots([old, new, old])
+    assert computed == [7] and len(set(rows.tolist())) == 1 and len(cache) == 1
+    assert cache.parts[0][rows[0]].tolist() == [7.0, 2.0]
+
+
 def test_top_k_mixing_puts_the_training_paths_top_k_softmax_weights_in_place():
     from recsys.inference import top_k_mixing
     from recsys.sequence import padded_top_k_softmax
