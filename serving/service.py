@@ -187,8 +187,9 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
             if model.history_length:
                 history_ids.extend(user.history_item_ids[-model.history_length:])
         items = self.online.items(wanted + history_ids)
-        candidates = [[items[i] for i in call.request.item_ids] for call in calls]
-        return users, candidates, {i: items[i] for i in history_ids}
+        item = items.__getitem__
+        candidates = [list(map(item, call.request.item_ids)) for call in calls]
+        return users, candidates, dict(zip(history_ids, map(item, history_ids)))
 
     async def _fail(self, method: str, request, context, code: grpc.StatusCode, message: str) -> None:
         self.metrics.errors.labels(method, code.name).inc()

@@ -568,9 +568,10 @@ def test_score_tls_checks_the_server_against_the_default_roots(store_dir, model_
 
 
 def test_the_item_cache_is_an_lru_bounded_in_entries_and_bytes():
-    """Random gets and puts (80 ids, entries of very different sizes, one too big to cache at all)
-    against a plain OrderedDict model of an LRU with the same two bounds: after every step the same
-    ids in the same order and the same byte count."""
+    """Random gets (of one id, and of several at once: get_many), puts (80 ids, entries of very
+    different sizes, one too big to cache at all) and expiries against a plain OrderedDict model of
+    an LRU with the same two bounds: after every step the same ids in the same order and the same
+    byte count."""
     import random
     from collections import OrderedDict
 
@@ -578,12 +579,24 @@ def test_the_item_cache_is_an_lru_bounded_in_entries_and_bytes():
 
     rng = random.Random(0)
     max_entries, max_bytes = 20, 40_000
-    cache = ItemCache(max_entries, max_bytes, ttl_seconds=1e9)
+    cache = ItemCache(max_entries, max_bytes, ttl_seconds=40)  # get_many sees some entries expire
     reference: OrderedDict[int, int] = OrderedDict()  # id -> bytes, least recently used first
     evictions = 0
-    for _ in range(3000):
+    stored_at: dict[int, float] = {}
+    for step in range(3000):
         item_id = rng.randrange(80)
-        if rng.random() < 0.5:
+        if rng.random() < 0.2:
+            wanted = list(dict.fromkeys(rng.randrange(80) for _ in range(rng.randrange(1, 12))))
+            now = float(step)
+            found, missing = cache.get_many(wanted, now)
+            fresh = [i for i in wanted if i in reference and now - stored_at[i] < cache.ttl_seconds]
+            assert list(found) == fresh and missing == [i for i in wanted if i not in fresh]
+            assert all(found[i].item_id == i for i in fresh)
+            for i in fresh:
+                reference.move_to_end(i)
+            assert cache.ids() == list(reference)
+            continue
+        if rng.random() < 0.4:
             found = cache.get(item_id, now=0.0)
             assert (found is not None) == (item_id in reference)
             if found is not None:
@@ -592,7 +605,8 @@ def test_the_item_cache_is_an_lru_bounded_in_entries_and_bytes():
             continue
         features = ItemFeatures(item_id=item_id, attention_embedding=[rng.random()] * rng.choice([0, 8, 64, 256, 1500]))
         size = ItemCache.entry_bytes(features)
-        cache.put(item_id, features, now=0.0)
+        cache.put(item_id, features, now=float(step))
+        stored_at[item_id] = float(step)
         reference.pop(item_id, None)
         if size <= max_bytes:
             reference[item_id] = size
