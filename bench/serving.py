@@ -610,10 +610,10 @@ def main() -> None:
             row = next((r for r in results if r["processes"] == 1 and r["candidates"] == goal["candidates"]
                         and r["concurrency"] == goal["concurrency"]), None)
             value = row[goal["metric"]] if row else None
-            timed = next((t for g in generator if g["processes"] == 1 for t in g["latency"]
-                          if t["candidates"] == goal["candidates"] and t["concurrency"] == goal["concurrency"]), None)
-            if timed is not None:
-                report_goal({**goal, "client": "h2load"}, timed[goal["metric"]])
+            for g in generator:  # per process count: more processes is what --processes is for
+                for t in g["latency"]:
+                    if t["candidates"] == goal["candidates"] and t["concurrency"] == goal["concurrency"]:
+                        report_goal({**goal, "client": "h2load", "processes": g["processes"]}, t[goal["metric"]])
             goal = {**goal, "client": "python grpc.aio"}
         report_goal(goal, value)
 
