@@ -14,7 +14,7 @@ from features.store import open_store
 from serving.client import ScoringClient
 from serving.server import ServeConfig, serving_in_background
 from tests.test_event_log import stream
-from tests.test_learn import trained_on_the_past  # noqa: F401 (a fixture)
+from tests.test_learn import HISTORY, trained_on_the_past  # noqa: F401 (a fixture)
 
 DOCUMENTARY = {"genres": "Documentary"}
 
@@ -25,6 +25,21 @@ def model_scores(model, online: OnlineFeatures, user_id: int, items: list[int]) 
     candidates = online.items(items)
     history = online.items(user.history_item_ids[-model.history_length:]) if model.history_length else {}
     return model.eager_probabilities(model.eager_batch([(user, [candidates[i] for i in items])], history))
+
+
+def recently_rated(future, schema) -> tuple[int, list[int]]:
+    """The item in the most of the future's users' last HISTORY / 2 ratings (ties: the smallest id),
+    and 3 of those users: it is then in the history the store keeps of each (the last HISTORY), with
+    room for equal timestamps at the edge. (``value_counts().index[0]`` over all future ratings left
+    the choice among 3 items of 11 ratings to an unstable sort, and on 2026-12-04 it chose one that a
+    rater had rated 378 ratings before the end: not in that rater's history at all.)"""
+    ordered = future.sort_values(schema.timestamp, kind="stable")
+    recent = ordered.groupby(schema.user, sort=True).tail(HISTORY // 2)
+    counts = recent.groupby(schema.item)[schema.user].nunique()
+    item = int(counts[counts == counts.max()].index.min())
+    raters = recent.loc[recent[schema.item] == item, schema.user].drop_duplicates().astype(int).tolist()
+    assert len(raters) >= 3
+    return item, sorted(raters)[:3]
 
 
 def test_after_a_streamed_attribute_change_and_a_learner_export_served_scores_are_the_models(
@@ -41,7 +56,7 @@ def test_after_a_streamed_attribute_change_and_a_learner_export_served_scores_ar
     store, store_dir, models, future = trained_on_the_past
     schema = ml100k_tables.schema
     events = schema_events(future, schema)
-    item = int(future[schema.item].value_counts().index[0])
+    item, raters = recently_rated(future, schema)
     first = min(e.event_time_ms for e in events if e.item_id == item)
     next(e for e in events if e.item_id == item and e.event_time_ms == first).item_attributes.update(DOCUMENTARY)
     old_category = item_profiles(store_dir).set_index("item_id").loc[item, "item_category"]
@@ -58,7 +73,6 @@ def test_after_a_streamed_attribute_change_and_a_learner_export_served_scores_ar
     # what the learner trained on and published from: the same profile
     assert item_profiles(store_dir).set_index("item_id").loc[item, "item_category"] == "Documentary"
 
-    raters = future.loc[future[schema.item] == item, schema.user].drop_duplicates().astype(int).tolist()[:3]
     others = [i for i in future[schema.item].drop_duplicates().astype(int).tolist() if i != item][:30]
     candidates = [item, *others, 10**9]  # an item nobody knows: cold start
     config = ServeConfig(model_dir=str(models), port=0, item_cache_seconds=0.0)  # every call reads the store
