@@ -27,7 +27,9 @@ declares any, set from a random interaction). In one run, side by side:
 - with h2load (Debian's nghttp2-client; `scripts/install.sh` installs it), a C load generator
   that costs far less CPU per call than the server: calls/s of the bare health check and of
   Score, per process count (16 connections x 8 streams for the health check; x 4 for Score, x 1
-  for 1,000 candidates, whose 64 calls in flight would pass the queue's 16,384-row bound).
+  for 1,000 candidates, whose 64 calls in flight would pass the queue's 16,384-row bound), and
+  Score's p50/p99 at each ``--concurrency`` c as c h2load connections with one call in flight
+  each, each its own user and candidates (the Python client shares the 2 cores with the server).
 
 Ends with issue 24's goals, met or not. Without --model-dir, trains the config's model
 (default: the DARE ranker of configs/ml100k_sequence.yaml) for one epoch first.
@@ -233,6 +235,36 @@ def h2load_cell(port: int, method: str, body: bytes, seconds: float, clients: in
         received = after["calls"] - before["calls"]
         cell.update({"failed": failed, "ok_per_s": (received - sum(failed.values())) / seconds})
     return cell
+
+
+def h2load_latency_cell(port: int, bodies: list[bytes], seconds: float, work: Path,
+                        metrics_urls: list[str]) -> dict:
+    """Latency of Score at concurrency len(bodies): one h2load per body, each one connection with one
+    call in flight, all at once, so that concurrent calls are of different users and candidates (one
+    h2load repeats one body: its concurrent calls would share the user read and the item lookups of a
+    batch). p50/p99 ms over every answer, OK calls/s, the refusals (the server's counters)."""
+    before = call_counts(metrics_urls)
+    runs = []
+    for n, body in enumerate(bodies):
+        framed, log = work / f"score_{n}.bin", work / f"score_{n}.tsv"
+        framed.write_bytes(b"\x00" + len(body).to_bytes(4, "big") + body)
+        log.unlink(missing_ok=True)  # h2load appends to it
+        runs.append((log, subprocess.Popen(
+            ["h2load", "-D", str(int(seconds)), "-c", "1", "-m", "1", "-H", "content-type: application/grpc",
+             "-H", "te: trailers", "-d", str(framed), "--log-file", str(log),
+             f"http://127.0.0.1:{port}/plexrec.v1.Scoring/Score"], stdout=subprocess.DEVNULL)))
+    for _, run in runs:
+        run.wait(timeout=seconds + 60)
+    after = call_counts(metrics_urls)
+    # columns: start (us since the epoch), HTTP status, microseconds until the end of the answer
+    answered = [int(fields[2]) / 1000 for log, _ in runs if log.exists() for line in log.read_text().splitlines()
+                if len(fields := line.split("\t")) >= 3 and fields[1] == "200"]
+    failed = {code: after[code] - before.get(code, 0.0) for code in after if code != "calls"
+              if after[code] - before.get(code, 0.0) > 0}
+    received = after["calls"] - before["calls"]
+    return {"p50_ms": float(np.percentile(answered, 50)) if answered else None,
+            "p99_ms": float(np.percentile(answered, 99)) if answered else None,
+            "ok_per_s": (received - sum(failed.values())) / seconds, "failed": failed, "connections": len(bodies)}
 
 
 async def bare_round_trips(target: str, seconds: float, concurrency: int = 1) -> list[float]:
@@ -483,15 +515,18 @@ def main() -> None:
                               f"{cell['score'][candidates]['ok_per_s']:,.0f} calls/s answered OK "
                               f"(failed: {cell['score'][candidates]['failed']}); bare health check "
                               f"{bare_h2load['calls_per_s']:,.0f} calls/s", flush=True)
-                    # latency with a generator that leaves the server its core: concurrency c as c connections
-                    # with one call in flight each (the Python client's cells below share the 2 cores with it)
+                    # latency with a generator that leaves the server its core: concurrency c as c h2load
+                    # connections with one call in flight each, each its own user and candidates (the Python
+                    # client's cells below share the 2 cores with the server)
                     bare_c1 = h2load_cell(port, "/grpc.health.v1.Health/Check",
                                           health_pb2.HealthCheckRequest().SerializeToString(), args.seconds, 1, 1, tmp)
                     cell["bare_c1_p50_ms"], cell["latency"] = bare_c1["p50_ms"], []
-                    for candidates, body in bodies.items():
+                    for candidates in bodies:
                         for concurrency in map(int, args.concurrency.split(",")):
-                            timed = h2load_cell(port, "/plexrec.v1.Scoring/Score", body, args.seconds, concurrency,
-                                                1, tmp, metrics_urls=metrics_urls)
+                            timed = h2load_latency_cell(port, [score_request(rng, users, catalogue, contexts,
+                                                                             candidates).SerializeToString()
+                                                               for _ in range(concurrency)], args.seconds, tmp,
+                                                        metrics_urls)
                             cell["latency"].append({"candidates": candidates, "concurrency": concurrency, **timed})
                             print(f"{processes} process(es) under h2load: {candidates} candidates x{concurrency}: p50 "
                                   f"{timed['p50_ms']:.2f} ms  p99 {timed['p99_ms']:.2f} ms  {timed['ok_per_s']:,.0f} "
