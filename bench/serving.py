@@ -191,6 +191,36 @@ async def open_loop(target: str, users: list[int], catalogue: np.ndarray, contex
             "max_ms": float(np.max(latencies) * 1000) if latencies else None}
 
 
+def h2load_run(port: int, method: str, body: bytes, seconds: float, clients: int, streams: int, work: Path,
+               name: str, extra: tuple[str, ...] = ()) -> tuple[list[str], Path]:
+    """The h2load command that sends the gRPC-framed ``body`` to ``method`` (``clients`` connections,
+    ``streams`` calls in flight each, for ``seconds``) and the per-request log it writes (emptied
+    first: h2load appends to it); ``name`` keeps the files of concurrent runs apart."""
+    framed, log = work / f"{name}.bin", work / f"{name}.tsv"
+    framed.write_bytes(b"\x00" + len(body).to_bytes(4, "big") + body)
+    log.unlink(missing_ok=True)
+    return (["h2load", "-D", str(int(seconds)), "-c", str(clients), "-m", str(streams), *extra,
+             "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(framed),
+             "--log-file", str(log), f"http://127.0.0.1:{port}{method}"], log)
+
+
+def answer_percentiles(logs: list[Path]) -> dict[str, float | None]:
+    """p50/p99 ms of the answers in h2load's per-request logs (columns: start in microseconds since
+    the epoch, HTTP status, microseconds until the end of the answer; HTTP 200 lines only)."""
+    answered = [int(fields[2]) / 1000 for log in logs if log.exists() for line in log.read_text().splitlines()
+                if len(fields := line.split("\t")) >= 3 and fields[1] == "200"]
+    return {"p50_ms": float(np.percentile(answered, 50)) if answered else None,
+            "p99_ms": float(np.percentile(answered, 99)) if answered else None}
+
+
+def answered_ok(before: dict[str, float], after: dict[str, float], seconds: float) -> dict:
+    """The Score calls failed between two ``call_counts``, by code, and those answered OK per second."""
+    failed = {code: after[code] - before.get(code, 0.0) for code in after if code != "calls"
+              if after[code] - before.get(code, 0.0) > 0}
+    received = after["calls"] - before["calls"]
+    return {"failed": failed, "ok_per_s": (received - sum(failed.values())) / seconds}
+
+
 def h2load_cell(port: int, method: str, body: bytes, seconds: float, clients: int, streams: int,
                 work: Path, rate: float | None = None, metrics_urls: list[str] | None = None) -> dict | None:
     """calls/s of ``method`` under h2load (Debian's nghttp2-client: a C load generator, far cheaper per
@@ -205,35 +235,22 @@ def h2load_cell(port: int, method: str, body: bytes, seconds: float, clients: in
 
     if shutil.which("h2load") is None:
         return None
-    framed = work / f"{method.strip('/').replace('/', '_')}.bin"
-    framed.write_bytes(b"\x00" + len(body).to_bytes(4, "big") + body)
     before = call_counts(metrics_urls) if metrics_urls else None
-    paced = [f"--rps={max(rate / clients, 0.1):.2f}"] if rate else []
-    log = work / "h2load_requests.tsv"
-    log.unlink(missing_ok=True)  # h2load appends to it
-    done = subprocess.run(["h2load", "-D", str(int(seconds)), "-c", str(clients), "-m", str(streams), *paced,
-                           "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(framed),
-                           "--log-file", str(log), f"http://127.0.0.1:{port}{method}"],
-                          capture_output=True, text=True, timeout=seconds + 60)
+    paced = (f"--rps={max(rate / clients, 0.1):.2f}",) if rate else ()
+    command, log = h2load_run(port, method, body, seconds, clients, streams, work,
+                              method.strip("/").replace("/", "_"), paced)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
     after = call_counts(metrics_urls) if metrics_urls else None
     finished = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", done.stdout)
     succeeded = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", done.stdout)
     request_time = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", done.stdout)
     if not finished:
         raise SystemExit(f"h2load failed:\n{done.stdout}\n{done.stderr}")
-    # columns: start (us since the epoch), HTTP status, microseconds until the end of the answer
-    answered = [int(fields[2]) / 1000 for line in log.read_text().splitlines()
-                if len(fields := line.split("\t")) >= 3 and fields[1] == "200"] if log.exists() else []
     cell = {"calls_per_s": float(finished.group(1)), "answered": int(succeeded.group(1)) if succeeded else None,
             "request_time_min_max_mean": list(request_time.groups()) if request_time else None,
-            "p50_ms": float(np.percentile(answered, 50)) if answered else None,
-            "p99_ms": float(np.percentile(answered, 99)) if answered else None,
-            "clients": clients, "streams_per_client": streams, "rate": rate}
+            **answer_percentiles([log]), "clients": clients, "streams_per_client": streams, "rate": rate}
     if before is not None:
-        failed = {code: after[code] - before.get(code, 0.0) for code in after if code != "calls"
-                  if after[code] - before.get(code, 0.0) > 0}
-        received = after["calls"] - before["calls"]
-        cell.update({"failed": failed, "ok_per_s": (received - sum(failed.values())) / seconds})
+        cell.update(answered_ok(before, after, seconds))
     return cell
 
 
@@ -244,27 +261,13 @@ def h2load_latency_cell(port: int, bodies: list[bytes], seconds: float, work: Pa
     h2load repeats one body: its concurrent calls would share the user read and the item lookups of a
     batch). p50/p99 ms over every answer, OK calls/s, the refusals (the server's counters)."""
     before = call_counts(metrics_urls)
-    runs = []
-    for n, body in enumerate(bodies):
-        framed, log = work / f"score_{n}.bin", work / f"score_{n}.tsv"
-        framed.write_bytes(b"\x00" + len(body).to_bytes(4, "big") + body)
-        log.unlink(missing_ok=True)  # h2load appends to it
-        runs.append((log, subprocess.Popen(
-            ["h2load", "-D", str(int(seconds)), "-c", "1", "-m", "1", "-H", "content-type: application/grpc",
-             "-H", "te: trailers", "-d", str(framed), "--log-file", str(log),
-             f"http://127.0.0.1:{port}/plexrec.v1.Scoring/Score"], stdout=subprocess.DEVNULL)))
-    for _, run in runs:
+    runs = [h2load_run(port, "/plexrec.v1.Scoring/Score", body, seconds, 1, 1, work, f"score_{n}")
+            for n, body in enumerate(bodies)]
+    started = [subprocess.Popen(command, stdout=subprocess.DEVNULL) for command, _ in runs]
+    for run in started:
         run.wait(timeout=seconds + 60)
-    after = call_counts(metrics_urls)
-    # columns: start (us since the epoch), HTTP status, microseconds until the end of the answer
-    answered = [int(fields[2]) / 1000 for log, _ in runs if log.exists() for line in log.read_text().splitlines()
-                if len(fields := line.split("\t")) >= 3 and fields[1] == "200"]
-    failed = {code: after[code] - before.get(code, 0.0) for code in after if code != "calls"
-              if after[code] - before.get(code, 0.0) > 0}
-    received = after["calls"] - before["calls"]
-    return {"p50_ms": float(np.percentile(answered, 50)) if answered else None,
-            "p99_ms": float(np.percentile(answered, 99)) if answered else None,
-            "ok_per_s": (received - sum(failed.values())) / seconds, "failed": failed, "connections": len(bodies)}
+    return {**answer_percentiles([log for _, log in runs]), **answered_ok(before, call_counts(metrics_urls), seconds),
+            "connections": len(bodies)}
 
 
 async def bare_round_trips(target: str, seconds: float, concurrency: int = 1) -> list[float]:
