@@ -176,7 +176,7 @@ class ItemCache:
             # map and comprehensions, not a loop of statements: a call looks up hundreds of ids, mostly hits
             cached = list(map(entries.get, item_ids))
             fresh = [entry is not None and now - entry.stored_at < ttl for entry in cached]
-            hit_ids = list(compress(item_ids, fresh)) if not all(fresh) else item_ids
+            hit_ids = list(compress(item_ids, fresh))
             found = dict(zip(hit_ids, [entry.features for entry in compress(cached, fresh)]))
             deque(map(entries.move_to_end, hit_ids), maxlen=0)
             missing = [item_id for item_id, ok in zip(item_ids, fresh) if not ok]
